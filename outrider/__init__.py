@@ -1,0 +1,1 @@
+"""Outrider: speculative decoding with placed draft and target models."""

@@ -1,0 +1,129 @@
+"""Turn a checkpoint (HF folder or GGUF) into a `Transformer` in a chosen dtype and weight format.
+
+Converting the default target from GGUF costs seconds (dequantize + requantize), so the converted tensors are
+cached as safetensors beside the GGUF; a warm start maps them instead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from outrider.kernels.linear import WEIGHT_FORMATS, linear_from_state, make_linear
+from outrider.runtime.config import ModelConfig
+from outrider.runtime.model import LayerWeights, ModelWeights, Transformer
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+LINEARS = ("qkv", "o", "gate_up", "down")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of float32, bfloat16, float16")
+    return DTYPES[name]
+
+
+def build_weights(config: ModelConfig, get: Callable[[str], torch.Tensor], dtype: torch.dtype,
+                  fmt: str, device: torch.device) -> ModelWeights:
+    """Fuse q/k/v and gate/up, then quantize every linear into `fmt`. `get` returns fp32 HF-named tensors."""
+    def norm(name: str) -> torch.Tensor:
+        return get(name).to(dtype).to(device)
+
+    layers = []
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        attn = [get(f"{p}self_attn.{n}_proj.weight") for n in "qkv"]
+        bias = torch.cat([get(f"{p}self_attn.{n}_proj.bias") for n in "qkv"]) if config.qkv_bias else None
+        gate_up = torch.cat([get(f"{p}mlp.gate_proj.weight"), get(f"{p}mlp.up_proj.weight")])
+        layers.append(LayerWeights(
+            input_norm=norm(f"{p}input_layernorm.weight"),
+            qkv=make_linear(fmt, torch.cat(attn), bias, dtype, device),
+            o=make_linear(fmt, get(f"{p}self_attn.o_proj.weight"), None, dtype, device),
+            post_norm=norm(f"{p}post_attention_layernorm.weight"),
+            gate_up=make_linear(fmt, gate_up, None, dtype, device),
+            down=make_linear(fmt, get(f"{p}mlp.down_proj.weight"), None, dtype, device),
+        ))
+    embed = get("model.embed_tokens.weight")
+    head = embed if config.tie_embeddings else get("lm_head.weight")
+    return ModelWeights(embed.to(dtype).to(device), layers, norm("model.norm.weight"),
+                        make_linear(fmt, head, None, dtype, device))
+
+
+def weights_state(w: ModelWeights) -> dict[str, torch.Tensor]:
+    state = {"embed": w.embed, "norm": w.norm}
+    state |= {f"head.{k}": t for k, t in w.head.state().items()}
+    for i, lw in enumerate(w.layers):
+        state |= {f"layers.{i}.input_norm": lw.input_norm, f"layers.{i}.post_norm": lw.post_norm}
+        for name in LINEARS:
+            state |= {f"layers.{i}.{name}.{k}": t for k, t in getattr(lw, name).state().items()}
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():  # safetensors refuses shared storage (a tied fp32 head is the embedding itself)
+        v = v.contiguous()
+        out[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    return out
+
+
+def weights_from_state(config: ModelConfig, fmt: str, state: dict[str, torch.Tensor]) -> ModelWeights:
+    def sub(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    layers = [LayerWeights(state[f"layers.{i}.input_norm"],
+                           linear_from_state(fmt, sub(f"layers.{i}.qkv.")),
+                           linear_from_state(fmt, sub(f"layers.{i}.o.")),
+                           state[f"layers.{i}.post_norm"],
+                           linear_from_state(fmt, sub(f"layers.{i}.gate_up.")),
+                           linear_from_state(fmt, sub(f"layers.{i}.down.")))
+              for i in range(config.num_layers)]
+    return ModelWeights(state["embed"], layers, state["norm"], linear_from_state(fmt, sub("head.")))
+
+
+def converted_cache_path(source: Path, dtype: torch.dtype, fmt: str) -> Path:
+    tag = f"{fmt}-{str(dtype).removeprefix('torch.')}-v{CACHE_VERSION}"
+    return source.with_name(f"{source.name}.outrider-{tag}.safetensors")
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", weights: str = "dense",
+               device: str = "cpu", max_positions: int | None = None, use_cache: bool = True):
+    """Load a model from a built-in name, an HF folder or a GGUF file. Returns (Transformer, Checkpoint)."""
+    from outrider.hub import resolve
+    from outrider.runtime.checkpoint import load_checkpoint
+
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+    dtype, dev = parse_dtype(dtype), torch.device(device)
+    ckpt = load_checkpoint(resolve(str(path)))
+    cached = converted_cache_path(ckpt.path, dtype, weights) if ckpt.path.is_file() else None
+    t0 = time.perf_counter()
+    if use_cache and cached is not None and cached.exists() and dev.type == "cpu":
+        w = weights_from_state(ckpt.config, weights, load_file(cached))
+        log.info("mapped converted weights %s in %.1fs", cached, time.perf_counter() - t0)
+    else:
+        w = build_weights(ckpt.config, ckpt.tensors.get, dtype, weights, dev)
+        log.info("converted %s to %s/%s in %.1fs", ckpt.path, weights, dtype, time.perf_counter() - t0)
+        if use_cache and cached is not None and dev.type == "cpu":
+            _save_atomic(weights_state(w), cached, ckpt)
+    return Transformer(ckpt.config, w, dtype, dev, max_positions), ckpt
+
+
+def _save_atomic(state: dict[str, torch.Tensor], path: Path, ckpt) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        save_file(state, str(tmp), metadata={"source": str(ckpt.path),
+                                              "types": json.dumps(ckpt.tensor_types())[:60000]})
+        tmp.replace(path)
+    except OSError as e:  # a read-only model folder only costs the warm start
+        log.warning("could not cache converted weights at %s: %s", path, e)
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,199 @@
+"""The one speculative loop: draft → verify → accept → roll back / commit both caches → emit.
+
+Plain autoregressive decoding is the same loop with no drafter (k = 0: the target scores just the pending
+token). Methods differ only in the `Drafter`, the `DraftPolicy` and where the `TargetModel` runs.
+
+Bookkeeping, worked through once: a sequence's committed tokens are `tokens`; the last of them is *pending*:
+its K/V is not in the target cache yet, so the target cache holds len(tokens) − 1 positions. A round feeds
+[pending, d1..dk] to the target (k + 1 rows, logits row i scores d_{i+1}; row k is the bonus distribution),
+accepts n drafts and one extra token y, keeps the target K/V of [pending, d1..dn] and makes y the new pending
+token. The drafter re-syncs itself from `tokens` at its next proposal.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from outrider.scheduler.drafters import Draft, Drafter, DraftRequest
+from outrider.scheduler.policy import MAX_DRAFT, DraftPolicy, FixedK
+from outrider.scheduler.sampling import SamplingParams, warp
+from outrider.scheduler.target import TargetModel
+from outrider.scheduler.verify import VerifyResult, verify_chain, verify_greedy
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams = SamplingParams()
+    stop_ids: frozenset[int] = frozenset()  # generation ends after emitting one of these (EOS); empty = ignore EOS
+
+
+@dataclass
+class SpecStats:
+    """Counters of one sequence. *Acceptance length* of a round = accepted drafts + 1 (the recovered or bonus
+    token the target always contributes), so plain decoding has acceptance length 1."""
+
+    rounds: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    new_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT)  # [MAX_DRAFT]
+    drafted_per_position: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT)  # [MAX_DRAFT]
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else 0.0
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.rounds += 1
+        self.draft_tokens += proposed
+        self.accepted_tokens += accepted
+        for i in range(proposed):
+            self.drafted_per_position[i] += 1
+            self.accepted_per_position[i] += i < accepted
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request: Request
+    slot: int
+    tokens: list[int]  # prompt + generated; tokens[-1] is pending
+    policy: DraftPolicy
+    generator: torch.Generator
+    stats: SpecStats = field(default_factory=SpecStats)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[len(self.request.prompt_ids):]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    def __init__(self, target: TargetModel, drafter: Drafter | None = None,
+                 policy: Callable[[], DraftPolicy] | None = None):
+        self.target = target
+        self.drafter = drafter
+        self.new_policy = policy or (lambda: FixedK(4 if drafter else 0))
+        self._ids = itertools.count()
+
+    # -- lifecycle of one sequence -------------------------------------------------------------------------
+
+    def add(self, request: Request) -> Sequence:
+        """Validate, take a cache slot and prefill the prompt (all but its last token, which is pending)."""
+        self._validate(request)
+        seed = request.params.seed if request.params.seed is not None else torch.seed()
+        seq = Sequence(next(self._ids), request, self.target.acquire(), list(request.prompt_ids),
+                       self.new_policy(), torch.Generator().manual_seed(seed))
+        t0 = time.perf_counter()
+        try:
+            self.target.prefill(seq.slot, request.prompt_ids[:-1])
+        except BaseException:
+            self.target.release(seq.slot)
+            raise
+        seq.stats.prefill_seconds = time.perf_counter() - t0
+        return seq
+
+    def release(self, seq: Sequence, reason: str = "abort") -> None:
+        """Free the sequence's KV in target and drafter; idempotent."""
+        if seq.slot >= 0:
+            self.target.release(seq.slot)
+            seq.slot = -1
+            if self.drafter is not None:
+                self.drafter.release(seq.seq_id)
+        seq.finish_reason = seq.finish_reason or reason
+
+    def stream(self, seq: Sequence) -> Iterator[list[int]]:
+        """Yield the new tokens of each round until the sequence finishes; always frees its KV."""
+        try:
+            while not seq.finished:
+                yield self.step([seq])[0]
+        finally:
+            self.release(seq)
+
+    def generate(self, request: Request) -> Sequence:
+        """Run one request to completion; the result carries tokens, finish reason and stats."""
+        seq = self.add(request)
+        for _ in self.stream(seq):
+            pass
+        return seq
+
+    # -- one round for a batch of sequences ----------------------------------------------------------------
+
+    def step(self, seqs: list[Sequence]) -> list[list[int]]:
+        drafts, draft_time = self._draft(seqs)
+        t0 = time.perf_counter()
+        logits = self.target.score([s.slot for s in seqs], [[s.tokens[-1]] + d.tokens for s, d in zip(seqs, drafts)])
+        results = [self._verify(s, d, row) for s, d, row in zip(seqs, drafts, logits)]
+        verify_time = time.perf_counter() - t0
+        return [self._commit(s, d, r, draft_time, verify_time) for s, d, r in zip(seqs, drafts, results)]
+
+    def _draft(self, seqs: list[Sequence]) -> tuple[list[Draft], float]:
+        t0 = time.perf_counter()
+        ks = [min(s.policy.next_k(), self._room(s)) for s in seqs]
+        if self.drafter is None or not any(ks):
+            return [Draft([], None) for _ in seqs], 0.0
+        requests = [DraftRequest(s.seq_id, s.tokens, k, s.request.params, s.generator) for s, k in zip(seqs, ks)]
+        return self.drafter.propose(requests), time.perf_counter() - t0
+
+    def _room(self, seq: Sequence) -> int:
+        """Drafting past max_tokens wastes work: at most (tokens still allowed − 1) drafts."""
+        return max(0, min(MAX_DRAFT, seq.request.max_tokens - len(seq.generated) - 1))
+
+    def _verify(self, seq: Sequence, draft: Draft, logits: torch.Tensor) -> VerifyResult:
+        drafted = torch.tensor(draft.tokens, dtype=torch.long)  # [k]
+        params = seq.request.params
+        if params.greedy:
+            return verify_greedy(logits, drafted)
+        return verify_chain(warp(logits, params), drafted, draft.probs, seq.generator)
+
+    def _commit(self, seq: Sequence, draft: Draft, result: VerifyResult, draft_time: float,
+                verify_time: float) -> list[int]:
+        kept_kv = self.target.length(seq.slot) - len(draft.tokens) + result.num_accepted
+        self.target.truncate(seq.slot, kept_kv)  # roll back the target K/V of rejected drafts
+        new = self._clip(seq, result.tokens)
+        seq.tokens += new
+        seq.stats.record(len(draft.tokens), result.num_accepted)
+        seq.stats.new_tokens += len(new)
+        seq.stats.draft_seconds += draft_time
+        seq.stats.verify_seconds += verify_time
+        cost = draft_time / len(draft.tokens) / verify_time if draft.tokens and verify_time > 0 else None
+        seq.policy.update(len(draft.tokens), result.num_accepted, cost)
+        return new
+
+    def _clip(self, seq: Sequence, tokens: list[int]) -> list[int]:
+        """Cut at the first stop token (kept) and at max_tokens; set the finish reason."""
+        for i, t in enumerate(tokens):
+            if t in seq.request.stop_ids:
+                seq.finish_reason = "stop"
+                return tokens[:i + 1]
+        room = seq.request.max_tokens - len(seq.generated)
+        if len(tokens) >= room:
+            seq.finish_reason = "length"
+        return tokens[:room]
+
+    def _validate(self, request: Request) -> None:
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        need = len(request.prompt_ids) + request.max_tokens + MAX_DRAFT + 1
+        if need > self.target.capacity:
+            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
+                             f"+ {MAX_DRAFT + 1} verify rows exceeds the context limit of {self.target.capacity} "
+                             "tokens; shorten the prompt or lower max_tokens")
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.target.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.target.vocab_size - 1})")

@@ -1,0 +1,68 @@
+"""The seam between the speculative loop and wherever the target model runs.
+
+The engine talks to a `TargetModel`; `LocalTarget` runs a `Transformer` in this process (tests, `outrider
+generate`), an actor-backed implementation runs it on a placed device. The loop does not know which.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from outrider.runtime.kv_cache import KVCache
+from outrider.runtime.model import ForwardBatch, Transformer
+
+PREFILL_CHUNK = 256  # rows per prefill forward: bounds activation memory; the kernels make any chunking exact
+
+
+class TargetModel(Protocol):
+    vocab_size: int
+    capacity: int  # KV positions per sequence
+
+    def acquire(self) -> int: ...  # a cache slot for a new sequence
+
+    def release(self, slot: int) -> None: ...
+
+    def prefill(self, slot: int, tokens: list[int]) -> None: ...  # append tokens' KV, no logits
+
+    def score(self, slots: list[int], token_lists: list[list[int]]) -> list[torch.Tensor]:
+        """Append each sequence's rows and return their logits, one [rows_b, vocab] float32 tensor each."""
+        ...
+
+    def truncate(self, slot: int, length: int) -> None: ...
+
+    def length(self, slot: int) -> int: ...
+
+
+class LocalTarget:
+    """A Transformer and its KV cache in this process."""
+
+    def __init__(self, model: Transformer, num_slots: int = 1, capacity: int = 4096):
+        self.model = model
+        self.cache: KVCache = model.new_cache(num_slots, capacity)
+        self.vocab_size = model.config.vocab_size
+        self.capacity = self.cache.capacity
+
+    def acquire(self) -> int:
+        return self.cache.acquire()
+
+    def release(self, slot: int) -> None:
+        self.cache.release(slot)
+
+    def prefill(self, slot: int, tokens: list[int]) -> None:
+        for i in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[i:i + PREFILL_CHUNK]
+            batch = ForwardBatch.chain([slot], [chunk], [self.cache.lengths[slot]], self.model.device)
+            self.model.forward(batch, self.cache, logits_rows=torch.empty(0, dtype=torch.long))
+
+    def score(self, slots: list[int], token_lists: list[list[int]]) -> list[torch.Tensor]:
+        starts = [self.cache.lengths[s] for s in slots]
+        batch = ForwardBatch.chain(slots, token_lists, starts, self.model.device)
+        logits = self.model.forward(batch, self.cache).logits
+        return list(logits.split(batch.num_rows))
+
+    def truncate(self, slot: int, length: int) -> None:
+        self.cache.truncate(slot, length)
+
+    def length(self, slot: int) -> int:
+        return self.cache.lengths[slot]

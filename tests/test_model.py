@@ -1,0 +1,127 @@
+"""Our decoder against HF transformers, and the batch invariance that makes speculative greedy lossless."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import hf_model, tiny_model
+from outrider.runtime.model import ForwardBatch
+
+ARCHS = ["llama", "qwen2", "mistral", "llama3_rope"]
+FORMATS = [(torch.float32, "dense"), (torch.bfloat16, "dense"), (torch.float32, "int8"),
+           (torch.bfloat16, "int8"), (torch.float32, "int4"), (torch.bfloat16, "int4")]
+
+
+def prompt(n: int, seed: int = 1) -> list[int]:
+    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(model, cache, slot: int, tokens: list[int]) -> torch.Tensor:
+    batch = ForwardBatch.chain([slot], [tokens], [cache.lengths[slot]])
+    return model.forward(batch, cache).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_equal_hf_transformers(arch):
+    ours, theirs = tiny_model(arch), hf_model(arch)
+    ids = prompt(40)  # > mistral's sliding window of 16
+    logits = run(ours, ours.new_cache(1, 128), 0, ids)
+    expected = theirs(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_any_layer_range_and_hidden_states_match_hf(arch):
+    ours, theirs = tiny_model(arch), hf_model(arch)
+    ids = prompt(12)
+    expected = theirs(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    out = ours.forward(ForwardBatch.chain([0], [ids], [0]), ours.new_cache(1, 64),
+                       hidden_layers=tuple(range(ours.num_layers)))
+    for layer in range(ours.num_layers):  # HF's last entry is after the final norm, so compare the others
+        torch.testing.assert_close(out.hidden[layer], expected[layer][0], atol=1e-5, rtol=1e-5)
+    # Running the layers in two ranges gives the same result as one pass.
+    cache = ours.new_cache(1, 64)
+    batch = ForwardBatch.chain([0], [ids], [0])
+    h = ours.run_layers(ours.embed(batch.token_ids), batch, cache, [0], 0, 1)
+    h = ours.run_layers(h, batch, cache, [0], 1, ours.num_layers)
+    torch.testing.assert_close(ours.logits(h), expected_logits(theirs, ids), atol=1e-4, rtol=1e-4)
+
+
+def expected_logits(hf, ids: list[int]) -> torch.Tensor:
+    return hf(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("dtype,weights", FORMATS)
+def test_verify_rows_bitwise_equal_plain_decoding(dtype, weights):
+    """T2: decode k+1 tokens one by one, then score the same k+1 tokens in one verify pass: every row of the
+    verify logits must equal, bit for bit, the logits plain decoding produced for that prefix."""
+    model = tiny_model("qwen2", dtype=dtype, weights=weights)
+    ids, tail = prompt(30), prompt(9, seed=2)
+    plain_cache, verify_cache = model.new_cache(1, 128), model.new_cache(1, 128)
+    run(model, plain_cache, 0, ids)
+    run(model, verify_cache, 0, ids)
+    plain = torch.cat([run(model, plain_cache, 0, [t]) for t in tail])
+    for width in range(1, len(tail) + 1):
+        verify_cache.truncate(0, len(ids))
+        together = run(model, verify_cache, 0, tail[:width])
+        assert torch.equal(together, plain[:width]), f"width {width}: verify rows differ from plain decoding"
+
+
+@pytest.mark.parametrize("dtype,weights", FORMATS)
+def test_rows_do_not_depend_on_other_requests_in_the_call(dtype, weights):
+    """Several requests verified in one call get the same bits as each verified alone."""
+    model = tiny_model("llama", dtype=dtype, weights=weights)
+    prompts = [prompt(n, seed=n) for n in (5, 17, 33)]
+    drafts = [prompt(k, seed=10 + k) for k in (1, 4, 8)]
+    alone = []
+    for p, d in zip(prompts, drafts):
+        cache = model.new_cache(1, 128)
+        run(model, cache, 0, p)
+        alone.append(run(model, cache, 0, d))
+    cache = model.new_cache(3, 128)
+    for slot, p in enumerate(prompts):
+        run(model, cache, slot, p)
+    batch = ForwardBatch.chain([0, 1, 2], drafts, [len(p) for p in prompts])
+    together = model.forward(batch, cache).logits.split(batch.num_rows)
+    for a, t in zip(alone, together):
+        assert torch.equal(a, t)
+
+
+def test_prefill_chunking_is_exact():
+    """The prompt's K/V is the same whether it is prefilled at once, in chunks, or token by token."""
+    model = tiny_model("llama", dtype=torch.bfloat16, weights="int8")
+    ids = prompt(21)
+    one, chunked, single = (model.new_cache(1, 64) for _ in range(3))
+    run(model, one, 0, ids)
+    run(model, chunked, 0, ids[:13]); run(model, chunked, 0, ids[13:])
+    for t in ids:
+        run(model, single, 0, [t])
+    for a, b, c in zip(one.keys + one.values, chunked.keys + chunked.values, single.keys + single.values):
+        assert torch.equal(a[:, :, :21], b[:, :, :21]) and torch.equal(a[:, :, :21], c[:, :, :21])
+
+
+def test_tree_mask_matches_separate_chains():
+    """A tree scored in one pass gives each node the logits of its root-to-node chain."""
+    model = tiny_model("llama")
+    ids = prompt(10)
+    # nodes: 0 (root child), 1 (child of 0), 2 (root child), 3 (child of 2)
+    tokens, parents = [50, 60, 70, 80], [-1, 0, -1, 2]
+    mask = torch.eye(4, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        while p >= 0:
+            mask[i, p] = True
+            p = parents[p]
+    cache = model.new_cache(1, 64)
+    run(model, cache, 0, ids)
+    batch = ForwardBatch(torch.tensor(tokens), torch.tensor([10, 11, 10, 11]), [0], [4], [mask])
+    tree = model.forward(batch, cache).logits
+    for node, chain in ((1, [50, 60]), (3, [70, 80])):
+        c = model.new_cache(1, 64)
+        run(model, c, 0, ids)
+        torch.testing.assert_close(tree[node], run(model, c, 0, chain)[-1], atol=1e-5, rtol=1e-5)
+    # Keeping the path [2, 3] compacts their K/V to positions 10, 11: the next token then sees 70, 80.
+    cache.compact(0, 10, [2, 3])
+    nxt = run(model, cache, 0, [90])
+    c = model.new_cache(1, 64)
+    run(model, c, 0, ids + [70, 80])
+    torch.testing.assert_close(nxt, run(model, c, 0, [90]), atol=1e-5, rtol=1e-5)
