@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import hf_model, tiny_model
+from outrider.kernels.attention import KEY_BUCKET
 from outrider.runtime.model import ForwardBatch
 
 ARCHS = ["llama", "qwen2", "mistral", "llama3_rope"]
@@ -125,3 +126,15 @@ def test_tree_mask_matches_separate_chains():
     c = model.new_cache(1, 64)
     run(model, c, 0, ids + [70, 80])
     torch.testing.assert_close(nxt, run(model, c, 0, [90]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,weights", [(torch.float32, "dense"), (torch.bfloat16, "int8")])
+def test_invariance_holds_across_key_buckets(dtype, weights):
+    """Decode and verify rows straddling a KEY_BUCKET boundary (attention over 512 vs 1024 keys) agree."""
+    model = tiny_model("llama", dtype=dtype, weights=weights)
+    ids, tail = prompt(KEY_BUCKET - 4, seed=5), prompt(8, seed=6)
+    plain_cache, verify_cache = model.new_cache(1, 3 * KEY_BUCKET), model.new_cache(1, 3 * KEY_BUCKET)
+    run(model, plain_cache, 0, ids)
+    run(model, verify_cache, 0, ids)
+    plain = torch.cat([run(model, plain_cache, 0, [t]) for t in tail])
+    assert torch.equal(run(model, verify_cache, 0, tail), plain)

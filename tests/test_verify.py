@@ -102,7 +102,7 @@ def test_tree_attention_mask_and_depths_worked_example() -> None:
     ], dtype=torch.bool)
     assert torch.equal(tree.attention_mask(), expected)
     assert tree.depths().tolist() == [1, 1, 2, 2, 3, 2]
-    assert tree.children() == [[0, 1], [2, 3], [4], [], [], [5], []]
+    assert tree.children() == [[0, 1], [2, 3], [5], [4], [], [], []]  # entry u + 1 lists node u's children
 
 
 def test_tree_rejects_parents_out_of_topological_order() -> None:
@@ -118,10 +118,10 @@ def _one_hot_rows(argmax: list[int], vocab: int = 12) -> torch.Tensor:
     ("row_argmax", "path", "tokens"),
     [
         # rows: root, after node 0, .., after node 5. Tokens: node i carries token i + 1.
-        ([1, 3, 0, 5, 11, 0, 0], [0, 2, 4], [1, 3, 5, 11]),  # deepest branch, then the bonus after node 4
-        ([2, 3, 6, 5, 11, 0, 0], [1, 5], [2, 6, 6]),  # the second root child; bonus after leaf 5
-        ([1, 9, 0, 5, 11, 0, 0], [0], [1, 9]),  # node 0 accepted, neither child matches: recovered 9
-        ([7, 3, 0, 5, 11, 0, 0], [], [7]),  # nothing matches at the root
+        ([1, 3, 0, 5, 0, 11, 0], [0, 2, 4], [1, 3, 5, 11]),  # deepest branch, then the bonus after leaf 4
+        ([2, 3, 6, 5, 0, 0, 9], [1, 5], [2, 6, 9]),  # the second root child, then the bonus after leaf 5
+        ([1, 9, 0, 5, 0, 11, 0], [0], [1, 9]),  # node 0 accepted, neither child matches: recovered 9
+        ([7, 3, 0, 5, 0, 11, 0], [], [7]),  # nothing matches at the root: recovered 7
     ],
 )
 def test_greedy_tree_walks_the_path_matching_target_argmax(
@@ -142,26 +142,30 @@ def _longest_matching_path(tree: DraftTree, target_argmax: torch.Tensor) -> list
     if not bool(kept.any()):
         return []
     deepest = int(torch.where(kept, tree.depths(), 0).argmax())
-    return sorted(torch.nonzero(mask[deepest]).flatten().tolist(), key=lambda j: int(tree.depths()[j]))
+    return torch.nonzero(mask[deepest]).flatten().tolist()  # ancestors precede descendants: root → deepest
+
+
+def _random_tree(n: int, vocab: int, g: torch.Generator) -> DraftTree:
+    """A random tree in topological order whose siblings carry distinct tokens."""
+    parents: list[int] = []
+    tokens: list[int] = []
+    for i in range(n):
+        open_nodes = [u for u in range(-1, i) if parents.count(u) < vocab]  # room for one more child
+        parent = open_nodes[int(torch.randint(len(open_nodes), (1,), generator=g))]
+        taken = {t for t, par in zip(tokens, parents) if par == parent}
+        free = [t for t in range(vocab) if t not in taken]
+        parents.append(parent)
+        tokens.append(free[int(torch.randint(len(free), (1,), generator=g))])
+    return _tree(tokens, parents)
 
 
 def test_greedy_tree_equals_longest_matching_path_on_random_trees() -> None:
     g = torch.Generator().manual_seed(1)
-    vocab = 4  # small, so that matches are frequent
+    vocab = 3  # small, so that matches are frequent
     for _ in range(200):
         n = int(torch.randint(1, 14, (1,), generator=g))
-        parents: list[int] = []
-        tokens: list[int] = []
-        for i in range(n):
-            parent = int(torch.randint(-1, i, (1,), generator=g))
-            taken = {t for t, par in zip(tokens, parents) if par == parent}  # siblings carry distinct tokens
-            free = [t for t in range(vocab) if t not in taken]
-            if not free:
-                parent, free = -1 if i == 0 else i - 1, list(range(vocab))  # a fresh child of the last node
-                free = [t for t in free if t not in {t2 for t2, p2 in zip(tokens, parents) if p2 == parent}]
-            parents.append(parent)
-            tokens.append(free[int(torch.randint(len(free), (1,), generator=g))])
-        tree = _tree(tokens, parents)
+        tree = _random_tree(n, vocab, g)
+        tokens = tree.tokens.tolist()
         logits = torch.randn(n + 1, vocab, generator=g)
         target_argmax = logits.argmax(-1)
         result = verify_tree(warp(logits, GREEDY), tree, torch.Generator().manual_seed(2))

@@ -47,13 +47,29 @@ _BLOCK_NAMES = {
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
+class _PlainViewReader(GGUFReader):
+    """GGUFReader that slices a plain ndarray view of its memory map instead of the np.memmap itself.
+
+    The reader slices once per metadata string (~300k times for a Qwen vocabulary and merges), and numpy's
+    memmap subclass makes every slice several times dearer; the view shares the same mapping, copying nothing.
+    """
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        count = int(count)
+        arr = plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
+        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+
 class GGUFFile:
     """An opened GGUF file: its metadata and tensor table, checked against the file's size."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self._reader = GGUFReader(path)
+            self._reader = _PlainViewReader(path)
         except Exception as exc:  # the reader signals damage with ValueError, IndexError, struct errors...
             raise ValueError(f"{path}: not a readable GGUF file ({exc}); the file is damaged, truncated or not "
                              f"GGUF at all: {REFETCH_HINT}") from exc
@@ -205,8 +221,8 @@ def gguf_model_config(gf: GGUFFile) -> ModelConfig:
         num_kv_heads=_kv_heads(gf, arch, heads),
         # q's out-features give the head size even for models whose head_dim != hidden/heads.
         head_dim=_torch_shape(gf.tensors["blk.0.attn_q.weight"])[0] // heads,
-        rms_norm_eps=float(gf.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(gf.get(f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=_f32(gf.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=_f32(gf.get(f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=_rope_scaling(gf, arch, context),
         max_position=context,
         tie_embeddings="output.weight" not in gf.tensors,
@@ -215,6 +231,11 @@ def gguf_model_config(gf: GGUFFile) -> ModelConfig:
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=end_of_generation_ids(gf),
     )
+
+
+def _f32(value: Any) -> float:
+    """GGUF stores these as float32; recover the decimal the converter was given (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(value)))
 
 
 def _kv_heads(gf: GGUFFile, arch: str, heads: int) -> int:
@@ -232,9 +253,9 @@ def _rope_scaling(gf: GGUFFile, arch: str, context: int) -> RopeScaling:
         raise ValueError(f"{gf.path}: per-dimension RoPE frequencies (rope_freqs.weight, Llama 3.1-style "
                          f"scaling) are not supported from GGUF; load the model's Hugging Face folder instead")
     kind = str(gf.get(f"{arch}.rope.scaling.type", "none"))
-    factor = float(gf.get(f"{arch}.rope.scaling.factor", 1.0))
+    factor = _f32(gf.get(f"{arch}.rope.scaling.factor", 1.0))
     if kind == "none" and gf.get(f"{arch}.rope.scale_linear") is not None:
-        kind, factor = "linear", float(gf.get(f"{arch}.rope.scale_linear"))  # the key older converters wrote
+        kind, factor = "linear", _f32(gf.get(f"{arch}.rope.scale_linear"))  # the key older converters wrote
     if kind == "none" or (kind == "linear" and factor == 1.0):
         return RopeScaling()
     if kind == "linear":
@@ -244,8 +265,8 @@ def _rope_scaling(gf: GGUFFile, arch: str, context: int) -> RopeScaling:
             kind="yarn",
             factor=factor,
             original_max_position=int(gf.get(f"{arch}.rope.scaling.original_context_length", context)),
-            beta_fast=float(gf.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
-            beta_slow=float(gf.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
+            beta_fast=_f32(gf.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+            beta_slow=_f32(gf.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
         )
     raise ValueError(f"{gf.path}: RoPE scaling type {kind!r} is not supported; Outrider handles none, linear "
                      f"and yarn in GGUF files")

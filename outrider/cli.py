@@ -1,0 +1,147 @@
+"""`outrider` command line: generate, bench, models."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from outrider.hub import BUILTINS, DEFAULT_DRAFT, DEFAULT_TARGET
+from outrider.kernels.linear import WEIGHT_FORMATS
+from outrider.scheduler.strategies import STRATEGIES
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET, help="built-in name, HF folder or .gguf file")
+    p.add_argument("--draft", default=DEFAULT_DRAFT, help="built-in name, HF folder or .gguf file")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--target-weights", default="int8", choices=WEIGHT_FORMATS,
+                   help="served format of the target (greedy output is identical to plain decoding at it)")
+    p.add_argument("--draft-weights", default="int4", choices=WEIGHT_FORMATS)
+    p.add_argument("--draft-k", type=int, default=4, help="draft tokens per round (upper bound with --adaptive)")
+    p.add_argument("--adaptive", action="store_true", help="choose k per round from measured acceptance and cost")
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--device", default="cpu")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def model_options(a: argparse.Namespace):
+    from outrider.pipeline import ModelOptions
+
+    return ModelOptions(a.target, a.draft, a.dtype, a.target_weights, a.draft_weights, a.max_seq_len, a.device,
+                        a.draft_k, a.adaptive)
+
+
+def sampling_params(a: argparse.Namespace):
+    from outrider.scheduler.sampling import SamplingParams
+
+    return SamplingParams(a.temperature, a.top_k, a.top_p, a.seed)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from outrider.pipeline import Pipeline
+
+    if (a.prompt is None) == (a.chat is None):
+        raise ValueError("give exactly one of --prompt TEXT (raw completion) or --chat TEXT (chat template)")
+    strategy = STRATEGIES[a.strategy]
+    pipe = Pipeline.load(model_options(a), need_draft=strategy.needs_draft_model)
+    ids = pipe.encode(a.chat if a.chat is not None else a.prompt, chat=a.chat is not None)
+    params = sampling_params(a)
+    result = pipe.generate(ids, a.strategy, a.max_tokens, params, a.ignore_eos)
+    out = result.as_json()
+    if a.compare_plain and a.strategy != "autoregressive":
+        plain = pipe.generate(ids, "autoregressive", a.max_tokens, params, a.ignore_eos)
+        out["plain"] = plain.as_json()["stats"]
+        out["speedup_over_plain"] = round(plain.seconds / result.seconds * result.stats.new_tokens
+                                          / max(plain.stats.new_tokens, 1), 3)
+        out["identical_to_plain"] = plain.token_ids == result.token_ids
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print_generation(out, pipe.load_seconds, a.strategy)
+    return 0
+
+
+def print_generation(out: dict, load_seconds: float, strategy: str) -> None:
+    s = out["stats"]
+    print(out["text"])
+    print(f"\n--- {strategy}: {s['new_tokens']} tokens in {s['seconds']:.2f}s = {s['tokens_per_s']:.1f} tok/s, "
+          f"mean acceptance length {s['mean_acceptance_length']:.2f}, rounds {s['rounds']} "
+          f"(models loaded in {load_seconds:.1f}s)")
+    if "plain" in out:
+        p = out["plain"]
+        print(f"--- plain decoding: {p['new_tokens']} tokens at {p['tokens_per_s']:.1f} tok/s; speedup "
+              f"{out['speedup_over_plain']:.2f}x; output identical to plain: {out['identical_to_plain']}")
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from outrider import hub
+
+    if a.action == "pull":
+        for name in a.names or [DEFAULT_TARGET, DEFAULT_DRAFT]:
+            print(hub.pull(name, force=a.force))
+    else:
+        for m in hub.list_models():
+            flag = "present" if m["present"] else "absent "
+            print(f"{m['name']:32} {m['role']:8} {flag} {m['path']}")
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from outrider.bench.run import run_bench
+
+    return run_bench(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="outrider", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text with a decoding strategy")
+    g.add_argument("--prompt", help="raw text to complete")
+    g.add_argument("--chat", help="a user message, wrapped in the model's chat template")
+    g.add_argument("--strategy", default="vanilla", choices=list(STRATEGIES))
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--compare-plain", action="store_true", help="also run plain decoding and report the speedup")
+    add_model_args(g)
+    add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="fetch and list built-in models")
+    m.add_argument("action", choices=["pull", "list"])
+    m.add_argument("names", nargs="*", help=f"built-ins: {', '.join(BUILTINS)}")
+    m.add_argument("--force", action="store_true", help="re-assemble and re-verify even if present")
+    m.set_defaults(func=cmd_models)
+
+    b = sub.add_parser("bench", help="measure strategies and peers on prompt sets")
+    from outrider.bench.run import add_bench_args
+
+    add_bench_args(b)
+    add_model_args(b)
+    add_sampling_args(b)
+    b.set_defaults(func=cmd_bench, max_tokens=64)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"outrider: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

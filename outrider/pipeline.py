@@ -1,0 +1,117 @@
+"""Assemble tokenizer, models and engines from user options: the one place the CLI and bench build from."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from outrider.hub import DEFAULT_DRAFT, DEFAULT_TARGET
+from outrider.runtime.loading import load_model
+from outrider.runtime.model import Transformer
+from outrider.runtime.tokenizer import Tokenizer
+from outrider.scheduler.engine import Engine, Request, SpecStats
+from outrider.scheduler.policy import MAX_DRAFT
+from outrider.scheduler.sampling import SamplingParams
+from outrider.scheduler.strategies import StrategyContext, get_strategy
+from outrider.scheduler.target import LocalTarget
+
+THREADS = 2  # batch-invariance rule R6: one thread count for every target call
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    target: str = DEFAULT_TARGET
+    draft: str = DEFAULT_DRAFT
+    dtype: str = "bfloat16"
+    target_weights: str = "int8"  # served format: the format "lossless" is measured against
+    draft_weights: str = "int4"  # the draft's precision never changes the output
+    max_seq_len: int = 4096
+    device: str = "cpu"
+    k: int = 4
+    adaptive: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= MAX_DRAFT:
+            raise ValueError(f"--draft-k must be in 1..{MAX_DRAFT}, got {self.k}")
+        if self.max_seq_len < 16:
+            raise ValueError(f"max_seq_len must be >= 16, got {self.max_seq_len}")
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    seconds: float
+    stats: SpecStats
+
+    def as_json(self) -> dict:
+        s = self.stats
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason, "stats": {
+            "new_tokens": s.new_tokens, "seconds": round(self.seconds, 4),
+            "tokens_per_s": round(s.new_tokens / self.seconds, 3) if self.seconds else 0.0,
+            "prefill_seconds": round(s.prefill_seconds, 4), "rounds": s.rounds, "draft_tokens": s.draft_tokens,
+            "accepted_tokens": s.accepted_tokens, "mean_acceptance_length": round(s.mean_acceptance_length, 4),
+            "accepted_per_position": s.accepted_per_position, "drafted_per_position": s.drafted_per_position,
+            "draft_seconds": round(s.draft_seconds, 4), "verify_seconds": round(s.verify_seconds, 4)}}
+
+
+@dataclass
+class Pipeline:
+    """Loaded models shared by one engine per strategy."""
+
+    options: ModelOptions
+    tokenizer: Tokenizer
+    target: Transformer
+    draft: Transformer | None
+    load_seconds: float
+    engines: dict[str, Engine] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, options: ModelOptions, need_draft: bool = True) -> "Pipeline":
+        torch.set_num_threads(THREADS)
+        t0 = time.perf_counter()
+        target, ckpt = load_model(options.target, options.dtype, options.target_weights, options.device,
+                                  options.max_seq_len)
+        draft = None
+        if need_draft:
+            draft, _ = load_model(options.draft, options.dtype, options.draft_weights, options.device,
+                                  options.max_seq_len)
+            _check_vocabularies(target, draft, options)
+        return cls(options, Tokenizer.load(ckpt.tokenizer_source), target, draft, time.perf_counter() - t0)
+
+    def engine(self, strategy: str) -> Engine:
+        if strategy not in self.engines:
+            s = get_strategy(strategy)
+            if s.needs_draft_model and self.draft is None:
+                raise ValueError(f"strategy {strategy!r} needs a draft model; pass --draft")
+            ctx = StrategyContext(self.draft, self.options.k, self.options.adaptive, 1, self.options.max_seq_len)
+            drafter, policy = s.build(ctx)
+            self.engines[strategy] = Engine(LocalTarget(self.target, 1, self.options.max_seq_len), drafter, policy)
+        return self.engines[strategy]
+
+    def encode(self, prompt: str, chat: bool) -> list[int]:
+        if chat:
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def generate(self, prompt_ids: list[int], strategy: str, max_tokens: int,
+                 params: SamplingParams = SamplingParams(), ignore_eos: bool = False) -> Result:
+        stop = frozenset() if ignore_eos else frozenset(self.tokenizer.eos_token_ids)
+        t0 = time.perf_counter()
+        seq = self.engine(strategy).generate(Request(prompt_ids, max_tokens, params, stop))
+        seconds = time.perf_counter() - t0
+        return Result(self.tokenizer.decode(seq.generated), seq.generated, seq.finish_reason or "length",
+                      seconds, seq.stats)
+
+    def with_options(self, **changes) -> "Pipeline":
+        """Same loaded models, other engine knobs (k, adaptive)."""
+        return replace(self, options=replace(self.options, **changes), engines={})
+
+
+def _check_vocabularies(target: Transformer, draft: Transformer, options: ModelOptions) -> None:
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"draft {options.draft} has a vocabulary of {draft.config.vocab_size} tokens but the "
+                         f"target {options.target} has {target.config.vocab_size}; a draft must share the target's "
+                         "tokenizer")

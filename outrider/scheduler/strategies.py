@@ -1,0 +1,57 @@
+"""Decoding strategies by name: each is a drafter plus a draft-length policy; the loop is always `Engine`.
+
+A new method registers here (or in its own module) — it never adds a branch to the loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from outrider.runtime.model import Transformer
+from outrider.scheduler.drafters import Drafter, ModelDrafter, PromptLookupDrafter
+from outrider.scheduler.policy import AdaptiveK, DraftPolicy, FixedK
+
+
+@dataclass(frozen=True)
+class StrategyContext:
+    draft_model: Transformer | None
+    k: int  # fixed draft length (upper bound when adaptive)
+    adaptive: bool
+    num_slots: int
+    capacity: int
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    needs_draft_model: bool
+    lossless: bool
+    make_drafter: Callable[[StrategyContext], Drafter | None]
+    description: str
+
+    def build(self, ctx: StrategyContext) -> tuple[Drafter | None, Callable[[], DraftPolicy]]:
+        """The drafter and a factory of per-sequence draft-length policies."""
+        drafter = self.make_drafter(ctx)
+        if drafter is None:
+            return None, lambda: FixedK(0)
+        if ctx.adaptive:
+            return drafter, lambda: AdaptiveK(k_max=max(ctx.k, 1))
+        return drafter, lambda: FixedK(ctx.k)
+
+
+def _model_drafter(ctx: StrategyContext) -> Drafter:
+    assert ctx.draft_model is not None
+    return ModelDrafter(ctx.draft_model, ctx.num_slots, ctx.capacity)
+
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
+    Strategy("autoregressive", False, True, lambda ctx: None, "plain decoding with the target alone"),
+    Strategy("vanilla", True, True, _model_drafter, "a draft model proposes a chain of k tokens"),
+    Strategy("prompt-lookup", False, True, lambda ctx: PromptLookupDrafter(), "n-gram drafts from the context"),
+]}
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
