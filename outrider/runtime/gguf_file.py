@@ -126,7 +126,7 @@ def end_of_generation_ids(gf: GGUFFile) -> tuple[int, ...]:
             ids.append(int(value))
     tokens = gf.get("tokenizer.ggml.tokens") or []
     types = gf.get("tokenizer.ggml.token_type") or []
-    for i, (text, kind) in enumerate(zip(tokens, types)):
+    for i, (text, kind) in enumerate(zip(tokens, types, strict=False)):
         if kind == _CONTROL_TOKEN_TYPE and text in _EOG_TOKEN_TEXTS and i not in ids:
             ids.append(i)
     return tuple(ids)

@@ -217,6 +217,9 @@ def _load_gguf(gf: GGUFFile) -> Tokenizer:
                          f"BPE (gpt2) vocabularies as in Qwen2 and SmolLM files; use the model's Hugging Face folder")
     tokens: list[str] = gf.require("tokenizer.ggml.tokens")
     types: list[int] = gf.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise ValueError(f"{gf.path}: {len(tokens)} tokens but {len(types)} token types; the vocabulary metadata "
+                         f"is damaged: {REFETCH_HINT}")
     backend = _gguf_backend(gf, tokens)
     _add_gguf_special_tokens(backend, tokens, types)
     specials = _gguf_special_texts(gf, tokens)
@@ -263,9 +266,9 @@ def _add_gguf_special_tokens(backend: _Backend, tokens: list[str], types: list[i
     # Control tokens (<|im_start|>) must match whole and be skippable; user-defined ones (<tool_call>) match whole.
     alphabet = set(_bytes_to_unicode().values())
     control = [AddedToken(t, special=True, normalized=False)
-               for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= alphabet]
+               for t, k in zip(tokens, types, strict=True) if k == _CONTROL and set(t) <= alphabet]
     user = [AddedToken(t, special=False, normalized=False)
-            for t, k in zip(tokens, types) if k == _USER_DEFINED and set(t) <= alphabet]
+            for t, k in zip(tokens, types, strict=True) if k == _USER_DEFINED and set(t) <= alphabet]
     if control:
         backend.add_special_tokens(control)
     if user:

@@ -86,11 +86,14 @@ class ModelDrafter:
                     live = [r for r in live if r.k > step]
                     logits = self._feed(live, [[tokens[r.seq_id][-1]] for r in live])
                 for r, row in zip(live, logits):
+                    if r.params.greedy:  # q is a point mass: no distribution to keep
+                        tokens[r.seq_id].append(int(row.argmax()))  # host sync: the next draft input
+                        continue
                     q = warp(row[None], r.params)[0]
                     tokens[r.seq_id].append(int(sample(q[None], r.generator)[0]))  # host sync: next input
                     probs[r.seq_id].append(q)
-        return [Draft(tokens[r.seq_id], None if r.params.greedy or not probs[r.seq_id]
-                      else torch.stack(probs[r.seq_id])) for r in requests]
+        return [Draft(tokens[r.seq_id], torch.stack(probs[r.seq_id]) if probs[r.seq_id] else None)
+                for r in requests]
 
     def release(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)

@@ -1,0 +1,76 @@
+"""End to end on real checkpoints at the served format: speculative greedy output is the target's own.
+
+`make test` pulls the built-in models first (`outrider models pull ...`); a missing model is a failure with the
+command to fix it, never a skip.
+"""
+from __future__ import annotations
+
+import pytest
+
+from outrider import hub
+from outrider.pipeline import ModelOptions, Pipeline
+from outrider.scheduler.sampling import SamplingParams
+
+PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
+           "Explain what a hash map is in two sentences.",
+           "def quicksort(xs):"]
+
+
+def require(name: str) -> str:
+    path = hub.model_path(name)
+    assert path.exists(), f"{name} is not pulled: run `outrider models pull {name}` (make test does)"
+    return name
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    name = require("smollm2-135m-instruct")
+    # The draft is the same model quantized to int4: a cheap, well-aligned drafter for a self-check.
+    return Pipeline.load(ModelOptions(target=name, draft=name, k=4, max_seq_len=1024))
+
+
+@pytest.mark.parametrize("strategy", ["vanilla", "prompt-lookup"])
+def test_smollm2_speculative_equals_plain_at_served_format(smollm, strategy):
+    for i, text in enumerate(PROMPTS):
+        ids = smollm.encode(text, chat=i < 2)
+        plain = smollm.generate(ids, "autoregressive", 48, ignore_eos=True)
+        spec = smollm.generate(ids, strategy, 48, ignore_eos=True)
+        assert spec.token_ids == plain.token_ids, f"prompt {i}"
+        assert spec.text == plain.text
+
+
+def test_smollm2_answers_sensibly(smollm):
+    out = smollm.generate(smollm.encode("What is the capital of France?", chat=True), "vanilla", 24)
+    assert "Paris" in out.text
+    assert out.stats.mean_acceptance_length > 1.5  # the int4 self-draft agrees with its int8 target often
+
+
+def test_smollm2_dense_bf16_is_lossless_too(smollm):
+    pipe = Pipeline.load(ModelOptions(target=smollm.options.target, draft=smollm.options.draft,
+                                      target_weights="dense", k=6, max_seq_len=1024))
+    ids = pipe.encode(PROMPTS[0], chat=True)
+    assert (pipe.generate(ids, "vanilla", 40, ignore_eos=True).token_ids
+            == pipe.generate(ids, "autoregressive", 40, ignore_eos=True).token_ids)
+
+
+def test_sampling_on_a_real_model_is_seeded(smollm):
+    ids = smollm.encode(PROMPTS[1], chat=True)
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=3)
+    a = smollm.generate(ids, "vanilla", 24, params)
+    b = smollm.generate(ids, "vanilla", 24, params)
+    assert a.token_ids == b.token_ids
+
+
+@pytest.fixture(scope="module")
+def default_pair():
+    return Pipeline.load(ModelOptions(target=require(hub.DEFAULT_TARGET), draft=require(hub.DEFAULT_DRAFT),
+                                      k=4, max_seq_len=1024))
+
+
+def test_default_pair_speculative_equals_plain(default_pair):
+    for text in PROMPTS[:2]:
+        ids = default_pair.encode(text, chat=True)
+        plain = default_pair.generate(ids, "autoregressive", 32, ignore_eos=True)
+        spec = default_pair.generate(ids, "vanilla", 32, ignore_eos=True)
+        assert spec.token_ids == plain.token_ids
+        assert spec.stats.mean_acceptance_length > 1.5
