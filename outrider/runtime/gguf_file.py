@@ -70,6 +70,8 @@ class GGUFFile:
         self.path = path
         try:
             self._reader = _PlainViewReader(path)
+        except (PermissionError, IsADirectoryError):
+            raise  # access problems already name the file and are not damage
         except Exception as exc:  # the reader signals damage with ValueError, IndexError, struct errors...
             raise ValueError(f"{path}: not a readable GGUF file ({exc}); the file is damaged, truncated or not "
                              f"GGUF at all: {REFETCH_HINT}") from exc

@@ -97,9 +97,9 @@ class Transformer:
     def run_layers(self, h: torch.Tensor, batch: ForwardBatch, cache: KVCache, starts: list[int],
                    start: int, end: int) -> torch.Tensor:
         """Layers start..end-1 over hidden states h [N, hidden]; writes their K/V at `starts` in the cache."""
-        masks = self._attention_masks(batch, starts, cache)
+        ctx = self._context(batch, cache, starts)
         for index in range(start, end):
-            h = self._layer(index, h, batch, cache, starts, masks)
+            h = self._layer(index, h, ctx)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
@@ -114,9 +114,9 @@ class Transformer:
         self._check_positions(batch, cache, starts)
         h = self.embed(batch.token_ids)
         hidden: dict[int, torch.Tensor] = {0: h} if 0 in hidden_layers else {}
-        masks = self._attention_masks(batch, starts, cache)
+        ctx = self._context(batch, cache, starts)
         for index in range(self.num_layers):
-            h = self._layer(index, h, batch, cache, starts, masks)
+            h = self._layer(index, h, ctx)
             if index + 1 in hidden_layers:
                 hidden[index + 1] = h
         for slot, rows in zip(batch.slots, batch.num_rows):
@@ -132,21 +132,19 @@ class Transformer:
             raise ValueError(f"sequence needs {longest} KV positions but the cache holds {cache.capacity}; "
                              "raise max_seq_len or shorten the request")
 
-    def _layer(self, index: int, h: torch.Tensor, batch: ForwardBatch, cache: KVCache, starts: list[int],
-               masks: "TileMasks") -> torch.Tensor:
-        c, lw = self.config, self.weights.layers[index]
+    def _layer(self, index: int, h: torch.Tensor, ctx: "_Context") -> torch.Tensor:
+        c, lw, batch = self.config, self.weights.layers[index], ctx.batch
         x = rms_norm(h, lw.input_norm, c.rms_norm_eps)
         qkv = lw.qkv(x)
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         q = qkv[:, :q_size].reshape(-1, c.num_heads, c.head_dim)
         k = qkv[:, q_size:q_size + kv_size].reshape(-1, c.num_kv_heads, c.head_dim)
         v = qkv[:, q_size + kv_size:].reshape(-1, c.num_kv_heads, c.head_dim)
-        q = self.rotary.apply(q, batch.positions)
-        k = self.rotary.apply(k, batch.positions)
+        q, k = Rotary.apply(q, *ctx.rope), Rotary.apply(k, *ctx.rope)
         # Write before attending (batch-invariance rule R4): every query reads its keys from the cache.
-        for slot, start, kb, vb in zip(batch.slots, starts, k.split(batch.num_rows), v.split(batch.num_rows)):
-            cache.write(index, slot, start, kb, vb)
-        attn = self._attend(index, q, cache, masks)
+        for slot, start, kb, vb in zip(batch.slots, ctx.starts, k.split(batch.num_rows), v.split(batch.num_rows)):
+            ctx.cache.write(index, slot, start, kb, vb)
+        attn = self._attend(index, q, ctx.cache, ctx.masks)
         h = h + lw.o(attn.reshape(-1, q_size))
         x = rms_norm(h, lw.post_norm, c.rms_norm_eps)
         gate, up = lw.gate_up(x).chunk(2, dim=-1)
@@ -166,8 +164,20 @@ class Transformer:
         out = tiled_attention(qt, k, v, masks.mask, self.scale)
         return out.reshape(-1, *q.shape[1:])[masks.row_index]
 
-    def _attention_masks(self, batch: ForwardBatch, starts: list[int], cache: KVCache) -> "TileMasks":
-        return TileMasks.build(batch, starts, self.config.sliding_window, cache.capacity, self.device)
+    def _context(self, batch: ForwardBatch, cache: KVCache, starts: list[int]) -> "_Context":
+        masks = TileMasks.build(batch, starts, self.config.sliding_window, cache.capacity, self.device)
+        return _Context(batch, cache, starts, masks, self.rotary.tables(batch.positions, self.dtype))
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every layer of one forward shares."""
+
+    batch: ForwardBatch
+    cache: KVCache
+    starts: list[int]  # [B] cache length of each sequence before this forward
+    masks: "TileMasks"
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [N, 1, head_dim]
 
 
 @dataclass(frozen=True)

@@ -57,10 +57,13 @@ class Rotary:
         self.cos = (angles.cos() * factor).float().to(device)
         self.sin = (angles.sin() * factor).float().to(device)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [rows, heads, head_dim], positions [rows] -> rotated x in x's dtype."""
-        cos = self.cos[positions][:, None].to(x.dtype)
-        sin = self.sin[positions][:, None].to(x.dtype)
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for these positions ([rows, 1, head_dim] in dtype), gathered once per forward."""
+        return self.cos[positions][:, None].to(dtype), self.sin[positions][:, None].to(dtype)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [rows, heads, head_dim] rotated by the tables from `tables`."""
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
