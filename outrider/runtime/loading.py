@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from outrider.kernels.linear import WEIGHT_FORMATS, linear_from_state, make_linear
 from outrider.runtime.config import ModelConfig
@@ -108,7 +109,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", weights:
     cached = converted_cache_path(ckpt.path, dtype, weights) if ckpt.path.is_file() else None
     t0 = time.perf_counter()
     if use_cache and cached is not None and cached.exists() and dev.type == "cpu":
-        w = weights_from_state(ckpt.config, weights, load_file(cached))
+        w = weights_from_state(ckpt.config, weights, _load_aligned(cached))
         log.info("mapped converted weights %s in %.1fs", cached, time.perf_counter() - t0)
     else:
         w = build_weights(ckpt.config, ckpt.tensors.get, dtype, weights, dev)
@@ -116,6 +117,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", weights:
         if use_cache and cached is not None and dev.type == "cpu":
             _save_atomic(weights_state(w), cached, ckpt)
     return Transformer(ckpt.config, w, dtype, dev, max_positions), ckpt
+
+
+def _load_aligned(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors hands out tensors at arbitrary file offsets; the packed aten kernels use aligned vector loads
+    and crash on them (seen: a segfault in _weight_int8pack_mm), so each tensor is copied into fresh memory."""
+    with safe_open(str(path), "pt") as f:
+        return {name: f.get_tensor(name).clone() for name in f.keys()}
 
 
 def _save_atomic(state: dict[str, torch.Tensor], path: Path, ckpt) -> None:
