@@ -103,3 +103,46 @@ def test_summary_math_and_mismatch_alarm():
     assert lossless_violations({"vanilla": s}) == ["vanilla"]
     table = render_table({"vanilla": s}, {}, num_prompts=1)
     assert "MISMATCH 1/1" in table and "LOSSLESSNESS VIOLATED on prompt 0" in table
+
+
+def bench_args(gguf: Path, tmp_path: Path, *extra: str) -> list[str]:
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("Hello world!\n", encoding="utf-8")
+    return ["bench", "--target", str(gguf), "--draft", str(gguf), "--target-weights", "dense", "--draft-weights",
+            "dense", "--dtype", "float32", "--prompts", str(prompts), "--max-tokens", "4", "--ignore-eos", *extra]
+
+
+def test_peers_are_summarised_beside_strategies(tiny_gguf, tmp_path, capsys, monkeypatch):
+    """The peer runners are replaced by a fake (the real ones need transformers' GGUF loading or llama.cpp
+    binaries); what is under test is that bench hands them the templated prompts and reports their runs."""
+    import outrider.bench.peers as peers
+
+    seen: dict = {}
+
+    def fake_hf(target, draft, prompts, max_tokens, dtype, threads):
+        seen.update(target=target, draft=draft, prompts=prompts, max_tokens=max_tokens, dtype=dtype)
+        return [peers.PeerRun("hf-float32", 0, 4, 2.0, 2.0, "ab", [5, 6, 7, 8], "fake"),
+                peers.PeerRun("hf-float32-assisted", 0, 4, 1.0, 4.0, "ab", [5, 6, 7, 9], "fake")]
+
+    monkeypatch.setattr(peers, "run_hf", fake_hf)
+    out = tmp_path / "peers.json"
+    code = main(bench_args(tiny_gguf, tmp_path, "--strategies", "autoregressive", "--no-warmup", "--peers", "hf",
+                           "--json-out", str(out), "--plot", str(tmp_path / "chart.png")))
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert seen["target"] == seen["draft"] == tiny_gguf.resolve() and seen["max_tokens"] == 4
+    assert seen["prompts"] == ["<|im_start|>system\nYou are a tiny test model.<|im_end|>\n<|im_start|>user\n"
+                               "Hello world!<|im_end|>\n<|im_start|>assistant\n"]
+    hf = json.loads(out.read_text())["peers"]["hf"]
+    assert (hf["plain_tokens_per_s"], hf["spec_tokens_per_s"], hf["speedup"]) == (2.0, 4.0, 2.0)
+    assert (hf["compared_by"], hf["identical_runs"], hf["differing_prompts"]) == ("token_ids", 0, [0])
+    assert "0/1 (ids)" in printed and (tmp_path / "chart.png").is_file()
+
+
+def test_peer_prerequisites_fail_before_loading(tiny_gguf, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OUTRIDER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no llama.cpp binaries anywhere
+    assert main(bench_args(tiny_gguf, tmp_path, "--peers", "llama.cpp")) == 2
+    assert "--llama-cpp DIR" in capsys.readouterr().err
+    assert main(bench_args(tiny_gguf, tmp_path, "--peers", "llama.cpp", "--llama-cpp", str(tmp_path))) == 2
+    assert "llama-speculative-simple" in capsys.readouterr().err

@@ -7,6 +7,8 @@ definition `SpecStats` uses) is E(α, k) = (1 − α^{k+1}) / (1 − α). With c
 verify round, a round costs k·c + 1 target-steps, so the best speedup over plain decoding is E(α, k) / (k·c + 1).
 We invert E at the measured mean acceptance length to get α, measure c from the engine's phase timers, and report
 efficiency = measured speedup / bound: how much of the speculation's promise the implementation keeps.
+k is the configured draft length. Where rounds draft fewer tokens (an n-gram miss drafts none; adaptive k varies
+below its maximum) the fixed-k model reads them as rejections, so α is then a lower estimate and the bound rough.
 """
 from __future__ import annotations
 
@@ -109,8 +111,14 @@ def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
 
 
 def _rows_to_text(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Numbers right-aligned; the first (name) and last (free text) columns left-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    last = len(header) - 1
+
+    def line(r: list[str]) -> str:
+        cells = (c.ljust(w) if i in (0, last) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "  ".join(cells).rstrip()
+
     return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
 
 
@@ -152,11 +160,13 @@ def _peer_lines(peers: dict[str, dict]) -> list[str]:
     header = ["peer", "plain tok/s", "spec tok/s", "spec speedup", "spec == plain", "note"]
     rows = []
     for name, p in peers.items():
-        same = p.get("identical_runs")
-        total = p.get("compared_runs")
-        cell = "-" if same is None else f"{same}/{total}"
+        cell = "-"
+        if p.get("identical_runs") is not None:
+            by = "ids" if p["compared_by"] == "token_ids" else "text"
+            cell = f"{p['identical_runs']}/{p['compared_runs']} ({by})"
+        note = f"FAILED: {p['error'].splitlines()[0]}" if p.get("error") else p.get("note", "")
         rows.append([name, _fmt(p.get("plain_tokens_per_s"), ".2f"), _fmt(p.get("spec_tokens_per_s"), ".2f"),
-                     _fmt(p.get("speedup"), ".2f", "x"), cell, p.get("error") or p.get("note") or ""])
+                     _fmt(p.get("speedup"), ".2f", "x"), cell, note])
     return _rows_to_text(header, rows)
 
 

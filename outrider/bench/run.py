@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from outrider.bench.report import BASELINE, first_difference, plot_throughput, render_table, summarize
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.strategies import STRATEGIES, get_strategy
+
+if TYPE_CHECKING:  # the pipeline pulls in torch and the model code; the parser must stay cheap to build
+    from outrider.bench.prompts import Prompt
+    from outrider.pipeline import Pipeline, Result
 
 DEFAULT_STRATEGIES = "autoregressive,vanilla,prompt-lookup"
 PEER_NAMES = ("hf", "llama.cpp")
@@ -27,7 +32,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default="code-heldout", help="a built-in prompt set name or a file of prompts")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--peers", default="", help=f"comma-separated peer runtimes to run too: {', '.join(PEER_NAMES)}")
-    p.add_argument("--llama-cpp", default=None, help="llama.cpp build or install folder (for --peers llama.cpp)")
+    p.add_argument("--llama-cpp", default=None,
+                   help="folder holding llama.cpp's binaries (llama-speculative-simple, llama-completion); "
+                        "default: $OUTRIDER_HOME/llama.cpp/bin, then PATH")
     p.add_argument("--json-out", default=None, help="write config, runs, summary and peers as JSON here")
     p.add_argument("--plot", default=None, help="bar chart PNG (default: beside --json-out, else none)")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
@@ -68,14 +75,14 @@ class Workload:
     ignore_eos: bool
 
 
-def warm_up(pipe, work: Workload) -> None:
+def warm_up(pipe: Pipeline, work: Workload) -> None:
     """Build each engine and run it once untimed, so one-off costs (allocation, kernel selection, page faults of
     mapped weights) do not land in whichever strategy happens to run first."""
     for name in work.strategies:
         pipe.generate(work.prompt_ids[0], name, min(WARMUP_TOKENS, work.max_tokens), work.params, work.ignore_eos)
 
 
-def measure(pipe, work: Workload) -> list[dict]:
+def measure(pipe: Pipeline, work: Workload) -> list[dict]:
     """For each prompt, every strategy back to back: interleaving spreads machine noise (thermal, other tenants)
     over all strategies instead of biasing whichever ran during a slow minute."""
     runs = []
@@ -89,7 +96,7 @@ def measure(pipe, work: Workload) -> list[dict]:
     return runs
 
 
-def run_record(strategy: str, prompt_index: int, prompt_tokens: int, result) -> dict:
+def run_record(strategy: str, prompt_index: int, prompt_tokens: int, result: Result) -> dict:
     stats = result.as_json()["stats"]
     return {"strategy": strategy, "prompt_index": prompt_index, "prompt_tokens": prompt_tokens,
             "token_ids": result.token_ids, "finish_reason": result.finish_reason,
@@ -123,35 +130,126 @@ def lossless_violations(summary: dict[str, dict]) -> list[str]:
 
 def run_bench(args: argparse.Namespace) -> int:
     from outrider.bench.prompts import load_prompts
-    from outrider.cli import model_options, sampling_params
-    from outrider.pipeline import Pipeline
 
     strategies, peers = parse_strategies(args.strategies), parse_peers(args.peers)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     prompts = load_prompts(args.prompts, args.limit)
     if not prompts:
         raise ValueError(f"prompt set {args.prompts!r} holds no prompts")
+    peer_plan = plan_peers(peers, args)  # before loading models: a missing peer fails in seconds, not minutes
+    session = measure_outrider(args, strategies, prompts)
+    peer_results = run_peers(peer_plan, session.prompt_texts, args) if peers else {}
+    print(render_table(session.summary, peer_results, len(prompts)))
+    report = {"config": bench_config(args, strategies, peers, session.load_seconds), "runs": session.runs,
+              "summary": session.summary, "peers": peer_results}
+    write_outputs(report, args)
+    violations = lossless_violations(session.summary)
+    if violations:
+        print(f"outrider bench: lossless strategies changed greedy output: {', '.join(violations)}",
+              file=sys.stderr)
+    return 1 if violations else 0
+
+
+@dataclass
+class Session:
+    runs: list[dict]
+    summary: dict[str, dict]
+    prompt_texts: list[str]  # chat-templated where the prompt is a chat turn: exactly what the target read
+    load_seconds: float
+
+
+def measure_outrider(args: argparse.Namespace, strategies: list[str], prompts: list[Prompt]) -> Session:
+    """Load once, warm up, measure; the pipeline is dropped on return so peers get its memory."""
+    from outrider.cli import model_options, sampling_params
+    from outrider.pipeline import Pipeline
+
     options = model_options(args)
     pipe = Pipeline.load(options, need_draft=any(get_strategy(s).needs_draft_model for s in strategies))
+    texts = [pipe.tokenizer.apply_chat_template([{"role": "user", "content": p.text}]) if p.chat else p.text
+             for p in prompts]
     work = Workload(strategies, [pipe.encode(p.text, p.chat) for p in prompts], args.max_tokens,
                     sampling_params(args), args.ignore_eos)
     if args.warmup:
         warm_up(pipe, work)
     runs = measure(pipe, work)
-    summary = summarize_runs(runs, work, options.k)
-    peer_results = run_peers(peers, args, prompts) if peers else {}
-    print(render_table(summary, peer_results, len(prompts)))
-    report = {"config": bench_config(args, strategies, peers, pipe.load_seconds), "runs": runs,
-              "summary": summary, "peers": peer_results}
-    write_outputs(report, args)
-    violations = lossless_violations(summary)
-    if violations:
-        print(f"outrider bench: lossless strategies changed greedy output: {', '.join(violations)}",
-              file=sys.stderr)
-    return 1 if violations else 0
+    return Session(runs, summarize_runs(runs, work, options.k), texts, pipe.load_seconds)
+
+
+@dataclass(frozen=True)
+class PeerPlan:
+    target: Path  # GGUF files: both peers read the very files outrider loads
+    draft: Path
+    llama_cpp: Path | None  # binaries folder, when llama.cpp is among the peers
+    names: list[str]
+
+
+def plan_peers(names: list[str], args: argparse.Namespace) -> PeerPlan | None:
+    if not names:
+        return None
+    from outrider import hub
+    from outrider.bench.peers import find_llama_cpp
+
+    target, draft = hub.resolve(args.target), hub.resolve(args.draft)
+    for role, path in (("--target", target), ("--draft", draft)):
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"--peers needs GGUF models (both peers load the same file), but {role} resolves to "
+                             f"{path}; pass a built-in name or a .gguf file")
+    bin_dir = None
+    if "llama.cpp" in names:
+        bin_dir = find_llama_cpp(Path(args.llama_cpp).expanduser() if args.llama_cpp else None)
+        if bin_dir is None:
+            raise ValueError("--peers llama.cpp: no llama.cpp binaries found; pass --llama-cpp DIR (the folder "
+                             "holding llama-speculative-simple) or build them with `make peers`")
+    return PeerPlan(target, draft, bin_dir, names)
+
+
+def run_peers(plan: PeerPlan, prompt_texts: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """Each peer's plain and speculative modes on the same files, prompts and budget. A peer that fails is
+    recorded with its error rather than discarding the outrider measurements already taken."""
+    from outrider.bench.peers import run_hf, run_llama_cpp
+    from outrider.pipeline import THREADS
+
+    results = {}
+    for name in plan.names:
+        print(f"outrider bench: running peer {name} on {len(prompt_texts)} prompts", file=sys.stderr)
+        try:
+            if name == "hf":
+                runs = run_hf(plan.target, plan.draft, prompt_texts, args.max_tokens, args.dtype, THREADS)
+            else:
+                assert plan.llama_cpp is not None
+                runs = run_llama_cpp(plan.llama_cpp, plan.target, plan.draft, prompt_texts, args.max_tokens,
+                                     THREADS, args.draft_k)
+        except (RuntimeError, ValueError, OSError) as e:
+            print(f"!!! peer {name} failed: {e}", file=sys.stderr)
+            results[name] = {"error": str(e), "runs": []}
+            continue
+        results[name] = summarize_peer([asdict(r) for r in runs])
+    return results
+
+
+def summarize_peer(runs: list[dict]) -> dict:
+    """Plain vs speculative of one peer: pooled tok/s, speedup over its own plain, and whether speculation kept
+    its output (token ids where the peer exposes them, else the decoded text)."""
+    systems = list(dict.fromkeys(r["system"] for r in runs))
+    plain = [r for r in runs if r["system"] == systems[0]]
+    spec = [r for r in runs if len(systems) > 1 and r["system"] == systems[1]]
+
+    def tps(rs: list[dict]) -> float | None:
+        seconds = sum(r["seconds"] for r in rs)
+        return sum(r["new_tokens"] for r in rs) / seconds if seconds else None
+
+    pairs = list(zip(sorted(plain, key=lambda r: r["prompt_index"]), sorted(spec, key=lambda r: r["prompt_index"])))
+    by_ids = all(p["token_ids"] is not None and s["token_ids"] is not None for p, s in pairs)
+    key = "token_ids" if by_ids else "text"
+    plain_tps, spec_tps = tps(plain), tps(spec)
+    return {"plain_system": systems[0], "spec_system": systems[1] if len(systems) > 1 else None,
+            "plain_tokens_per_s": plain_tps, "spec_tokens_per_s": spec_tps,
+            "speedup": spec_tps / plain_tps if plain_tps and spec_tps else None,
+            "compared_by": key, "compared_runs": len(pairs) if pairs else None,
+            "identical_runs": sum(p[key] == s[key] for p, s in pairs) if pairs else None,
+            "differing_prompts": [p["prompt_index"] for p, s in pairs if p[key] != s[key]],
+            "note": plain[0]["note"] if plain else "", "runs": runs}
 
 
 def bench_config(args: argparse.Namespace, strategies: list[str], peers: list[str], load_seconds: float) -> dict:
