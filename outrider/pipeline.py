@@ -77,7 +77,7 @@ class Pipeline:
         draft = None
         if need_draft:
             draft, _ = load_model(options.draft, options.dtype, options.draft_weights, options.device,
-                                  options.max_seq_len)
+                                  options.max_seq_len, batch_invariant=False)
             _check_vocabularies(target, draft, options)
         return cls(options, Tokenizer.load(ckpt.tokenizer_source), target, draft, time.perf_counter() - t0)
 

@@ -165,7 +165,7 @@ def run_llama_cpp(bin_dir: Path, target_gguf: Path, draft_gguf: Path | None, pro
         spec = _binary(bin_dir, _LLAMA_SPEC_BIN)
         for i, prompt in enumerate(prompts):
             cmd = [str(spec), *_common_args(target_gguf, prompt, max_tokens, threads), "-md", str(draft_gguf),
-                   "--spec-type", "draft-simple", "--draft-max", str(draft_k), "--draft-min", "0", "-td", str(threads)]
+                   "--spec-type", "draft-simple", "--spec-draft-n-max", str(draft_k), "--spec-draft-n-min", "0", "-td", str(threads)]
             runs.append(parse_speculative_output(_run(cmd, timeout), i, prompt))
     return runs
 

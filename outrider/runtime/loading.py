@@ -97,7 +97,8 @@ def converted_cache_path(source: Path, dtype: torch.dtype, fmt: str) -> Path:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", weights: str = "dense",
-               device: str = "cpu", max_positions: int | None = None, use_cache: bool = True):
+               device: str = "cpu", max_positions: int | None = None, use_cache: bool = True,
+               batch_invariant: bool = True):
     """Load a model from a built-in name, an HF folder or a GGUF file. Returns (Transformer, Checkpoint)."""
     from outrider.hub import resolve
     from outrider.runtime.checkpoint import load_checkpoint
@@ -116,7 +117,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", weights:
         log.info("converted %s to %s/%s in %.1fs", ckpt.path, weights, dtype, time.perf_counter() - t0)
         if use_cache and cached is not None and dev.type == "cpu":
             _save_atomic(weights_state(w), cached, ckpt)
-    return Transformer(ckpt.config, w, dtype, dev, max_positions), ckpt
+    return Transformer(ckpt.config, w, dtype, dev, max_positions, batch_invariant), ckpt
 
 
 def _load_aligned(path: Path) -> dict[str, torch.Tensor]:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from outrider.kernels.attention import QUERY_TILE, bucket_keys, tiled_attention
 from outrider.kernels.linear import LinearKernel
 from outrider.runtime.config import ModelConfig
+from outrider.runtime.attention import AttentionPlan, ExactPlan, TiledPlan
 from outrider.runtime.kv_cache import KVCache
 from outrider.runtime.rope import Rotary
 
@@ -72,7 +72,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class Transformer:
     def __init__(self, config: ModelConfig, weights: ModelWeights, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", max_positions: int | None = None):
+                 device: torch.device | str = "cpu", max_positions: int | None = None,
+                 batch_invariant: bool = True):
         self.config = config
         self.weights = weights
         self.dtype = dtype
@@ -80,6 +81,8 @@ class Transformer:
         self.max_positions = max_positions or config.max_position
         self.rotary = Rotary(config, self.max_positions, self.device)
         self.scale = config.head_dim ** -0.5
+        # A target must be batch-invariant (lossless verification); a draft need not, and runs cheaper without.
+        self.batch_invariant = batch_invariant
 
     @property
     def num_layers(self) -> int:
@@ -144,29 +147,16 @@ class Transformer:
         # Write before attending (batch-invariance rule R4): every query reads its keys from the cache.
         for slot, start, kb, vb in zip(batch.slots, ctx.starts, k.split(batch.num_rows), v.split(batch.num_rows)):
             ctx.cache.write(index, slot, start, kb, vb)
-        attn = self._attend(index, q, ctx.cache, ctx.masks)
+        attn = ctx.plan.attend(q, *ctx.cache.layer(index), self.scale)
         h = h + lw.o(attn.reshape(-1, q_size))
         x = rms_norm(h, lw.post_norm, c.rms_norm_eps)
         gate, up = lw.gate_up(x).chunk(2, dim=-1)
         return h + lw.down(F.silu(gate) * up)
 
-    def _attend(self, index: int, q: torch.Tensor, cache: KVCache, masks: "TileMasks") -> torch.Tensor:
-        kc, vc = cache.layer(index)
-        keys = masks.mask.shape[-1]
-        qt = q.new_zeros(masks.mask.shape[0] * QUERY_TILE, *q.shape[1:])
-        qt[masks.row_index] = q  # scatter rows into their tiles; pad rows stay zero
-        qt = qt.view(-1, QUERY_TILE, *q.shape[1:])
-        if masks.single_slot is not None:  # all tiles read one sequence: a view, no copy
-            k = kc[masks.single_slot, :, :keys].expand(qt.shape[0], -1, -1, -1)
-            v = vc[masks.single_slot, :, :keys].expand(qt.shape[0], -1, -1, -1)
-        else:
-            k, v = kc[masks.tile_slots, :, :keys], vc[masks.tile_slots, :, :keys]
-        out = tiled_attention(qt, k, v, masks.mask, self.scale)
-        return out.reshape(-1, *q.shape[1:])[masks.row_index]
-
     def _context(self, batch: ForwardBatch, cache: KVCache, starts: list[int]) -> "_Context":
-        masks = TileMasks.build(batch, starts, self.config.sliding_window, cache.capacity, self.device)
-        return _Context(batch, cache, starts, masks, self.rotary.tables(batch.positions, self.dtype))
+        plan_type = TiledPlan if self.batch_invariant else ExactPlan
+        plan = plan_type.build(batch, starts, self.config.sliding_window, cache.capacity, self.device)
+        return _Context(batch, cache, starts, plan, self.rotary.tables(batch.positions, self.dtype))
 
 
 @dataclass(frozen=True)
@@ -176,7 +166,7 @@ class _Context:
     batch: ForwardBatch
     cache: KVCache
     starts: list[int]  # [B] cache length of each sequence before this forward
-    masks: "TileMasks"
+    plan: AttentionPlan
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [N, 1, head_dim]
 
 
@@ -184,36 +174,3 @@ class _Context:
 class ForwardOutput:
     logits: torch.Tensor  # [rows, vocab] float32
     hidden: dict[int, torch.Tensor]  # layer -> [N, hidden]
-
-
-@dataclass(frozen=True)
-class TileMasks:
-    """Where each row sits among the fixed-size query tiles, and what each tile row may attend to."""
-
-    mask: torch.Tensor  # [tiles, QUERY_TILE, keys] bool
-    row_index: torch.Tensor  # [N] flat tile-row of each batch row
-    tile_slots: torch.Tensor  # [tiles] cache slot each tile reads
-    single_slot: int | None  # set when every tile reads the same slot
-
-    @classmethod
-    def build(cls, batch: ForwardBatch, starts: list[int], window: int | None, capacity: int,
-              device: torch.device) -> "TileMasks":
-        keys = bucket_keys(max(s + n for s, n in zip(starts, batch.num_rows)), capacity)
-        tile_masks, row_index, tile_slots, tiles_before = [], [], [], 0
-        for slot, start, rows, tree in zip(batch.slots, starts, batch.num_rows, batch.tree_masks):
-            n_tiles = -(-rows // QUERY_TILE)
-            m = torch.zeros(n_tiles * QUERY_TILE, keys, dtype=torch.bool)
-            m[:rows, :start] = True  # the committed prefix
-            new = torch.ones(rows, rows, dtype=torch.bool).tril() if tree is None else tree.cpu()
-            m[:rows, start:start + rows] = new
-            if window is not None:  # Mistral: a query sees at most `window` keys back
-                q_at = torch.arange(start, start + rows)[:, None]
-                m[:rows] &= (q_at - torch.arange(keys)[None]) < window
-            m[rows:, 0] = True  # pad rows attend to one key so softmax stays finite; their output is dropped
-            tile_masks.append(m.view(n_tiles, QUERY_TILE, keys))
-            row_index.append(torch.arange(rows) + tiles_before * QUERY_TILE)
-            tile_slots += [slot] * n_tiles
-            tiles_before += n_tiles
-        single = batch.slots[0] if len(set(batch.slots)) == 1 else None
-        return cls(torch.cat(tile_masks).to(device), torch.cat(row_index).to(device),
-                   torch.tensor(tile_slots, device=device), single)

@@ -1,0 +1,103 @@
+"""Attention plans: how one forward's rows meet their sequences' cached keys.
+
+`TiledPlan` is what a target uses: fixed tiles of QUERY_TILE rows and bucketed key lengths, so a row's result is
+bitwise independent of how many rows are scored with it. `ExactPlan` is for drafters, whose numerics never change
+the output: each sequence attends with its exact row and key counts, which is cheaper for single-token steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from outrider.kernels.attention import QUERY_TILE, bucket_keys, tiled_attention
+
+if TYPE_CHECKING:
+    from outrider.runtime.model import ForwardBatch
+
+
+class AttentionPlan(Protocol):
+    def attend(self, q: torch.Tensor,  # [N, heads, head_dim]
+               k_cache: torch.Tensor, v_cache: torch.Tensor,  # [slots, kv_heads, capacity, head_dim]
+               scale: float) -> torch.Tensor: ...  # [N, heads, head_dim]
+
+
+def sequence_mask(start: int, rows: int, tree: torch.Tensor | None, window: int | None, keys: int) -> torch.Tensor:
+    """[rows, keys] bool: new row i (at cache position start+i) may see the committed prefix and, among the new
+    rows, itself and its ancestors (causal order for a chain, `tree` for a tree)."""
+    m = torch.zeros(rows, keys, dtype=torch.bool)
+    m[:, :start] = True
+    m[:, start:start + rows] = torch.ones(rows, rows, dtype=torch.bool).tril() if tree is None else tree.cpu()
+    if window is not None:  # Mistral: a query sees at most `window` keys back
+        m &= (torch.arange(start, start + rows)[:, None] - torch.arange(keys)[None]) < window
+    return m
+
+
+@dataclass(frozen=True)
+class TiledPlan:
+    """Where each row sits among the fixed-size query tiles, and what each tile row may attend to."""
+
+    mask: torch.Tensor  # [tiles, QUERY_TILE, keys] bool
+    row_index: torch.Tensor  # [N] flat tile-row of each batch row
+    tile_slots: torch.Tensor  # [tiles] cache slot each tile reads
+    single_slot: int | None  # set when every tile reads the same slot
+
+    @classmethod
+    def build(cls, batch: "ForwardBatch", starts: list[int], window: int | None, capacity: int,
+              device: torch.device) -> "TiledPlan":
+        keys = bucket_keys(max(s + n for s, n in zip(starts, batch.num_rows)), capacity)
+        tile_masks, row_index, tile_slots, tiles_before = [], [], [], 0
+        for slot, start, rows, tree in zip(batch.slots, starts, batch.num_rows, batch.tree_masks):
+            n_tiles = -(-rows // QUERY_TILE)
+            m = torch.zeros(n_tiles * QUERY_TILE, keys, dtype=torch.bool)
+            m[:rows] = sequence_mask(start, rows, tree, window, keys)
+            m[rows:, 0] = True  # pad rows attend to one key so softmax stays finite; their output is dropped
+            tile_masks.append(m.view(n_tiles, QUERY_TILE, keys))
+            row_index.append(torch.arange(rows) + tiles_before * QUERY_TILE)
+            tile_slots += [slot] * n_tiles
+            tiles_before += n_tiles
+        single = batch.slots[0] if len(set(batch.slots)) == 1 else None
+        return cls(torch.cat(tile_masks).to(device), torch.cat(row_index).to(device),
+                   torch.tensor(tile_slots, device=device), single)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        keys = self.mask.shape[-1]
+        qt = q.new_zeros(self.mask.shape[0] * QUERY_TILE, *q.shape[1:])
+        qt[self.row_index] = q  # scatter rows into their tiles; pad rows stay zero
+        qt = qt.view(-1, QUERY_TILE, *q.shape[1:])
+        if self.single_slot is not None:  # all tiles read one sequence: a view, no copy
+            k = k_cache[self.single_slot, :, :keys].expand(qt.shape[0], -1, -1, -1)
+            v = v_cache[self.single_slot, :, :keys].expand(qt.shape[0], -1, -1, -1)
+        else:
+            k, v = k_cache[self.tile_slots, :, :keys], v_cache[self.tile_slots, :, :keys]
+        out = tiled_attention(qt, k, v, self.mask, scale)
+        return out.reshape(-1, *q.shape[1:])[self.row_index]
+
+
+@dataclass(frozen=True)
+class ExactPlan:
+    """Each sequence attends with its own row and key counts; a single new row needs no mask at all."""
+
+    slots: list[int]
+    num_rows: list[int]
+    ends: list[int]  # [B] cache length after this forward's rows
+    masks: list[torch.Tensor | None]  # [B] [rows_b, ends_b] bool, None when every key is visible
+
+    @classmethod
+    def build(cls, batch: "ForwardBatch", starts: list[int], window: int | None, capacity: int,
+              device: torch.device) -> "ExactPlan":
+        ends = [s + n for s, n in zip(starts, batch.num_rows)]
+        masks = [None if n == 1 and window is None else sequence_mask(s, n, t, window, e).to(device)
+                 for s, n, t, e in zip(starts, batch.num_rows, batch.tree_masks, ends)]
+        return cls(list(batch.slots), list(batch.num_rows), ends, masks)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        outs = []
+        for slot, end, mask, qb in zip(self.slots, self.ends, self.masks, q.split(self.num_rows)):
+            k, v = k_cache[slot:slot + 1, :, :end], v_cache[slot:slot + 1, :, :end]
+            o = F.scaled_dot_product_attention(qb.transpose(0, 1)[None], k, v, attn_mask=mask, scale=scale,
+                                               enable_gqa=k.shape[1] != qb.shape[1])
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs)
