@@ -15,7 +15,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help="built-in name, HF folder or .gguf file")
     p.add_argument("--draft", default=DEFAULT_DRAFT, help="built-in name, HF folder or .gguf file")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--target-weights", default="int8", choices=WEIGHT_FORMATS,
+    p.add_argument("--target-weights", default="int4", choices=WEIGHT_FORMATS,
                    help="served format of the target (greedy output is identical to plain decoding at it)")
     p.add_argument("--draft-weights", default="int4", choices=WEIGHT_FORMATS)
     p.add_argument("--draft-k", type=int, default=3, help="draft tokens per round (upper bound with --adaptive)")

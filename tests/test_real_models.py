@@ -26,7 +26,7 @@ def require(name: str) -> str:
 def smollm():
     name = require("smollm2-135m-instruct")
     # The draft is the same model quantized to int4: a cheap, well-aligned drafter for a self-check.
-    return Pipeline.load(ModelOptions(target=name, draft=name, k=4, max_seq_len=1024))
+    return Pipeline.load(ModelOptions(target=name, draft=name, target_weights="int8", k=4, max_seq_len=1024))
 
 
 @pytest.mark.parametrize("strategy", ["vanilla", "prompt-lookup"])

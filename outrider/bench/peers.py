@@ -61,7 +61,8 @@ def _load_hf(transformers: Any, torch: Any, gguf: Path, dtype: str) -> Any:
     return model.eval()
 
 
-def _hf_generate(torch: Any, model: Any, ids: Any, max_tokens: int, eos: int | None, draft: Any | None) -> tuple[Any, float]:
+def _hf_generate(torch: Any, model: Any, ids: Any, max_tokens: int, eos: int | None,
+                 draft: Any | None) -> tuple[Any, float]:
     kwargs = {"assistant_model": draft} if draft is not None else {}
     start = time.perf_counter()
     with torch.inference_mode():
@@ -119,7 +120,9 @@ def find_llama_cpp(explicit: Path | None = None) -> Path | None:
     """The directory holding llama.cpp's binaries: `explicit`, else $OUTRIDER_HOME/llama.cpp/bin, else PATH."""
     if explicit is not None:
         if not (explicit / _LLAMA_SPEC_BIN).is_file():
-            raise ValueError(f"{explicit} has no {_LLAMA_SPEC_BIN}; point at llama.cpp's bin folder or run: {_BUILD_FIX}")
+            raise ValueError(
+                f"{explicit} has no {_LLAMA_SPEC_BIN}; point at llama.cpp's bin folder or run: {_BUILD_FIX}"
+            )
         return explicit
     built = hub.home() / "llama.cpp" / "bin"
     if (built / _LLAMA_SPEC_BIN).is_file():
@@ -164,15 +167,19 @@ def run_llama_cpp(bin_dir: Path, target_gguf: Path, draft_gguf: Path | None, pro
     if draft_gguf is not None:
         spec = _binary(bin_dir, _LLAMA_SPEC_BIN)
         for i, prompt in enumerate(prompts):
+            # Flag names of the pinned build (11434); older builds spelled these --draft-max / --draft-min.
             cmd = [str(spec), *_common_args(target_gguf, prompt, max_tokens, threads), "-md", str(draft_gguf),
-                   "--spec-type", "draft-simple", "--spec-draft-n-max", str(draft_k), "--spec-draft-n-min", "0", "-td", str(threads)]
+                   "--spec-type", "draft-simple", "--spec-draft-n-max", str(draft_k), "--spec-draft-n-min", "0",
+                   "-td", str(threads)]
             runs.append(parse_speculative_output(_run(cmd, timeout), i, prompt))
     return runs
 
 
-_EVAL = re.compile(r"^\S+:\s+eval time =\s*([\d.]+) ms /\s*(\d+) runs.*?([\d.]+) tokens per second", re.M)
-_DECODED = re.compile(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s")
-_STAT = re.compile(r"^(n_drafted|n_accept)\s*=\s*(\d+)", re.M)
+# Log lines carry a timestamp and level prefix ("0.20.397.290 I common_perf_print:        eval time = ..."), so the
+# patterns match inside lines; the lookbehind keeps "prompt eval time" out.
+_EVAL = re.compile(r"(?<!prompt )eval time =\s*([\d.]+) ms /\s*(\d+) runs.*?([\d.]+|inf) tokens per second")
+_DECODED = re.compile(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+|inf) t/s")
+_STAT = re.compile(r"\b(n_drafted|n_accept)\s*=\s*(\d+)")
 
 
 def parse_completion_output(result: subprocess.CompletedProcess[str], prompt_index: int) -> PeerRun:

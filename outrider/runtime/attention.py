@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from outrider.kernels.attention import QUERY_TILE, bucket_keys, tiled_attention
 
@@ -96,8 +95,25 @@ class ExactPlan:
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         outs = []
         for slot, end, mask, qb in zip(self.slots, self.ends, self.masks, q.split(self.num_rows)):
-            k, v = k_cache[slot:slot + 1, :, :end], v_cache[slot:slot + 1, :, :end]
-            o = F.scaled_dot_product_attention(qb.transpose(0, 1)[None], k, v, attn_mask=mask, scale=scale,
-                                               enable_gqa=k.shape[1] != qb.shape[1])
-            outs.append(o[0].transpose(0, 1))
+            outs.append(grouped_attention(qb, k_cache[slot, :, :end], v_cache[slot, :, :end], mask, scale))
         return torch.cat(outs)
+
+
+def grouped_attention(q: torch.Tensor,  # [rows, heads, head_dim]
+                      k: torch.Tensor, v: torch.Tensor,  # [kv_heads, keys, head_dim]
+                      mask: torch.Tensor | None,  # [rows, keys] bool or None (all visible)
+                      scale: float) -> torch.Tensor:  # -> [rows, heads, head_dim]
+    """Plain softmax(q·kᵀ)·v with the query heads of each KV head batched together (no K/V repeat).
+
+    For one or a few rows this is several times faster than CPU SDPA's flash path (measured: 0.15 vs 0.93 ms
+    at 300 keys, 14 heads); its bits depend on the shapes, which is why only drafters use it."""
+    rows, heads, hd = q.shape
+    kv_heads = k.shape[0]
+    group = heads // kv_heads
+    qg = q.view(rows, kv_heads, group, hd).permute(1, 0, 2, 3).reshape(kv_heads, rows * group, hd)
+    scores = torch.bmm(qg, k.transpose(1, 2)).float() * scale  # [kv_heads, rows * group, keys]
+    if mask is not None:
+        scores = scores.view(kv_heads, rows, group, -1).masked_fill(~mask[None, :, None], float("-inf"))
+        scores = scores.view(kv_heads, rows * group, -1)
+    out = torch.bmm(scores.softmax(-1).to(v.dtype), v)  # [kv_heads, rows * group, hd]
+    return out.view(kv_heads, rows, group, hd).permute(1, 0, 2, 3).reshape(rows, heads, hd)
