@@ -93,10 +93,12 @@ class Pipeline:
             self.engines[strategy] = Engine(LocalTarget(self.target, 1, self.options.max_seq_len), drafter, policy)
         return self.engines[strategy]
 
+    def render(self, prompt: str, chat: bool) -> str:
+        """The text the model sees: a user message in the chat template, or the raw prompt."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+
     def encode(self, prompt: str, chat: bool) -> list[int]:
-        if chat:
-            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode(self.render(prompt, chat))
 
     def generate(self, prompt_ids: list[int], strategy: str, max_tokens: int,
                  params: SamplingParams = SamplingParams(), ignore_eos: bool = False) -> Result:
