@@ -86,7 +86,7 @@ class Engine:
                  policy: Callable[[], DraftPolicy] | None = None):
         self.target = target
         self.drafter = drafter
-        self.new_policy = policy or (lambda: FixedK(4 if drafter else 0))
+        self.new_policy = policy or (lambda: FixedK(3 if drafter else 0))
         self._ids = itertools.count()
 
     # -- lifecycle of one sequence -------------------------------------------------------------------------
