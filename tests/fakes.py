@@ -12,6 +12,9 @@ class OracleDrafter:
         self.wrong_every, self.vocab = wrong_every, vocab
         self.calls = 0
 
+    def prefill(self, seq_id: int, tokens: list[int]) -> None:
+        pass
+
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         drafts = []
         for r in requests:

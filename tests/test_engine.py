@@ -143,3 +143,13 @@ def test_requests_that_do_not_fit_are_refused_before_any_work(target):
     with pytest.raises(ValueError, match="empty"):
         engine.add(Request([], 5))
     assert engine.target.cache.slots_in_use == 0
+
+
+def test_finished_and_failed_sequences_free_both_caches(target):
+    drafter = ModelDrafter(target, capacity=256)
+    engine = Engine(LocalTarget(target, capacity=256), drafter, lambda: FixedK(3))
+    engine.generate(Request(PROMPT, 12))
+    seq = engine.add(Request(PROMPT, 12))
+    next(engine.stream(seq))  # a client that reads one round and goes away
+    engine.release(seq)
+    assert engine.target.cache.slots_in_use == 0 and drafter.cache.slots_in_use == 0

@@ -31,6 +31,8 @@ class Draft:
 
 
 class Drafter(Protocol):
+    def prefill(self, seq_id: int, tokens: list[int]) -> None: ...  # a new sequence's prompt (optional warm-up)
+
     def propose(self, requests: list[DraftRequest]) -> list[Draft]: ...
 
     def release(self, seq_id: int) -> None: ...  # the sequence finished or was cancelled: free its state
@@ -44,6 +46,9 @@ class PromptLookupDrafter:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def prefill(self, seq_id: int, tokens: list[int]) -> None:
+        pass  # no state: the context is searched afresh each round
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         return [Draft(self._lookup(r.tokens, r.k), None) for r in requests]
@@ -75,6 +80,15 @@ class ModelDrafter:
         self.prefill_chunk = prefill_chunk
         self.seqs: dict[int, _DraftSeq] = {}
 
+    def prefill(self, seq_id: int, tokens: list[int]) -> None:
+        """Feed the prompt when the sequence starts, so the first round drafts at once."""
+        seq = self._seq(seq_id)
+        for i in range(0, len(tokens), self.prefill_chunk):
+            chunk = tokens[i:i + self.prefill_chunk]
+            batch = ForwardBatch.chain([seq.slot], [chunk], [self.cache.lengths[seq.slot]], self.model.device)
+            self.model.forward(batch, self.cache, logits_rows=torch.empty(0, dtype=torch.long))
+            seq.fed += chunk
+
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         live = [r for r in requests if r.k > 0]
         tokens: dict[int, list[int]] = {r.seq_id: [] for r in requests}
@@ -100,12 +114,17 @@ class ModelDrafter:
         if seq is not None:
             self.cache.release(seq.slot)
 
+    def _seq(self, seq_id: int) -> _DraftSeq:
+        if seq_id not in self.seqs:
+            self.seqs[seq_id] = _DraftSeq(self.cache.acquire())
+        return self.seqs[seq_id]
+
     def _sync(self, requests: list[DraftRequest]) -> list[torch.Tensor]:
         """Roll each sequence's draft cache back to its common prefix with the committed tokens, feed the rest
         (at least the pending token) and return the logits after the last one."""
         pending: list[list[int]] = []
         for r in requests:
-            seq = self.seqs.get(r.seq_id) or self.seqs.setdefault(r.seq_id, _DraftSeq(self.cache.acquire()))
+            seq = self._seq(r.seq_id)
             keep = _common_prefix(seq.fed, r.tokens[:-1])
             seq.fed = seq.fed[:keep]
             self.cache.truncate(seq.slot, keep)

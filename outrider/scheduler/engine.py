@@ -92,7 +92,8 @@ class Engine:
     # -- lifecycle of one sequence -------------------------------------------------------------------------
 
     def add(self, request: Request) -> Sequence:
-        """Validate, take a cache slot and prefill the prompt (all but its last token, which is pending)."""
+        """Validate, take cache slots and prefill both models with the prompt (all but its last token, which
+        is pending)."""
         self._validate(request)
         seed = request.params.seed if request.params.seed is not None else torch.seed()
         seq = Sequence(next(self._ids), request, self.target.acquire(), list(request.prompt_ids),
@@ -100,8 +101,10 @@ class Engine:
         t0 = time.perf_counter()
         try:
             self.target.prefill(seq.slot, request.prompt_ids[:-1])
+            if self.drafter is not None:
+                self.drafter.prefill(seq.seq_id, request.prompt_ids[:-1])
         except BaseException:
-            self.target.release(seq.slot)
+            self.release(seq)
             raise
         seq.stats.prefill_seconds = time.perf_counter() - t0
         return seq
