@@ -125,6 +125,14 @@ class Transformer:
         rows = h if logits_rows is None else h[logits_rows]
         return ForwardOutput(self.logits(rows), hidden)
 
+    def prefill(self, cache: KVCache, slot: int, tokens: list[int], chunk: int = 256) -> None:
+        """Append tokens' K/V to a sequence without computing logits, `chunk` rows per forward (bounds
+        activation memory; the row-invariant kernels make any chunking give the same K/V)."""
+        no_logits = torch.empty(0, dtype=torch.long)
+        for i in range(0, len(tokens), chunk):
+            part = tokens[i:i + chunk]
+            self.forward(ForwardBatch.chain([slot], [part], [cache.lengths[slot]], self.device), cache, no_logits)
+
     # -- internals ---------------------------------------------------------------------------------------
 
     def _check_positions(self, batch: ForwardBatch, cache: KVCache, starts: list[int]) -> None:

@@ -83,11 +83,8 @@ class ModelDrafter:
     def prefill(self, seq_id: int, tokens: list[int]) -> None:
         """Feed the prompt when the sequence starts, so the first round drafts at once."""
         seq = self._seq(seq_id)
-        for i in range(0, len(tokens), self.prefill_chunk):
-            chunk = tokens[i:i + self.prefill_chunk]
-            batch = ForwardBatch.chain([seq.slot], [chunk], [self.cache.lengths[seq.slot]], self.model.device)
-            self.model.forward(batch, self.cache, logits_rows=torch.empty(0, dtype=torch.long))
-            seq.fed += chunk
+        self.model.prefill(self.cache, seq.slot, tokens, self.prefill_chunk)
+        seq.fed += tokens
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         live = [r for r in requests if r.k > 0]

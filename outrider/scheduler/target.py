@@ -50,10 +50,7 @@ class LocalTarget:
         self.cache.release(slot)
 
     def prefill(self, slot: int, tokens: list[int]) -> None:
-        for i in range(0, len(tokens), PREFILL_CHUNK):
-            chunk = tokens[i:i + PREFILL_CHUNK]
-            batch = ForwardBatch.chain([slot], [chunk], [self.cache.lengths[slot]], self.model.device)
-            self.model.forward(batch, self.cache, logits_rows=torch.empty(0, dtype=torch.long))
+        self.model.prefill(self.cache, slot, tokens, PREFILL_CHUNK)
 
     def score(self, slots: list[int], token_lists: list[list[int]]) -> list[torch.Tensor]:
         starts = [self.cache.lengths[s] for s in slots]
