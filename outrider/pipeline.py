@@ -38,6 +38,8 @@ class ModelOptions:
             raise ValueError(f"--draft-k must be in 1..{MAX_DRAFT}, got {self.k}")
         if self.max_seq_len < 16:
             raise ValueError(f"max_seq_len must be >= 16, got {self.max_seq_len}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: this torch build sees no CUDA GPU; use --device cpu")
 
 
 @dataclass

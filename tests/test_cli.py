@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import random_state
 from gguf_writer import tiny_hf_config, train_tiny_vocab, write_gguf
@@ -45,6 +46,9 @@ def test_bad_arguments_are_reported_with_the_fix(capsys, tiny_gguf):
     assert "--draft-k must be in 1..8" in capsys.readouterr().err
     assert main(["generate", "--target", str(tiny_gguf), "--prompt", "x", "--chat", "y"]) == 2
     assert "exactly one of --prompt" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["generate", "--target", str(tiny_gguf), "--prompt", "x", "--device", "cuda"]) == 2
+        assert "--device cpu" in capsys.readouterr().err
     assert main(["generate", "--target", "no-such-model", "--prompt", "x", "--strategy", "autoregressive"]) == 2
     assert "no-such-model" in capsys.readouterr().err
 

@@ -196,7 +196,8 @@ def make_linear(fmt: str, w: torch.Tensor, bias: torch.Tensor | None, dtype: tor
     if fmt not in KERNELS:
         raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
     if fmt != "dense" and device.type != "cpu":
-        raise ValueError(f"weight format {fmt!r} runs on the CPU only; use --weights dense on {device}")
+        raise ValueError(f"weight format {fmt!r} runs on the CPU only; use --target-weights dense "
+                         f"--draft-weights dense on {device}")
     if fmt == "int8" and dtype == torch.float16:
         raise ValueError("int8 weights need bf16 or fp32 activations")
     kernel = KERNELS[fmt].quantize(w, bias, dtype)
