@@ -239,3 +239,13 @@ def test_sample_honours_the_generator() -> None:
     b = sample(probs, torch.Generator().manual_seed(9))
     assert a.shape == (4,) and a.dtype == torch.int64 and torch.equal(a, b)
     assert sample(point_mass(torch.tensor([3, 0]), 6), None).tolist() == [3, 0]
+
+
+def test_sample_never_picks_a_zero_probability_token_and_matches_the_masses():
+    probs = torch.zeros(3, 12)
+    probs[:, [0, 4, 5]] = torch.tensor([0.5, 0.25, 0.25])  # holes between, a zero tail after
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(probs, g) for _ in range(4000)]).flatten()
+    counts = torch.bincount(draws, minlength=12).double() / draws.numel()
+    assert set(draws.unique().tolist()) == {0, 4, 5}
+    assert torch.allclose(counts[[0, 4, 5]], torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64), atol=0.02)
