@@ -6,7 +6,6 @@ import torch
 
 from conftest import tiny_model
 from fakes import OracleDrafter
-from outrider.runtime.model import ForwardBatch
 from outrider.scheduler.drafters import ModelDrafter, PromptLookupDrafter
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import AdaptiveK, FixedK
