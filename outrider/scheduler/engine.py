@@ -94,7 +94,7 @@ class Engine:
     def add(self, request: Request) -> Sequence:
         """Validate, take cache slots and prefill both models with the prompt (all but its last token, which
         is pending)."""
-        self._validate(request)
+        self.validate(request)
         seed = request.params.seed if request.params.seed is not None else torch.seed()
         seq = Sequence(next(self._ids), request, self.target.acquire(), list(request.prompt_ids),
                        self.new_policy(), torch.Generator().manual_seed(seed))
@@ -135,8 +135,9 @@ class Engine:
 
     # -- one round for a batch of sequences ----------------------------------------------------------------
 
-    def step(self, seqs: list[Sequence]) -> list[list[int]]:
-        drafts, draft_time = self._draft(seqs)
+    def step(self, seqs: list[Sequence], speculate: bool = True) -> list[list[int]]:
+        """One round for every sequence; speculate=False makes it a plain decode step (k = 0 for all)."""
+        drafts, draft_time = self._draft(seqs) if speculate else ([Draft([], None) for _ in seqs], 0.0)
         t0 = time.perf_counter()
         logits = self.target.score([s.slot for s in seqs], [[s.tokens[-1]] + d.tokens for s, d in zip(seqs, drafts)])
         results = [self._verify(s, d, row) for s, d, row in zip(seqs, drafts, logits)]
@@ -187,7 +188,8 @@ class Engine:
             seq.finish_reason = "length"
         return tokens[:room]
 
-    def _validate(self, request: Request) -> None:
+    def validate(self, request: Request) -> None:
+        """Reject a request the engine could never finish, before it takes any resource."""
         if not request.prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
         if request.max_tokens < 1:

@@ -19,6 +19,7 @@ class StrategyContext:
     adaptive: bool
     num_slots: int
     capacity: int
+    hosted_drafter: Drafter | None = None  # a model drafter already running elsewhere (an actor) to use as is
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class Strategy:
 
 
 def _model_drafter(ctx: StrategyContext) -> Drafter:
+    if ctx.hosted_drafter is not None:
+        return ctx.hosted_drafter
     assert ctx.draft_model is not None
     return ModelDrafter(ctx.draft_model, ctx.num_slots, ctx.capacity)
 

@@ -1,0 +1,103 @@
+"""Turn a profile's placement into Ray actors: one placement-group bundle per stage, one actor per bundle.
+
+The bundle carries the stage's CPUs, one GPU for a `cuda` device, its custom resources and node labels, so Ray
+refuses (and says why) a profile the cluster cannot hold instead of starting half of it. Inside an actor that
+holds one GPU, Ray sets CUDA_VISIBLE_DEVICES, so the actor's device is always `cuda:0`: `cuda:N` in a profile
+chooses "a GPU" for Ray placement and the exact device only in local mode.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from outrider.actors.remote import ActorDrafter, ActorTarget
+from outrider.actors.worker import DraftWorker, ModelSource, ModelWorker
+from outrider.profile import ModelSpec, Profile, Stage
+
+log = logging.getLogger(__name__)
+START_TIMEOUT_S = 120  # bound on placing and loading: a cluster that cannot hold the profile fails, not hangs
+
+
+@dataclass
+class Placed:
+    """The actors of one profile and what the engine sees of them."""
+
+    target: ActorTarget
+    drafter: ActorDrafter | None
+    group: object  # the placement group; removing it frees every bundle
+    actors: list = field(default_factory=list)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        remove_placement_group(self.group)
+
+
+def connect(address: str | None = None) -> None:
+    """Join the cluster at `address` ($RAY_ADDRESS when None), or start a local one; idempotent."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                 configure_logging=False)
+    except ConnectionError as e:
+        raise RuntimeError(f"cannot reach the Ray cluster at {address!r}: {e}. Start one with `ray start --head` "
+                           "or unset RAY_ADDRESS to run a local one") from e
+
+
+def place(profile: Profile, num_slots: int, capacity: int, draft_model: bool) -> Placed:
+    """Start the target stages and (if the strategy drafts with a model) the draft actor, all-or-nothing."""
+    connect()
+    stages = [("target", _resolve(s)) for s in profile.placement.target]
+    if draft_model:
+        stages.append(("draft", _resolve(profile.placement.draft[0])))
+    group = placement_group([_bundle(s) for _, s in stages], strategy="PACK",
+                            bundle_label_selector=[dict(s.node_labels) for _, s in stages])
+    if not group.wait(timeout_seconds=START_TIMEOUT_S):
+        remove_placement_group(group)
+        raise RuntimeError(f"the Ray cluster cannot hold profile {profile.name!r}: bundles "
+                           f"{[_bundle(s) for _, s in stages]} were not placed within {START_TIMEOUT_S}s; "
+                           "check `ray status` and the profile's num_cpus/resources/devices")
+    actors = [_actor(profile, role, stage, group, i, num_slots, capacity) for i, (role, stage) in enumerate(stages)]
+    try:
+        target = ActorTarget(actors[:len(profile.placement.target)])  # waits for the models to load
+        drafter = ActorDrafter(actors[-1]) if draft_model else None
+        if drafter:
+            drafter.slots_in_use()  # surfaces a draft load error now, not at the first round
+    except BaseException:
+        Placed(None, None, group, actors).shutdown()  # type: ignore[arg-type]
+        raise
+    return Placed(target, drafter, group, actors)
+
+
+def _bundle(stage: Stage) -> dict[str, float]:
+    bundle = {"CPU": stage.num_cpus, **stage.resources}
+    if stage.device.startswith("cuda"):
+        bundle["GPU"] = 1
+    return {k: v for k, v in bundle.items() if v}
+
+
+def _actor(profile: Profile, role: str, stage: Stage, group, index: int, num_slots: int, capacity: int):
+    spec: ModelSpec = profile.models.target if role == "target" else profile.models.draft
+    device = "cuda:0" if stage.device.startswith("cuda") else "cpu"
+    source = ModelSource(spec.model, spec.dtype, spec.weights, device, capacity, role == "target")
+    threads = stage.threads or max(1, int(stage.num_cpus))
+    options = dict(num_cpus=stage.num_cpus, num_gpus=1 if device.startswith("cuda") else 0,
+                   resources=dict(stage.resources) or None, max_concurrency=1,
+                   scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index))
+    if role == "target":
+        return ray.remote(ModelWorker).options(**options).remote(source, num_slots, capacity, stage.layers, threads)
+    return ray.remote(DraftWorker).options(**options).remote(source, num_slots, capacity, threads)
+
+
+def _resolve(stage: Stage) -> Stage:
+    """`auto` becomes a GPU when the cluster has one, else the CPU."""
+    if stage.device != "auto":
+        return stage
+    return stage.model_copy(update={"device": "cuda:0" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"})

@@ -1,0 +1,331 @@
+"""Deployment profiles: one YAML file says which models run, where each role runs, how the scheduler is limited
+and how the server listens. This pydantic schema is the edge: every field is typed and closed
+(`extra="forbid"`), so a typo is an error naming the field instead of a silently ignored key.
+
+Roles are `target` and `draft`. Each role is placed as one or more *stages*: one stage hosts the whole model;
+several stages split the model's layers into contiguous ranges, one actor per range (a model bigger than one
+device, or layer-parallel drafting).
+
+`load_profile` turns every problem into one line `FILE:LINE: dotted.path: problem; fix`, so a user never has to
+read a pydantic traceback. Shipped profiles live in `deploy/profiles/`.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda:\d+)$")
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "profiles"
+DEFAULT_PROFILE = PROFILES_DIR / "cpu.yaml"
+ROLES = ("target", "draft")
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Closed):
+    model: str = Field(description="built-in name (`outrider models list`), HF folder or .gguf file")
+    weights: Literal["dense", "int8", "int4"] = "int4"
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+
+
+class Models(_Closed):
+    target: ModelSpec
+    draft: ModelSpec | None = None  # needed by strategies that draft with a model (vanilla)
+
+
+class Stage(_Closed):
+    """One actor: a device and, when the role is split, the layer range [start, end) it hosts."""
+
+    device: str = Field("auto", description="cpu, cuda:N, or auto (the first GPU if any, else cpu)")
+    layers: tuple[int, int] | None = None
+    num_cpus: float = Field(1.0, ge=0)
+    threads: int | None = Field(None, ge=1, description="torch threads in the actor (default: its num_cpus)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources to require")
+    node_labels: dict[str, str] = Field(default_factory=dict, description="Ray node labels the actor must match")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_PATTERN.match(v):
+            raise ValueError(f"device {v!r} is not one of cpu, cuda:N (N = 0, 1, ...) or auto")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 0 <= v[0] < v[1]:
+            raise ValueError(f"layers {list(v)} must be [start, end) with 0 <= start < end")
+        return v
+
+
+class Placement(_Closed):
+    mode: Literal["ray", "local"] = Field("ray", description="ray: actors; local: models in the server process")
+    transport: Literal["ray", "gloo", "nccl"] = Field("ray", description="how logits/hidden states move")
+    target: list[Stage] = Field(default_factory=lambda: [Stage()])
+    draft: list[Stage] = Field(default_factory=lambda: [Stage()])
+
+    @field_validator("target", "draft")
+    @classmethod
+    def _stages(cls, stages: list[Stage]) -> list[Stage]:
+        if not stages:
+            raise ValueError("give at least one stage, e.g. `- {device: cpu}`")
+        if len(stages) > 1:
+            ranges = [s.layers for s in stages]
+            if any(r is None for r in ranges):
+                raise ValueError("a role split into several stages needs `layers: [start, end]` on every stage")
+            for a, b in zip(ranges, ranges[1:]):
+                if a[1] != b[0]:
+                    raise ValueError(f"stage layers {list(a)} and {list(b)} are not contiguous: each stage must "
+                                     f"start where the previous one ends (here at {a[1]})")
+            if ranges[0][0] != 0:
+                raise ValueError("the first stage must start at layer 0")
+        return stages
+
+
+class StrategySpec(_Closed):
+    name: str = "vanilla"
+    k: int = Field(3, ge=1, le=8, description="draft tokens per round (the upper bound when adaptive)")
+    policy: Literal["fixed", "adaptive"] = "fixed"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from outrider.scheduler.strategies import STRATEGIES
+
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; choose one of {', '.join(STRATEGIES)}")
+        return v
+
+
+class SchedulerLimits(_Closed):
+    max_running: int = Field(16, ge=1, description="sequences decoded together (KV slots per model)")
+    max_queued: int = Field(64, ge=0, description="requests waiting for a slot before new ones get 429")
+    max_tokens: int = Field(1024, ge=1, description="upper bound on a request's max_tokens")
+    max_seq_len: int = Field(2048, ge=16, description="prompt + generated tokens per sequence (KV capacity)")
+    speculation_gate: bool = Field(True, description="switch drafting off while it measurably does not pay")
+
+
+class ServerSpec(_Closed):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key_env: str | None = Field(None, description="environment variable holding the Bearer API key")
+    served_model_name: str | None = None  # default: the target's name
+    cors_origins: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+
+class Profile(_Closed):
+    name: str = "default"
+    models: Models
+    placement: Placement = Field(default_factory=Placement)
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    scheduler: SchedulerLimits = Field(default_factory=SchedulerLimits)
+    server: ServerSpec = Field(default_factory=ServerSpec)
+
+    def roles(self) -> list[tuple[str, ModelSpec, list[Stage]]]:
+        """(role, model, stages) for every role this profile loads: the target, and the draft when given."""
+        specs = {"target": self.models.target, "draft": self.models.draft}
+        return [(r, specs[r], getattr(self.placement, r)) for r in ROLES if specs[r] is not None]
+
+    # Cross-field checks: their messages start with the field to change, because pydantic gives errors raised
+    # here no location (explain() prints them as they are).
+    @model_validator(mode="after")
+    def _draft_model_present(self) -> "Profile":
+        from outrider.scheduler.strategies import STRATEGIES
+
+        if STRATEGIES[self.strategy.name].needs_draft_model and self.models.draft is None:
+            raise ValueError(f"models.draft: missing, but strategy {self.strategy.name!r} drafts with a model; "
+                             "add `draft: {model: NAME}` under models, or set strategy.name to prompt-lookup or "
+                             "autoregressive")
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_on_cpu(self) -> "Profile":
+        # The int8/int4 kernels are CPU-only (kernels/linear.py make_linear): refuse now, not at model load.
+        for role, spec, stages in self.roles():
+            gpu = next((i for i, s in enumerate(stages) if s.device.startswith("cuda")), None)
+            if spec.weights != "dense" and gpu is not None:
+                raise ValueError(f"models.{role}.weights: {spec.weights} runs on the CPU only, but "
+                                 f"placement.{role}[{gpu}].device is {stages[gpu].device}; set weights: dense, "
+                                 "or device: cpu")
+        return self
+
+    @model_validator(mode="after")
+    def _nccl_needs_gpus(self) -> "Profile":
+        if self.placement.transport != "nccl":
+            return self
+        for role, _, stages in self.roles():
+            cpu = next((i for i, s in enumerate(stages) if s.device == "cpu"), None)
+            if cpu is not None:
+                raise ValueError(f"placement.transport: nccl moves tensors between GPUs only, but "
+                                 f"placement.{role}[{cpu}].device is cpu; use transport: gloo (or ray), or put "
+                                 "every stage on a cuda:N device")
+        return self
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used. `problems` holds one line per problem; str() names the file first."""
+
+    def __init__(self, path: Path | str, problems: list[str]) -> None:
+        self.path = str(path)
+        self.problems = problems
+        head = f"{path}: " + ("" if len(problems) == 1 else f"{len(problems)} problems\n  ")
+        super().__init__(head + "\n  ".join(problems))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load keeps the last of two equal keys silently; a second `target:` is always a mistake here."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {seen[key]}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a YAML profile; every problem raises ProfileError naming the file, field and fix."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        shipped = ", ".join(sorted(f.name for f in PROFILES_DIR.glob("*.yaml"))) or "none found"
+        what = "is a folder, not a YAML file" if p.is_dir() else "no such file"
+        raise ProfileError(p, [f"{what}; pass a profile YAML file (shipped in {PROFILES_DIR}: {shipped})"])
+    data, root = _read_yaml(p)
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as err:
+        raise ProfileError(p, explain(err, root)) from None
+
+
+def _read_yaml(p: Path) -> tuple[Any, yaml.Node | None]:
+    """The parsed document and its node tree (the tree gives line numbers to validation errors)."""
+    loader = _UniqueKeyLoader(p.read_text(encoding="utf-8"))
+    try:
+        root = loader.get_single_node()
+        data = None if root is None else loader.construct_document(root)
+    except yaml.YAMLError as exc:
+        raise ProfileError(p, [_yaml_problem(exc)]) from None
+    finally:
+        loader.dispose()
+    if data is None:
+        raise ProfileError(p, ["the file is empty; a profile needs at least `models: {target: {model: NAME}}` "
+                               f"(start from {DEFAULT_PROFILE})"])
+    if not isinstance(data, dict):
+        raise ProfileError(p, [f"the top level is a {type(data).__name__}, expected a mapping of sections "
+                               f"({', '.join(Profile.model_fields)}); see {DEFAULT_PROFILE}"])
+    return data, root
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    return (f"{where}invalid YAML: {problem}" + (f" ({context})" if context else "")
+            + "; check indentation (spaces, not tabs), colons after keys and quotes around values with ':' or '#'")
+
+
+def explain(err: ValidationError, root: yaml.Node | None = None) -> list[str]:
+    """One line per error: `[line N: ]dotted.path: problem; fix`. `root` (the YAML node tree) adds line numbers."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        text = _problem(e, loc)
+        if loc:
+            text = f"{dotted(loc)}: {text}"
+        line = _line_of(root, loc) if root is not None else None
+        lines.append(f"line {line}: {text}" if line else text)
+    return lines
+
+
+def dotted(loc: tuple) -> str:
+    """('placement', 'target', 0, 'device') -> 'placement.target[0].device'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+_BOUNDS = {"greater_than_equal": ("ge", ">=", "or more"), "greater_than": ("gt", ">", "above that"),
+           "less_than_equal": ("le", "<=", "or less"), "less_than": ("lt", "<", "below that")}
+
+
+def _problem(e: dict, loc: tuple) -> str:
+    kind, got, ctx = e["type"], e.get("input"), e.get("ctx") or {}
+    name = loc[-1] if loc else "profile"
+    if kind == "extra_forbidden":
+        allowed = list(_fields_at(loc[:-1]))
+        close = difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.6)
+        fix = f"did you mean {close[0]!r}?" if close else f"allowed here: {', '.join(allowed) or 'nothing'}"
+        return f"unknown field {name!r}; {fix}"
+    if kind == "missing":
+        field = _fields_at(loc[:-1]).get(str(name))
+        desc = f" ({field.description})" if field is not None and field.description else ""
+        return f"required field {name!r} is missing; add it{desc}"
+    if kind in _BOUNDS:
+        key, op, more = _BOUNDS[kind]
+        return f"must be {op} {ctx[key]}, got {got!r}; set it to {ctx[key]} {more}"
+    if kind == "literal_error":
+        return f"{got!r} is not allowed; use one of {ctx['expected']}"
+    if kind in ("model_type", "dict_type"):
+        if got is None:
+            return "the section is empty; give its fields indented below it, or delete the line for the defaults"
+        return f"expected a mapping of fields (`key: value` lines), got {type(got).__name__} {got!r}"
+    if kind == "value_error":
+        return e["msg"].removeprefix("Value error, ")
+    return f"{e['msg'][0].lower()}{e['msg'][1:]}, got {got!r}"
+
+
+def _fields_at(loc: tuple) -> dict[str, Any]:
+    """The pydantic fields of the model found at `loc` in the Profile schema ({} if it is not a model)."""
+    model: type[BaseModel] | None = Profile
+    for part in loc:
+        if isinstance(part, int):  # a list index: the element model was taken with the list's field
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        model = _model_in(field.annotation) if field is not None else None
+    return dict(model.model_fields) if model is not None else {}
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside an annotation such as `ModelSpec | None` or `list[Stage]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in get_args(annotation) if (m := _model_in(a)) is not None), None)
+
+
+def _line_of(node: yaml.Node, loc: tuple) -> int | None:
+    """1-based line of the deepest YAML node on `loc` (for a missing field: the section that lacks it)."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def resolve_device(stage_device: str) -> str:
+    """`auto` -> cuda:0 when torch sees a GPU, else cpu; explicit devices are returned unchanged."""
+    if stage_device != "auto":
+        return stage_device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,157 @@
+"""A profile made runnable: tokenizer, models (in this process or in placed Ray actors), the engine and the async
+scheduler. The HTTP server, `outrider batch` and the serving benchmark all start one of these."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from outrider.profile import Profile
+from outrider.runtime.tokenizer import Tokenizer
+from outrider.scheduler.engine import Engine, Request, SpecStats
+from outrider.scheduler.sampling import SamplingParams
+from outrider.scheduler.serving import AsyncScheduler, RequestHandle, SpeculationGate
+from outrider.scheduler.strategies import StrategyContext, get_strategy
+from outrider.scheduler.target import LocalTarget
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: SpecStats
+    ttft_s: float | None
+    seconds: float
+
+
+@dataclass
+class Service:
+    profile: Profile
+    tokenizer: Tokenizer
+    engine: Engine
+    scheduler: AsyncScheduler
+    model_name: str
+    load_seconds: float
+    placed: object | None = None  # outrider.actors.placement.Placed in ray mode
+    _started: bool = field(default=False, repr=False)
+
+    @classmethod
+    def start(cls, profile: Profile) -> "Service":
+        """Load the models where the profile places them (blocking) and build the engine and scheduler."""
+        t0 = time.perf_counter()
+        strategy = get_strategy(profile.strategy.name)
+        limits = profile.scheduler
+        placed = None
+        if profile.placement.mode == "local":
+            target, drafter = _local_models(profile, strategy.needs_draft_model)
+        else:
+            from outrider.actors.placement import place
+
+            placed = place(profile, limits.max_running, limits.max_seq_len, strategy.needs_draft_model)
+            target, drafter = placed.target, placed.drafter
+        ctx = StrategyContext(None, profile.strategy.k, profile.strategy.policy == "adaptive", limits.max_running,
+                              limits.max_seq_len, hosted_drafter=drafter)
+        engine = Engine(target, *strategy.build(ctx))
+        scheduler = AsyncScheduler(engine, limits.max_running, limits.max_queued,
+                                   SpeculationGate() if limits.speculation_gate else None)
+        name = profile.server.served_model_name or _display_name(profile.models.target.model)
+        return cls(profile, _tokenizer(profile), engine, scheduler, name, time.perf_counter() - t0, placed)
+
+    async def __aenter__(self) -> "Service":
+        await self.scheduler.start()
+        self._started = True
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.scheduler.stop()
+        self._started = False
+
+    def request(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams = SamplingParams(),
+                stop_ids: frozenset[int] | None = None) -> Request:
+        if max_tokens > self.profile.scheduler.max_tokens:
+            raise ValueError(f"max_tokens {max_tokens} exceeds this server's limit of "
+                             f"{self.profile.scheduler.max_tokens} (profile scheduler.max_tokens)")
+        stop = frozenset(self.tokenizer.eos_token_ids) if stop_ids is None else stop_ids
+        return Request(list(prompt_ids), max_tokens, params, stop)
+
+    def submit(self, request: Request, request_id: str | None = None) -> RequestHandle:
+        return self.scheduler.submit(request, request_id)
+
+    async def complete(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams = SamplingParams(),
+                       stop_ids: frozenset[int] | None = None) -> Completion:
+        """Generate to the end; many of these awaited together are batched into the same rounds."""
+        handle = self.submit(self.request(prompt_ids, max_tokens, params, stop_ids))
+        try:
+            async for _ in handle:
+                pass
+        finally:
+            handle.cancel()  # no-op when finished; frees KV if this coroutine was cancelled
+        return Completion(self.tokenizer.decode(handle.token_ids), handle.token_ids, handle.finish_reason or "length",
+                          handle.stats, handle.ttft, (handle.finished_at or time.perf_counter()) - handle.created)
+
+    def kv_slots_in_use(self) -> dict[str, object]:
+        """Slots held in each model's cache (a finished or aborted request must bring these back to baseline)."""
+        target, drafter = self.engine.target, self.engine.drafter
+        out: dict[str, object] = {"target": target.slots_in_use() if hasattr(target, "slots_in_use")
+                                  else target.cache.slots_in_use}
+        if drafter is not None and hasattr(drafter, "slots_in_use"):
+            out["draft"] = drafter.slots_in_use()
+        elif drafter is not None and hasattr(drafter, "cache"):
+            out["draft"] = drafter.cache.slots_in_use
+        return out
+
+    def shutdown(self) -> None:
+        if self.placed is not None:
+            self.placed.shutdown()
+            self.placed = None
+
+
+def run_sync(coro):
+    """Run a coroutine from synchronous code (CLI commands)."""
+    return asyncio.run(coro)
+
+
+def _local_models(profile: Profile, needs_draft: bool):
+    from outrider.runtime.loading import load_model
+    from outrider.scheduler.drafters import ModelDrafter
+
+    torch.set_num_threads(profile.placement.target[0].threads or 2)
+    limits, t = profile.scheduler, profile.models.target
+    device = _local_device(profile.placement.target[0].device)
+    target_model, _ = load_model(t.model, t.dtype, t.weights, device, limits.max_seq_len)
+    target = LocalTarget(target_model, limits.max_running, limits.max_seq_len)
+    drafter = None
+    if needs_draft:
+        d = profile.models.draft
+        draft_model, _ = load_model(d.model, d.dtype, d.weights, _local_device(profile.placement.draft[0].device),
+                                    limits.max_seq_len, batch_invariant=False)
+        if draft_model.config.vocab_size != target_model.config.vocab_size:
+            raise ValueError(f"draft {d.model} has {draft_model.config.vocab_size} tokens but the target {t.model} "
+                             f"has {target_model.config.vocab_size}; a draft must share the target's tokenizer")
+        drafter = ModelDrafter(draft_model, limits.max_running, limits.max_seq_len)
+    return target, drafter
+
+
+def _local_device(device: str) -> str:
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _tokenizer(profile: Profile) -> Tokenizer:
+    from outrider.hub import resolve
+    from outrider.runtime.checkpoint import load_checkpoint
+
+    return Tokenizer.load(load_checkpoint(resolve(profile.models.target.model)).tokenizer_source)
+
+
+def _display_name(model: str) -> str:
+    from pathlib import Path
+
+    return Path(model).name.removesuffix(".gguf") if ("/" in model or model.endswith(".gguf")) else model
