@@ -57,6 +57,7 @@ def place(profile: Profile, num_slots: int, capacity: int, draft_model: bool) ->
     stages = [("target", _resolve(s)) for s in profile.placement.target]
     if draft_model:
         stages.append(("draft", _resolve(profile.placement.draft[0])))
+    _check_feasible(profile, [_bundle(s) for _, s in stages])
     group = placement_group([_bundle(s) for _, s in stages], strategy="PACK",
                             bundle_label_selector=[dict(s.node_labels) for _, s in stages])
     if not group.wait(timeout_seconds=START_TIMEOUT_S):
@@ -74,6 +75,20 @@ def place(profile: Profile, num_slots: int, capacity: int, draft_model: bool) ->
         Placed(None, None, group, actors).shutdown()  # type: ignore[arg-type]
         raise
     return Placed(target, drafter, group, actors)
+
+
+def _check_feasible(profile: Profile, bundles: list[dict[str, float]]) -> None:
+    """Fail at once, naming the resource, when the whole cluster has less than the profile asks for (Ray would
+    otherwise leave the placement group pending until the timeout)."""
+    have = ray.cluster_resources()
+    for resource in {r for b in bundles for r in b}:
+        need = sum(b.get(resource, 0) for b in bundles)
+        if need > have.get(resource, 0):
+            fix = ("place the stages on cpu, or run on a cluster with GPUs" if resource == "GPU"
+                   else "lower num_cpus in the profile's stages" if resource == "CPU"
+                   else f"start a node with `ray start --resources '{{\"{resource}\": {need:g}}}'`")
+            raise RuntimeError(f"profile {profile.name!r} needs {need:g} {resource} but the Ray cluster has "
+                               f"{have.get(resource, 0):g}; {fix}")
 
 
 def _bundle(stage: Stage) -> dict[str, float]:

@@ -1,0 +1,155 @@
+"""Models in Ray actors: the same engine over actors gives token-identical output to the in-process engine, for
+whole models and for layer-split stages, greedy and seeded sampling; cancelling frees the actors' KV; a profile
+the cluster cannot hold fails at once, naming the resource."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from outrider.actors.worker import DraftWorker, ModelSource, ModelWorker, from_wire
+from outrider.profile import Profile
+from outrider.runtime.loading import load_model
+from outrider.scheduler.engine import Engine, Request
+from outrider.scheduler.sampling import SamplingParams
+from outrider.scheduler.target import LocalTarget
+from outrider.service import Service
+from tiny_folders import write_tiny_pair
+
+PROMPTS = [[70 + i, 71, 72, 267, 276, 10 + i][: 2 + i % 5] for i in range(16)]
+MAX_TOKENS = [10 + 2 * (i % 5) for i in range(16)]
+SPLIT = [{"device": "cpu", "layers": [0, 1]}, {"device": "cpu", "layers": [1, 4]}]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return write_tiny_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def profile(pair, mode: str, target_stages=None, **scheduler) -> Profile:
+    target, draft = pair
+    spec = {"weights": "dense", "dtype": "float32"}
+    return Profile.model_validate({
+        "name": f"test-{mode}", "models": {"target": {"model": str(target), **spec}, "draft": {"model": str(draft), **spec}},
+        "placement": {"mode": mode, "target": target_stages or [{"device": "cpu"}]},
+        "scheduler": {"max_running": 16, "max_seq_len": 256, "max_tokens": 64} | scheduler})
+
+
+def generate_all(service: Service, params: list[SamplingParams]) -> list[list[int]]:
+    async def go():
+        async with service:
+            done = await asyncio.gather(*[service.complete(p, n, q, stop_ids=frozenset())
+                                          for p, n, q in zip(PROMPTS, MAX_TOKENS, params)])
+        return [c.token_ids for c in done]
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def in_process(pair):
+    model, _ = load_model(str(pair[0]), "float32", "dense")
+    return [Engine(LocalTarget(model, 1, 256)).generate(Request(p, n)).generated
+            for p, n in zip(PROMPTS, MAX_TOKENS)]
+
+
+@pytest.mark.parametrize("stages", [None, SPLIT], ids=["whole-model", "two-layer-stages"])
+def test_16_concurrent_requests_through_actors_equal_the_in_process_engine(pair, cluster, in_process, stages):
+    service = Service.start(profile(pair, "ray", stages))
+    try:
+        assert generate_all(service, [SamplingParams()] * 16) == in_process
+        assert service.kv_slots_in_use() == {"target": [0] * len(stages or [1]), "draft": 0}
+    finally:
+        service.shutdown()
+
+
+def test_seeded_sampling_through_actors_equals_in_process(pair, cluster):
+    params = [SamplingParams(temperature=0.8, top_k=40, seed=7 + i) for i in range(16)]
+    local = Service.start(profile(pair, "local"))
+    remote = Service.start(profile(pair, "ray"))
+    try:
+        assert generate_all(remote, params) == generate_all(local, params)
+    finally:
+        remote.shutdown()
+
+
+def test_cancel_frees_the_actors_kv(pair, cluster):
+    service = Service.start(profile(pair, "ray", max_running=2))
+
+    async def go():
+        async with service:
+            handle = service.submit(service.request(PROMPTS[3], 60, stop_ids=frozenset()))
+            await handle.__aiter__().__anext__()
+            assert service.kv_slots_in_use() == {"target": [1], "draft": 1}
+            handle.cancel()
+            deadline = time.monotonic() + 10
+            while service.kv_slots_in_use() != {"target": [0], "draft": 0}:
+                assert time.monotonic() < deadline, service.kv_slots_in_use()
+                await asyncio.sleep(0.01)
+            return handle
+
+    try:
+        handle = asyncio.run(go())
+        assert handle.finish_reason == "abort" and len(handle.token_ids) < 60
+    finally:
+        service.shutdown()
+
+
+def test_a_profile_the_cluster_cannot_hold_fails_naming_the_resource(pair, cluster):
+    with pytest.raises(RuntimeError, match="needs 1 GPU but the Ray cluster has 0; place the stages on cpu"):
+        Service.start(profile(pair, "ray", [{"device": "cuda:0"}]))
+    with pytest.raises(RuntimeError, match="needs 9 CPU but the Ray cluster has 8; lower num_cpus"):
+        Service.start(profile(pair, "ray", [{"device": "cpu", "num_cpus": 8}]))  # + 1 for the draft
+
+
+# -- the workers themselves, in-process (no Ray) -------------------------------------------------------------
+
+def source(pair) -> ModelSource:
+    return ModelSource(str(pair[0]), "float32", "dense", "cpu")
+
+
+def test_layer_stages_chained_give_the_whole_model_logits_bitwise(pair):
+    whole = ModelWorker(source(pair), 2, 64)
+    first, second = ModelWorker(source(pair), 2, 64, (0, 1)), ModelWorker(source(pair), 2, 64, (1, 4))
+    for w in (whole, first, second):
+        w.acquire()
+        w.prefill(0, [70, 71, 72]) if w is whole else None
+    second.prefill(0, [70, 71, 72], first.prefill(0, [70, 71, 72]))
+    rows = [[267, 276, 10, 11]]
+    expected = whole.score([0], rows)
+    assert np.array_equal(second.score([0], rows, first.score([0], rows)), expected)
+    assert first.length(0) == second.length(0) == whole.length(0) == 7
+
+
+def test_calibrate_equals_a_fresh_prefill(pair):
+    worker, fresh = ModelWorker(source(pair), 1, 64), ModelWorker(source(pair), 1, 64)
+    worker.acquire(), fresh.acquire()
+    worker.prefill(0, [70, 71, 72, 5, 6, 7])  # 5, 6, 7 were drafts the target rejected
+    worker.calibrate(0, 3, [267, 276])
+    fresh.prefill(0, [70, 71, 72, 267, 276])
+    assert np.array_equal(worker.score([0], [[10]]), fresh.score([0], [[10]]))
+
+
+def test_logits_travel_as_exact_bits():
+    x = torch.randn(3, 7).bfloat16().float()
+    wire = x.bfloat16().view(torch.int16).numpy()
+    assert torch.equal(from_wire(wire, torch.bfloat16).float(), x)
+
+
+def test_draft_worker_returns_the_advanced_random_stream(pair):
+    worker = DraftWorker(ModelSource(str(pair[1]), "float32", "dense", "cpu", batch_invariant=False), 1, 64)
+    g = torch.Generator().manual_seed(3)
+    reply = worker.propose([{"seq_id": 0, "tokens": [70, 71, 72], "k": 3,
+                             "params": SamplingParams(temperature=1.0), "rng": g.get_state().numpy()}])[0]
+    assert len(reply["tokens"]) == 3 and reply["probs"].shape == (3, 300)
+    assert not np.array_equal(reply["rng"], g.get_state().numpy())  # three draws were taken from it

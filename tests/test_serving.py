@@ -1,0 +1,199 @@
+"""The async scheduler: concurrent requests batched into shared rounds give each request exactly what it gets
+alone; cancelling frees KV; a full queue sheds load; an engine failure ends streams with an error and the loop
+keeps serving; the speculation gate picks the faster mode."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import tiny_model
+from outrider.scheduler.drafters import ModelDrafter
+from outrider.scheduler.engine import Engine, Request
+from outrider.scheduler.policy import AdaptiveK, FixedK
+from outrider.scheduler.sampling import SamplingParams
+from outrider.scheduler.serving import AsyncScheduler, QueueFull, RequestFailed, SpeculationGate
+from outrider.scheduler.target import LocalTarget
+
+PROMPTS = [[5 + i, 9, 17, 5, 9, 33 + 2 * i, 80][: 3 + i % 5] for i in range(16)]
+CAPACITY = 128
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def draft():
+    return tiny_model("llama", seed=3, batch_invariant=False)
+
+
+def alone(target, prompt, max_tokens, params=SamplingParams()) -> list[int]:
+    return Engine(LocalTarget(target, 1, CAPACITY)).generate(Request(prompt, max_tokens, params)).generated
+
+
+def serving_engine(target, draft, slots=16, policy=lambda: FixedK(3)) -> Engine:
+    return Engine(LocalTarget(target, slots, CAPACITY), ModelDrafter(draft, slots, CAPACITY), policy)
+
+
+async def run_all(scheduler: AsyncScheduler, requests: list[Request]) -> list[list[int]]:
+    await scheduler.start()
+    try:
+        handles = [scheduler.submit(r) for r in requests]
+        streams = [[t async for chunk in h for t in chunk] for h in handles]  # consumed one after another
+        assert all(h.finish_reason == "length" for h in handles)
+        assert streams == [h.token_ids for h in handles]  # the stream carries every token once, in order
+        return streams
+    finally:
+        await scheduler.stop()
+
+
+@pytest.mark.parametrize("policy", [lambda: FixedK(3), lambda: AdaptiveK(k_max=6)], ids=["fixed", "adaptive"])
+def test_16_concurrent_requests_equal_each_alone(target, draft, policy):
+    max_tokens = [12 + 3 * (i % 4) for i in range(16)]  # they finish in different rounds
+    engine = serving_engine(target, draft, policy=policy)
+    got = asyncio.run(run_all(AsyncScheduler(engine, max_running=16, gate=SpeculationGate()),
+                              [Request(p, n) for p, n in zip(PROMPTS, max_tokens)]))
+    assert got == [alone(target, p, n) for p, n in zip(PROMPTS, max_tokens)]
+    assert engine.target.cache.slots_in_use == 0 and engine.drafter.cache.slots_in_use == 0
+
+
+def test_more_requests_than_slots_wait_their_turn(target, draft):
+    engine = serving_engine(target, draft, slots=3)
+    got = asyncio.run(run_all(AsyncScheduler(engine, max_running=3, max_queued=16),
+                              [Request(p, 10) for p in PROMPTS[:8]]))
+    assert got == [alone(target, p, 10) for p in PROMPTS[:8]]
+
+
+def test_seeded_sampling_is_the_same_batched_or_alone(target, draft):
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i) for i in range(6)]
+    engine = serving_engine(target, draft)
+    got = asyncio.run(run_all(AsyncScheduler(engine), [Request(p, 15, q) for p, q in zip(PROMPTS, params)]))
+    spec_alone = [serving_engine(target, draft, slots=1).generate(Request(p, 15, q)).generated
+                  for p, q in zip(PROMPTS, params)]
+    assert got == spec_alone
+
+
+def test_cancel_mid_stream_frees_kv_in_both_models(target, draft):
+    engine = serving_engine(target, draft, slots=2)
+
+    async def scenario():
+        scheduler = AsyncScheduler(engine, max_running=2)
+        await scheduler.start()
+        try:
+            keep = scheduler.submit(Request(PROMPTS[0], 20))
+            drop = scheduler.submit(Request(PROMPTS[1], 100))
+            stream = drop.__aiter__()
+            await stream.__anext__()
+            assert engine.target.cache.slots_in_use == 2
+            drop.cancel()  # what a client disconnect does
+            async for _ in stream:  # the stream ends
+                pass
+            kept = [t async for chunk in keep for t in chunk]
+            return drop, kept
+        finally:
+            await scheduler.stop()
+
+    drop, kept = asyncio.run(scenario())
+    assert drop.finish_reason == "abort" and len(drop.token_ids) < 100
+    assert kept == alone(target, PROMPTS[0], 20)
+    assert engine.target.cache.slots_in_use == 0 and engine.drafter.cache.slots_in_use == 0
+    assert engine.drafter.seqs == {}
+
+
+def test_full_queue_raises_queue_full_and_bad_requests_fail_at_submit(target):
+    async def scenario():
+        scheduler = AsyncScheduler(Engine(LocalTarget(target, 1, CAPACITY)), max_running=1, max_queued=1)
+        await scheduler.start()
+        try:
+            first = scheduler.submit(Request(PROMPTS[0], 50))
+            await first.__aiter__().__anext__()  # running now
+            scheduler.submit(Request(PROMPTS[1], 5))  # takes the one queue place
+            with pytest.raises(QueueFull, match="retry later"):
+                scheduler.submit(Request(PROMPTS[2], 5))
+            with pytest.raises(ValueError, match="context limit of 128"):
+                scheduler.submit(Request(PROMPTS[2], 500))
+            with pytest.raises(ValueError, match="outside the vocabulary"):
+                scheduler.submit(Request([10_000], 5))
+        finally:
+            await scheduler.stop()
+
+    asyncio.run(scenario())
+
+
+class FailingOnce(LocalTarget):
+    """A target whose next score raises, as a crashed model process would."""
+
+    fail_next = False
+
+    def score(self, slots, token_lists):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("model process died")
+        return super().score(slots, token_lists)
+
+
+def test_engine_failure_ends_the_streams_with_an_error_and_serving_goes_on(target):
+    failing = FailingOnce(target, 2, CAPACITY)
+    engine = Engine(failing)
+
+    async def scenario():
+        scheduler = AsyncScheduler(engine, max_running=2)
+        await scheduler.start()
+        try:
+            doomed = scheduler.submit(Request(PROMPTS[0], 50))
+            await doomed.__aiter__().__anext__()
+            failing.fail_next = True
+            with pytest.raises(RequestFailed, match="model process died"):
+                async for _ in doomed:
+                    pass
+            after = scheduler.submit(Request(PROMPTS[1], 10))
+            return [t async for chunk in after for t in chunk]
+        finally:
+            await scheduler.stop()
+
+    assert asyncio.run(scenario()) == alone(target, PROMPTS[1], 10)
+    assert failing.cache.slots_in_use == 0
+
+
+def test_round_reports_add_up_to_the_request_stats(target, draft):
+    engine = serving_engine(target, draft)
+    reports = []
+
+    async def scenario():
+        scheduler = AsyncScheduler(engine)
+        scheduler.after_round.append(reports.append)
+        await scheduler.start()
+        try:
+            handles = [scheduler.submit(Request(p, 12)) for p in PROMPTS[:4]]
+            for h in handles:
+                async for _ in h:
+                    pass
+            return handles
+        finally:
+            await scheduler.stop()
+
+    handles = asyncio.run(scenario())
+    for h in handles:
+        rows = [(r.proposed[i], r.accepted[i], r.new_tokens[i]) for r in reports
+                for i, x in enumerate(r.handles) if x is h]
+        assert sum(p for p, _, _ in rows) == h.stats.draft_tokens
+        assert sum(a for _, a, _ in rows) == h.stats.accepted_tokens
+        assert sum(len(n) for _, _, n in rows) == 12
+
+
+def test_speculation_gate_follows_the_faster_mode_and_keeps_probing():
+    gate = SpeculationGate(probe_every=4, smoothing=1.0)
+    assert gate.speculate(3) is True  # unmeasured: try drafting first
+    gate.record(3, True, tokens=4, seconds=1.0)
+    assert gate.speculate(2) is False  # same bucket (2..3): now measure plain decoding
+    gate.record(2, False, tokens=2, seconds=0.5)  # 4 tok/s either way: drafting wins ties
+    gate.record(3, True, tokens=2, seconds=1.0)  # drafting slowed to 2 tok/s under this load
+    decisions = []
+    for _ in range(8):
+        on = gate.speculate(3)
+        decisions.append(on)
+        gate.record(3, on, tokens=2 if on else 4, seconds=1.0)
+    assert decisions.count(True) == 2  # plain decoding, but one probe of the slower mode every 4 rounds
+    assert gate.speculate(16) is True  # another bucket is measured on its own
