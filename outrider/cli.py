@@ -1,4 +1,4 @@
-"""`outrider` command line: generate, bench, models."""
+"""`outrider` command line: generate, bench, models, profile, devices, serve, batch, submit."""
 from __future__ import annotations
 
 import argparse
@@ -96,6 +96,10 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.mode == "serving":
+        from outrider.bench.serving import run_serving_bench
+
+        return run_serving_bench(a)
     from outrider.bench.run import run_bench
 
     return run_bench(a)
@@ -122,13 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="re-assemble and re-verify even if present")
     m.set_defaults(func=cmd_models)
 
-    b = sub.add_parser("bench", help="measure strategies and peers on prompt sets")
+    b = sub.add_parser("bench", help="measure strategies and peers on prompt sets, or serving under concurrency")
+    b.add_argument("mode", nargs="?", choices=["strategies", "serving"], default="strategies",
+                   help="strategies: decoding methods one request at a time (default); serving: a profile under "
+                        "concurrent load, actors against in-process")
     from outrider.bench.run import add_bench_args
+    from outrider.bench.serving import add_serving_args
 
     add_bench_args(b)
+    add_serving_args(b)
     add_model_args(b)
     add_sampling_args(b)
     b.set_defaults(func=cmd_bench, max_tokens=64)
+
+    from outrider.devices import register_cli as register_devices
+
+    register_devices(sub)
     return parser
 
 

@@ -210,7 +210,11 @@ def load_profile(path: str | Path) -> Profile:
 
 def _read_yaml(p: Path) -> tuple[Any, yaml.Node | None]:
     """The parsed document and its node tree (the tree gives line numbers to validation errors)."""
-    loader = _UniqueKeyLoader(p.read_text(encoding="utf-8"))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProfileError(p, [f"not UTF-8 text ({exc}); save the profile as UTF-8 YAML"]) from None
+    loader = _UniqueKeyLoader(text)
     try:
         root = loader.get_single_node()
         data = None if root is None else loader.construct_document(root)
@@ -232,21 +236,21 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     problem = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
-    return (f"{where}invalid YAML: {problem}" + (f" ({context})" if context else "")
-            + "; check indentation (spaces, not tabs), colons after keys and quotes around values with ':' or '#'")
+    text = f"{where}invalid YAML: {problem}" + (f" ({context})" if context else "")
+    if isinstance(exc, yaml.constructor.ConstructorError):  # our duplicate-key check: the message says the fix
+        return text
+    return text + "; check indentation (spaces, not tabs), colons after keys, quotes around values with ': ' or ' #'"
 
 
 def explain(err: ValidationError, root: yaml.Node | None = None) -> list[str]:
     """One line per error: `[line N: ]dotted.path: problem; fix`. `root` (the YAML node tree) adds line numbers."""
-    lines = []
+    found = []
     for e in err.errors():
         loc = tuple(e["loc"])
-        text = _problem(e, loc)
-        if loc:
-            text = f"{dotted(loc)}: {text}"
+        text = f"{dotted(loc)}: {_problem(e, loc)}" if loc else _problem(e, loc)
         line = _line_of(root, loc) if root is not None else None
-        lines.append(f"line {line}: {text}" if line else text)
-    return lines
+        found.append((line or 1 << 30, f"line {line}: {text}" if line else text))
+    return [text for _, text in sorted(found, key=lambda f: f[0])]  # in file order; stable for equal lines
 
 
 def dotted(loc: tuple) -> str:

@@ -12,6 +12,7 @@ so sending the bf16 bits is exact and halves the bytes: measured here 2.5 ms per
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +79,7 @@ class ModelWorker:
             raise ValueError(f"layers [{self.layers.start}, {self.layers.stop}) are outside the model's 0..{n}")
         self._drop_foreign_weights()
         self.cache = self.model.new_cache(num_slots, capacity, self.layers)
+        self.busy_seconds = 0.0  # time spent verifying (scoring with logits): a round's wait minus this is overhead
 
     # -- what the engine's TargetModel seam needs -----------------------------------------------------------
 
@@ -85,7 +87,8 @@ class ModelWorker:
         return {"vocab_size": self.model.config.vocab_size, "capacity": self.cache.capacity,
                 "dtype": str(self.model.dtype).removeprefix("torch."), "device": str(self.model.device),
                 "layers": [self.layers.start, self.layers.stop], "pid": os.getpid(),
-                "kv_bytes": self.cache.nbytes, "slots_in_use": self.cache.slots_in_use}
+                "kv_bytes": self.cache.nbytes, "slots_in_use": self.cache.slots_in_use,
+                "busy_seconds": self.busy_seconds}
 
     def acquire(self) -> int:
         return self.cache.acquire()
@@ -109,6 +112,15 @@ class ModelWorker:
     def score(self, slots: list[int], token_lists: list[list[int]], hidden: np.ndarray | None = None,
               logits: bool = True) -> np.ndarray | None:
         """Append each sequence's rows; return all rows' logits [N, vocab] (last stage) or hidden [N, hidden]."""
+        t0 = time.perf_counter()
+        try:
+            return self._score(slots, token_lists, hidden, logits)
+        finally:
+            if logits:  # prefill runs between rounds, not inside them
+                self.busy_seconds += time.perf_counter() - t0
+
+    def _score(self, slots: list[int], token_lists: list[list[int]], hidden: np.ndarray | None,
+               logits: bool) -> np.ndarray | None:
         starts = [self.cache.lengths[s] for s in slots]
         batch = ForwardBatch.chain(slots, token_lists, starts, self.model.device)
         h = self.model.embed(batch.token_ids) if self.is_first else from_wire(hidden, self.model.dtype)
@@ -149,18 +161,22 @@ class DraftWorker:
     def __init__(self, source: ModelSource, num_slots: int, capacity: int, threads: int | None = None):
         set_threads(threads)
         self.drafter = ModelDrafter(source.load(), num_slots, capacity)
+        self.busy_seconds = 0.0
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.drafter.model.device),
-                "slots_in_use": self.drafter.cache.slots_in_use, "kv_bytes": self.drafter.cache.nbytes}
+                "slots_in_use": self.drafter.cache.slots_in_use, "kv_bytes": self.drafter.cache.nbytes,
+                "busy_seconds": self.busy_seconds}
 
     def prefill(self, seq_id: int, tokens: list[int]) -> None:
         self.drafter.prefill(seq_id, tokens)
 
     def propose(self, requests: list[dict]) -> list[dict]:
         """requests: {seq_id, tokens, k, params (SamplingParams), rng (generator state bytes or None)}."""
+        t0 = time.perf_counter()
         reqs = [DraftRequest(r["seq_id"], r["tokens"], r["k"], r["params"], _generator(r["rng"])) for r in requests]
         drafts = self.drafter.propose(reqs)
+        self.busy_seconds += time.perf_counter() - t0
         return [{"tokens": d.tokens, "probs": None if d.probs is None else d.probs.numpy(),
                  "rng": None if r.generator is None else r.generator.get_state().numpy()}
                 for r, d in zip(reqs, drafts)]

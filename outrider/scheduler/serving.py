@@ -34,6 +34,10 @@ class RequestFailed(RuntimeError):
 
 
 _END = object()
+# Prompt tokens admitted (prefilled) between two rounds. Admitting a burst of 16 prompts at once would hold every
+# running stream still for all 16 prefills; a budget interleaves them with decoding rounds (at least one
+# request is admitted per round, whatever its length).
+PREFILL_BUDGET = 256
 
 
 @dataclass
@@ -139,9 +143,10 @@ def _bucket(n: int) -> int:
 
 class AsyncScheduler:
     def __init__(self, engine: Engine, max_running: int = 16, max_queued: int = 64,
-                 gate: SpeculationGate | None = None):
+                 gate: SpeculationGate | None = None, prefill_budget: int = PREFILL_BUDGET):
         self.engine = engine
         self.max_running, self.max_queued = max_running, max_queued
+        self.prefill_budget = prefill_budget
         self.gate = gate
         self.after_round: list[Callable[[RoundReport], None]] = []  # metrics, KV calibration
         self.waiting: deque[RequestHandle] = deque()
@@ -193,8 +198,10 @@ class AsyncScheduler:
                 await self._round()
 
     async def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_running:
+        budget = self.prefill_budget
+        while self.waiting and len(self.running) < self.max_running and budget > 0:
             h = self.waiting.popleft()
+            budget -= len(h.request.prompt_ids)
             try:
                 h.seq = await self._on_engine(self.engine.add, h.request)
             except Exception as e:  # noqa: BLE001 — a bad request ends its own stream, never the loop

@@ -1,0 +1,376 @@
+"""The OpenAI-compatible HTTP server over one `Service`: /v1/completions, /v1/chat/completions, /v1/models,
+/health and /metrics.
+
+A request's life: validate the body (closed pydantic models, 400 on any problem) → tokenize on the loop (small
+texts) → `service.submit` (400 on a limit, 429 when the queue is full) → iterate the handle's rounds, turning
+token ids into text with the tokenizer's stream decoder and cutting at stop strings. Streaming and non-streaming
+responses run the same `Generation`, so their texts are equal by construction. Whatever ends the consumer (done,
+stop string, client disconnect, cancellation) reaches `Generation.pieces`' `finally`, which cancels the handle:
+the scheduler then aborts the request and frees its KV in both models.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import time
+from contextlib import aclosing, asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from outrider.profile import dotted
+from outrider.runtime.tokenizer import Tokenizer
+from outrider.scheduler.policy import MAX_DRAFT
+from outrider.scheduler.serving import QueueFull, RequestFailed, RequestHandle
+from outrider.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from outrider.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, Envelope, Outcome,
+                                      error_body)
+from outrider.service import Service
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/health", "/metrics"})  # everything else needs the API key when one is configured
+
+
+def create_app(service: Service) -> FastAPI:
+    """The app serving `service`; its lifespan runs the scheduler loop (`async with service`)."""
+    metrics = ServerMetrics(service.scheduler)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.scheduler.after_round.append(metrics.on_round)
+        try:
+            async with service:
+                yield
+        finally:
+            service.scheduler.after_round.remove(metrics.on_round)
+
+    app = FastAPI(title="Outrider", lifespan=lifespan)
+    app.state.service, app.state.metrics = service, metrics
+    _add_routes(app)
+    _add_error_handlers(app)
+    server = service.profile.server
+    # add_middleware wraps the app built so far: the last added runs first (CORS, then auth, then the body limit).
+    app.add_middleware(BodyLimit, max_bytes=server.max_body_bytes)
+    key = os.environ.get(server.api_key_env) if server.api_key_env else None
+    if key:
+        app.add_middleware(BearerAuth, key=key)
+    if server.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
+    return app
+
+
+# -- routes ------------------------------------------------------------------------------------------------
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        service = _served(request, body.model)
+        prompt_ids = list(body.prompt) if isinstance(body.prompt, list) else service.tokenizer.encode(body.prompt)
+        return await _respond(request, body, prompt_ids, body.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        service = _served(request, body.model)
+        tok = service.tokenizer
+        try:
+            text = tok.apply_chat_template([m.as_template_input() for m in body.messages])
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        prompt_ids = tok.encode(text)
+        max_tokens = body.requested_max_tokens() or _default_max_tokens(service, len(prompt_ids))
+        return await _respond(request, body, prompt_ids, max_tokens, chat=True)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        service: Service = request.app.state.service
+        card = {"id": service.model_name, "object": "model", "created": 0, "owned_by": "outrider",
+                "max_model_len": service.engine.target.capacity}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        task = getattr(request.app.state.service.scheduler, "_task", None)
+        if task is None or task.done():
+            return JSONResponse(error_body("the scheduler loop is not running", "server_error"), 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _served(request: Request, model: str | None) -> Service:
+    service: Service = request.app.state.service
+    if model is not None and model != service.model_name:
+        raise APIError(404, f"The model `{model}` does not exist; this server serves `{service.model_name}`",
+                       param="model", code="model_not_found")
+    return service
+
+
+def _default_max_tokens(service: Service, prompt_len: int) -> int:
+    """Chat without max_tokens: as much as the context allows, up to the profile's cap."""
+    room = service.engine.target.capacity - prompt_len - MAX_DRAFT - 1
+    return max(1, min(service.profile.scheduler.max_tokens, room))
+
+
+async def _respond(request: Request, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
+                   max_tokens: int, chat: bool) -> Response:
+    service: Service = request.app.state.service
+    env = Envelope.new(service.model_name, chat)
+    handle = _submit(service, body, prompt_ids, max_tokens, env.id)
+    gen = Generation(handle, len(prompt_ids), service.tokenizer, body.stop_strings(), request.app.state.metrics,
+                     request.is_disconnected)
+    if body.stream:
+        return _SSEResponse(_sse(env, gen, body.include_usage), media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        async with aclosing(gen.pieces()) as pieces:
+            text = "".join([p async for p in pieces])
+    except RequestFailed as e:
+        raise APIError(500, str(e), "server_error", code="engine_error") from None
+    return JSONResponse(env.response(gen.outcome(text)))
+
+
+def _submit(service: Service, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
+            max_tokens: int, request_id: str) -> RequestHandle:
+    stop_ids = None  # None: the tokenizer's EOS ids
+    if body.ignore_eos or body.stop_token_ids:
+        eos = () if body.ignore_eos else service.tokenizer.eos_token_ids
+        stop_ids = frozenset([*eos, *(body.stop_token_ids or [])])
+    try:
+        return service.submit(service.request(prompt_ids, max_tokens, body.sampling_params(), stop_ids), request_id)
+    except ValueError as e:  # a limit (context, max_tokens, vocabulary) or a bad sampling value
+        raise APIError(400, str(e)) from None
+    except QueueFull as e:
+        raise APIError(429, f"the server is at capacity: {e}", "rate_limit_error", code="queue_full",
+                       headers={"Retry-After": "1"}) from None
+
+
+# -- one request's generation ------------------------------------------------------------------------------
+
+
+class StopStrings:
+    """Cuts the text before the first stop string. Holds back the last (longest stop − 1) characters, which
+    could be the start of a stop string that the next tokens complete, so no stop text is ever emitted."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.hold = max(map(len, stops), default=1) - 1
+        self.pending = ""  # text not emitted yet: no stop string starts in what was emitted before it
+        self.hit = False
+
+    def push(self, piece: str) -> str:
+        if self.hit:
+            return ""
+        self.pending += piece
+        cut = min((i for s in self.stops if (i := self.pending.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            self.hit = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        split = len(self.pending) - min(self.hold, len(self.pending))
+        out, self.pending = self.pending[:split], self.pending[split:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Generation:
+    """One request from its handle to text deltas; records the request's metrics when it ends."""
+
+    def __init__(self, handle: RequestHandle, prompt_tokens: int, tokenizer: Tokenizer, stops: list[str],
+                 metrics: ServerMetrics, is_disconnected: Callable[[], Awaitable[bool]]) -> None:
+        self.handle, self.prompt_tokens, self.metrics = handle, prompt_tokens, metrics
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = StopStrings(stops)
+        self.is_disconnected = is_disconnected
+        self.completion_tokens = 0  # tokens received; with a stop string, up to the round that completed it
+        self.failed = False
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """Text deltas until the request ends. Raises RequestFailed when the engine fails. Always cancels the
+        handle on the way out (a no-op when it finished), so an abandoned request frees its KV."""
+        try:
+            async for ids in self.handle:
+                self.completion_tokens += len(ids)
+                if text := self.stops.push(self.decoder.push(ids)):
+                    yield text
+                if self.stops.hit or await self.is_disconnected():
+                    return
+            if tail := self.stops.push(self.decoder.flush()) + self.stops.flush():
+                yield tail
+        except RequestFailed:
+            self.failed = True
+            raise
+        finally:
+            self.handle.cancel()
+            self._record()
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.stops.hit else (self.handle.finish_reason or "abort")
+
+    def outcome(self, text: str = "") -> Outcome:
+        h = self.handle
+        return Outcome(text, self.finish_reason, self.prompt_tokens, self.completion_tokens, h.stats, h.ttft)
+
+    def _record(self) -> None:
+        if self.failed:
+            return
+        h = self.handle
+        self.metrics.on_request_end(self.finish_reason, self.prompt_tokens, self.completion_tokens, h.created,
+                                    h.first_token_at, h.finished_at or time.perf_counter())
+
+
+async def _sse(env: Envelope, gen: Generation, include_usage: bool) -> AsyncIterator[str]:
+    """The SSE body: (chat) a role chunk, text chunks, a finish chunk with the `outrider` stats, (include_usage)
+    a usage chunk, then `[DONE]`. A failure after the stream started becomes an error event before `[DONE]`."""
+    try:
+        if env.chat:
+            yield _event(env.chunk(None, role=True))
+        async with aclosing(gen.pieces()) as pieces:
+            async for piece in pieces:
+                yield _event(env.chunk(piece))
+        out = gen.outcome()
+        yield _event(env.final_chunk(out))
+        if include_usage:
+            yield _event(env.usage_chunk(out))
+    except RequestFailed as e:
+        yield _event(error_body(str(e), "server_error", code="engine_error"))
+    except Exception:  # noqa: BLE001 — a bug ends this stream with an error event, never the server
+        log.exception("stream %s failed", env.id)
+        yield _event(error_body("internal server error", "server_error", code="internal_error"))
+    yield "data: [DONE]\n\n"
+
+
+def _event(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _SSEResponse(StreamingResponse):
+    """Closes its body generator whatever ends the response (a disconnect cancels the send loop instead), so
+    `Generation.pieces`' finally, which cancels the handle, runs now rather than at garbage collection."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+# -- errors ------------------------------------------------------------------------------------------------
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
+        # 400 like vLLM and OpenAI, not FastAPI's 422; the message names the field.
+        message, param = _explain(e.errors())
+        return JSONResponse(error_body(message, "invalid_request_error", param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(e.detail), kind), e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)  # the traceback stays in the server log
+        return JSONResponse(error_body("internal server error", "server_error"), 500)
+
+
+def _explain(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """Pydantic errors → one message naming each field, and the first field as `param`."""
+    lines, params = [], []
+    for err in errors[:4]:
+        loc = tuple(err.get("loc", ()))[1:]  # drop "body"
+        if err.get("type") == "json_invalid":
+            return f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}", None
+        path = dotted(loc) if loc else None
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field; this server does not support it"
+        lines.append(f"{path}: {msg}" if path else msg)
+        params.append(path)
+    return "; ".join(lines) or "invalid request body", next((p for p in params if p), None)
+
+
+# -- middleware (plain ASGI, so streaming and disconnect detection pass through untouched) -------------------
+
+
+class BodyLimit:
+    """413 for a body over `max_bytes`: by its Content-Length before reading, else by counting what arrives."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await self._reject(scope, receive, send)
+        await self.app(scope, _replay(bytes(body), receive), send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"request body exceeds {self.max_bytes} bytes (profile server.max_body_bytes)"
+        response = JSONResponse(error_body(message, "invalid_request_error", code="request_too_large"), 413,
+                                headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the buffered body once, then the connection's own messages (disconnects)."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+class BearerAuth:
+    """401 unless `Authorization: Bearer <key>`; every path but PUBLIC_PATHS is guarded (fail closed)."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):
+            body = error_body("missing or wrong API key: send `Authorization: Bearer <key>`",
+                              "authentication_error", code="invalid_api_key")
+            response = JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
