@@ -190,7 +190,7 @@ def cmd_batch(a: argparse.Namespace) -> int:
 
     profile = load_profile(a.profile)
     items = read_items(a.input, profile.scheduler.max_tokens)
-    concurrency = a.concurrency or profile.scheduler.max_running
+    concurrency = profile.scheduler.max_running if a.concurrency is None else a.concurrency
     if concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {concurrency}")
     with open(a.output, "w", encoding="utf-8") as out:  # opened first: an unwritable path fails before loading

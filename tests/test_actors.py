@@ -37,12 +37,12 @@ def cluster():
     ray.shutdown()
 
 
-def profile(pair, mode: str, target_stages=None, **scheduler) -> Profile:
+def profile(pair, mode: str, target_stages=None, transport: str = "ray", **scheduler) -> Profile:
     target, draft = pair
     spec = {"weights": "dense", "dtype": "float32"}
     return Profile.model_validate({
         "name": f"test-{mode}", "models": {"target": {"model": str(target), **spec}, "draft": {"model": str(draft), **spec}},
-        "placement": {"mode": mode, "target": target_stages or [{"device": "cpu"}]},
+        "placement": {"mode": mode, "target": target_stages or [{"device": "cpu"}], "transport": transport},
         "scheduler": {"max_running": 16, "max_seq_len": 256, "max_tokens": 64} | scheduler})
 
 
@@ -63,9 +63,11 @@ def in_process(pair):
             for p, n in zip(PROMPTS, MAX_TOKENS)]
 
 
-@pytest.mark.parametrize("stages", [None, SPLIT], ids=["whole-model", "two-layer-stages"])
-def test_16_concurrent_requests_through_actors_equal_the_in_process_engine(pair, cluster, in_process, stages):
-    service = Service.start(profile(pair, "ray", stages))
+@pytest.mark.parametrize("stages,transport", [(None, "ray"), (SPLIT, "ray"), (SPLIT, "gloo")],
+                         ids=["whole-model", "two-layer-stages", "two-stages-logits-over-gloo"])
+def test_16_concurrent_requests_through_actors_equal_the_in_process_engine(pair, cluster, in_process, stages,
+                                                                            transport):
+    service = Service.start(profile(pair, "ray", stages, transport))
     try:
         assert generate_all(service, [SamplingParams()] * 16) == in_process
         assert service.kv_slots_in_use() == {"target": [0] * len(stages or [1]), "draft": 0}
@@ -153,3 +155,17 @@ def test_draft_worker_returns_the_advanced_random_stream(pair):
                              "params": SamplingParams(temperature=1.0), "rng": g.get_state().numpy()}])[0]
     assert len(reply["tokens"]) == 3 and reply["probs"].shape == (3, 300)
     assert not np.array_equal(reply["rng"], g.get_state().numpy())  # three draws were taken from it
+
+
+def test_a_failed_call_over_the_gloo_link_falls_back_to_ray(pair, cluster, in_process):
+    service = Service.start(profile(pair, "ray", transport="gloo"))
+    try:
+        target = service.engine.target
+        slot = target.acquire()
+        with pytest.raises(Exception, match="needs 300 KV positions but the cache holds 256"):
+            target.score([slot], [[70] * 300])  # fails in the actor before anything is sent
+        target.release(slot)
+        assert target.link is None  # a half-used link could pair a stale receive with the next send
+        assert generate_all(service, [SamplingParams()] * 16) == in_process
+    finally:
+        service.shutdown()

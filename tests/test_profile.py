@@ -69,7 +69,7 @@ def test_default_profile_is_the_cpu_pair():
 def test_gpu4_splits_the_target_by_layers():
     p = load_profile(PROFILES_DIR / "gpu4.yaml")
     assert [s.layers for s in p.placement.target] == [(0, 10), (10, 19), (19, 28)]
-    assert p.placement.draft[0].device == "cuda:3" and p.placement.transport == "nccl"
+    assert p.placement.draft[0].device == "cuda:3" and p.placement.transport == "gloo"
 
 
 # --- errors: field path, problem, fix -------------------------------------------------------------------------
@@ -130,10 +130,11 @@ def test_quantized_weights_on_gpu_are_rejected(tmp_path):
     assert "models.draft.weights: int4 runs on the CPU only" in msg and "set weights: dense" in msg
 
 
-def test_nccl_needs_every_stage_on_a_gpu(tmp_path):
+def test_nccl_is_refused_until_it_is_built(tmp_path):
     text = "models:\n  target: {model: x, weights: dense}\nstrategy: {name: autoregressive}\n" \
-           "placement:\n  transport: nccl\n  target: [{device: cpu}]\n"
-    assert "placement.transport: nccl" in problems(write(tmp_path, text))
+           "placement:\n  transport: nccl\n  target: [{device: 'cuda:0'}]\n"
+    assert "placement.transport: nccl is not available yet" in problems(write(tmp_path, text))
+    assert "use transport: gloo or ray" in problems(write(tmp_path, text))
 
 
 def test_bad_yaml_names_line_and_column(tmp_path):

@@ -16,6 +16,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from outrider.actors.remote import ActorDrafter, ActorTarget
+from outrider.actors.transport import GlooLink
 from outrider.actors.worker import DraftWorker, ModelSource, ModelWorker
 from outrider.profile import ModelSpec, Profile, Stage
 
@@ -33,6 +34,8 @@ class Placed:
     actors: list = field(default_factory=list)
 
     def shutdown(self) -> None:
+        if self.target is not None and self.target.link is not None:
+            self.target.link.close()
         for a in self.actors:
             ray.kill(a, no_restart=True)
         remove_placement_group(self.group)
@@ -69,6 +72,8 @@ def place(profile: Profile, num_slots: int, capacity: int, draft_model: bool) ->
     try:
         target = ActorTarget(actors[:len(profile.placement.target)])  # waits for the models to load
         drafter = ActorDrafter(actors[-1]) if draft_model else None
+        if profile.placement.transport == "gloo":
+            target.link = GlooLink(target.stages[-1], target.vocab_size, target.dtype)
         if drafter:
             drafter.slots_in_use()  # surfaces a draft load error now, not at the first round
     except BaseException:

@@ -27,6 +27,7 @@ class ActorTarget:
         self.capacity = min(i["capacity"] for i in infos)
         self.dtype = parse_dtype(infos[-1]["dtype"])
         self.lengths: dict[int, int] = {}  # slot -> positions held, mirrored from the calls we sent
+        self.link = None  # a GlooLink to the last stage when the profile's transport is gloo
 
     def acquire(self) -> int:
         slots = ray.get([s.acquire.remote() for s in self.stages])
@@ -45,10 +46,18 @@ class ActorTarget:
         self.lengths[slot] += len(tokens)
 
     def score(self, slots: list[int], token_lists: list[list[int]]) -> list[torch.Tensor]:
-        wire = ray.get(self._chain("score", slots, token_lists))
+        if self.link is not None:
+            try:
+                hidden = self._chain("score", slots, token_lists, stages=self.stages[:-1])
+                logits = self.link.score(slots, token_lists, hidden).view(self.dtype).float()
+            except BaseException:
+                self.link = None  # the link closed itself; later rounds go through Ray
+                raise
+        else:
+            logits = from_wire(ray.get(self._chain("score", slots, token_lists)), self.dtype).float()
+        # .float() is exact: the values were computed in self.dtype
         for slot, tokens in zip(slots, token_lists):
             self.lengths[slot] += len(tokens)
-        logits = from_wire(wire, self.dtype).float()  # exact: the values were computed in self.dtype
         return list(logits.split([len(t) for t in token_lists]))
 
     def truncate(self, slot: int, length: int) -> None:
@@ -65,9 +74,9 @@ class ActorTarget:
         """Per stage, as the actors count them (tests assert a released request returns to the baseline)."""
         return [i["slots_in_use"] for i in ray.get([s.info.remote() for s in self.stages])]
 
-    def _chain(self, method: str, *args) -> ray.ObjectRef:
+    def _chain(self, method: str, *args, stages: list | None = None) -> ray.ObjectRef | None:
         ref = None
-        for s in self.stages:
+        for s in self.stages if stages is None else stages:
             ref = getattr(s, method).remote(*args, ref)
         return ref
 

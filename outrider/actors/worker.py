@@ -133,6 +133,18 @@ class ModelWorker:
         # The head's output is in the model dtype; `Transformer.logits` upcasts, so casting back is exact.
         return to_wire(self.model.logits(h).to(self.model.dtype)) if logits else None
 
+    def join_link(self, url: str) -> None:
+        """Become rank 1 of a two-rank gloo group with the scheduler (see outrider.actors.transport)."""
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=url, rank=1, world_size=2)
+
+    def score_to_link(self, slots: list[int], token_lists: list[list[int]], hidden: np.ndarray | None = None) -> None:
+        """`score`, with the logits sent to the scheduler over the gloo link instead of returned through Ray."""
+        import torch.distributed as dist
+
+        dist.send(torch.from_numpy(self.score(slots, token_lists, hidden)), dst=0)
+
     def calibrate(self, slot: int, keep: int, tokens: list[int], hidden: np.ndarray | None = None):
         """Recompute K/V after position `keep` for `tokens` (roll back, then prefill them exactly)."""
         self.cache.truncate(slot, keep)

@@ -98,6 +98,7 @@ class Transformer:
     def run_layers(self, h: torch.Tensor, batch: ForwardBatch, cache: KVCache, starts: list[int],
                    start: int, end: int) -> torch.Tensor:
         """Layers start..end-1 over hidden states h [N, hidden]; writes their K/V at `starts` in the cache."""
+        self._check_positions(batch, cache, starts)
         ctx = self._context(batch, cache, starts)
         for index in range(start, end):
             h = self._layer(index, h, ctx)

@@ -97,7 +97,7 @@ class _Sampling(BaseModel):
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
         if v is not None and any(s == "" for s in ([v] if isinstance(v, str) else v)):
-            raise ValueError("stop strings must not be empty")
+            raise ValueError("must not contain an empty string")
         return v
 
     @model_validator(mode="after")
@@ -128,11 +128,20 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
     logprobs: int | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        # One clear message instead of one error per branch of the union.
+        is_ids = isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+        if not (isinstance(v, str) or is_ids):
+            raise ValueError("must be a string or a list of token ids (integers), one prompt per request")
+        return v
+
     @field_validator("logprobs")
     @classmethod
     def _logprobs(cls, v: int | None) -> int | None:
         if v is not None:
-            raise ValueError("logprobs are not supported by this server; omit logprobs")
+            raise ValueError("logprobs are not supported by this server; omit it")
         return v
 
 
@@ -168,7 +177,7 @@ class ChatCompletionRequest(_Sampling):
     @classmethod
     def _logprobs(cls, v: bool | None) -> bool | None:
         if v not in LOGPROBS_OFF:
-            raise ValueError("logprobs are not supported by this server; omit logprobs or set it to false")
+            raise ValueError("logprobs are not supported by this server; omit it or set it to false")
         return v
 
     def requested_max_tokens(self) -> int | None:
