@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     from outrider.devices import register_cli as register_devices
 
     register_devices(sub)
+    from outrider.server.cli import register_cli as register_serve
+
+    register_serve(sub)
     return parser
 
 

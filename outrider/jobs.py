@@ -7,10 +7,10 @@ submitter is the job's log. `batch --emit-results` therefore prints protocol lin
     outrider-progress done=3 total=10
     outrider-result {"index": 2, "id": ..., "text": ..., "token_ids": [...], "finish_reason": ..., "stats": {...}}
 
-Authentication (Ray >= 2.5x token mode): the job server's HTTP middleware wants `Authorization: Bearer <token>`.
-Ray's own client adds that header only when RAY_AUTH_MODE=token is set in the *client's* environment, so
-`submit` finds the token itself (--token, then where Ray looks: $RAY_AUTH_TOKEN, the file at $RAY_AUTH_TOKEN_PATH,
-~/.ray/auth_token) and always sends the header; a cluster without token auth ignores it.
+Authentication (Ray token mode, 2.52+; read from the installed 2.60): the job server wants the header
+`Authorization: Bearer <token>`. Ray's own client adds it only when RAY_AUTH_MODE=token is set in the *client's*
+environment, so `submit` finds the token itself (--token, then where Ray looks: $RAY_AUTH_TOKEN, the file at
+$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and always sends the header; a cluster without token auth ignores it.
 """
 from __future__ import annotations
 

@@ -172,6 +172,11 @@ class AsyncScheduler:
     def queue_depth(self) -> int:
         return len(self.waiting)
 
+    @property
+    def alive(self) -> bool:
+        """The loop is running (health checks)."""
+        return self._task is not None and not self._task.done()
+
     async def start(self) -> None:
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="outrider-scheduler")

@@ -76,7 +76,7 @@ def _add_routes(app: FastAPI) -> None:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         service = _served(request, body.model)
         prompt_ids = list(body.prompt) if isinstance(body.prompt, list) else service.tokenizer.encode(body.prompt)
-        return await _respond(request, body, prompt_ids, body.max_tokens, chat=False)
+        return await _respond(request, body, prompt_ids, body.requested_max_tokens(), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -99,8 +99,7 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/health")
     async def health(request: Request) -> Response:
-        task = getattr(request.app.state.service.scheduler, "_task", None)
-        if task is None or task.done():
+        if not request.app.state.service.scheduler.alive:
             return JSONResponse(error_body("the scheduler loop is not running", "server_error"), 503)
         return JSONResponse({"status": "ok"})
 

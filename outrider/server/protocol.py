@@ -49,8 +49,7 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM extension; accepted, usage comes once at the end
+    include_usage: bool = False  # usage comes once, in a last chunk with no choices
 
 
 class _Sampling(BaseModel):
@@ -62,7 +61,7 @@ class _Sampling(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # None: 1.0 as OpenAI (0 = greedy)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1)  # vLLM extension: -1 or 0 = off
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM extension
     ignore_eos: bool = False  # vLLM extension
@@ -122,11 +121,14 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int]  # text, or token ids
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: 16, OpenAI's default
     echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
     logprobs: int | None = None
+
+    def requested_max_tokens(self) -> int:
+        return 16 if self.max_tokens is None else self.max_tokens
 
     @field_validator("prompt", mode="before")
     @classmethod
