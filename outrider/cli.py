@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     from outrider.server.cli import register_cli as register_serve
 
     register_serve(sub)
+    from outrider.jobs import register_cli as register_jobs
+
+    register_jobs(sub)
     return parser
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import shlex
@@ -162,13 +161,7 @@ async def complete_one(svc, item: BatchItem) -> dict:
     except Exception as e:  # one bad request (prompt too long, template refused) must not sink the batch
         return {"id": item.id, "error": f"{type(e).__name__}: {e}"}
     return {"id": item.id, "text": c.text, "token_ids": list(c.token_ids), "finish_reason": c.finish_reason,
-            "stats": {**_stats_dict(c.stats), "ttft_s": c.ttft_s, "seconds": c.seconds}}
-
-
-def _stats_dict(stats) -> dict:
-    if hasattr(stats, "as_dict"):
-        return stats.as_dict()
-    return {**dataclasses.asdict(stats), "mean_acceptance_length": stats.mean_acceptance_length}
+            "stats": {**c.stats.as_dict(), "ttft_s": c.ttft_s, "seconds": c.seconds}}
 
 
 async def run_batch(svc, items: list[BatchItem], out: TextIO, concurrency: int, emit: bool = False) -> int:
@@ -422,24 +415,9 @@ def register_cli(subparsers) -> None:
                                    "~/.ray/auth_token); prefer those: a flag shows in `ps`")
     s.add_argument("--timeout", type=float, help="stop the job after this many seconds")
     s.add_argument("--remote-command", default="outrider",
-                   help="how the cluster runs outrider (e.g. `/opt/venv/bin/outrider`, `python -m outrider.jobs`)")
+                   help="how the cluster runs outrider (e.g. `/opt/venv/bin/outrider`, `python -m outrider.cli`)")
     s.add_argument("--ship-code", action="store_true",
                    help="upload this outrider package with the job (the cluster still needs its dependencies)")
     s.add_argument("--quiet", action="store_true", help="show only the progress bar, not the job's log")
     s.set_defaults(func=cmd_submit)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m outrider.jobs batch|submit ...`: the same commands without the rest of the CLI."""
-    parser = argparse.ArgumentParser(prog="outrider")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"outrider: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -48,8 +49,13 @@ class Service:
         strategy = get_strategy(profile.strategy.name)
         limits = profile.scheduler
         placed = None
+        # Every torch call of the engine, loading included, runs on this one thread. A second thread doing torch
+        # work gives the process a second OpenMP team; with more OpenMP threads than cores libgomp stops
+        # spin-waiting between parallel regions, and each of the thousands of regions per forward pays a
+        # wake-up: measured 30% slower rounds (verify 119 vs 96 ms, draft 111 vs 74 ms on the default pair).
+        engine_thread = ThreadPoolExecutor(1, thread_name_prefix="outrider-engine")
         if profile.placement.mode == "local":
-            target, drafter = _local_models(profile, strategy.needs_draft_model)
+            target, drafter = engine_thread.submit(_local_models, profile, strategy.needs_draft_model).result()
         else:
             from outrider.actors.placement import place
 
@@ -59,7 +65,8 @@ class Service:
                               limits.max_seq_len, hosted_drafter=drafter)
         engine = Engine(target, *strategy.build(ctx))
         scheduler = AsyncScheduler(engine, limits.max_running, limits.max_queued,
-                                   SpeculationGate() if limits.speculation_gate else None)
+                                   SpeculationGate() if limits.speculation_gate else None,
+                                   engine_thread=engine_thread)
         name = profile.server.served_model_name or _display_name(profile.models.target.model)
         return cls(profile, _tokenizer(profile), engine, scheduler, name, time.perf_counter() - t0, placed)
 
@@ -107,6 +114,7 @@ class Service:
         return out
 
     def shutdown(self) -> None:
+        self.scheduler.close()
         if self.placed is not None:
             self.placed.shutdown()
             self.placed = None

@@ -11,6 +11,7 @@ token. The drafter re-syncs itself from `tokens` at its next proposal.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ class SpecStats:
     @property
     def mean_acceptance_length(self) -> float:
         return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else 0.0
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "mean_acceptance_length": round(self.mean_acceptance_length, 4)}
 
     def record(self, proposed: int, accepted: int) -> None:
         self.rounds += 1

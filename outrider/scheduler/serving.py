@@ -143,7 +143,8 @@ def _bucket(n: int) -> int:
 
 class AsyncScheduler:
     def __init__(self, engine: Engine, max_running: int = 16, max_queued: int = 64,
-                 gate: SpeculationGate | None = None, prefill_budget: int = PREFILL_BUDGET):
+                 gate: SpeculationGate | None = None, prefill_budget: int = PREFILL_BUDGET,
+                 engine_thread: ThreadPoolExecutor | None = None):
         self.engine = engine
         self.max_running, self.max_queued = max_running, max_queued
         self.prefill_budget = prefill_budget
@@ -154,7 +155,7 @@ class AsyncScheduler:
         self._ids = itertools.count()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="outrider-engine")
+        self._executor = engine_thread or ThreadPoolExecutor(1, thread_name_prefix="outrider-engine")
 
     # -- the client side ------------------------------------------------------------------------------------
 
@@ -188,6 +189,9 @@ class AsyncScheduler:
         for h in list(self.waiting) + self.running:
             await self._finish(h, RequestFailed("the server is shutting down"))
         self.waiting.clear()
+
+    def close(self) -> None:
+        """Let the engine thread go (after `stop`); the scheduler cannot start again."""
         self._executor.shutdown(wait=True)
 
     # -- the loop -------------------------------------------------------------------------------------------
