@@ -11,9 +11,10 @@ import pytest
 import ray
 import torch
 
-from outrider.actors.worker import DraftWorker, ModelSource, ModelWorker, from_wire
+from outrider.actors.worker import DraftWorker, ModelSource, ModelWorker, TreeRows, from_wire
 from outrider.profile import Profile
 from outrider.runtime.loading import load_model
+from outrider.runtime.model import ForwardBatch
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.target import LocalTarget
@@ -167,5 +168,37 @@ def test_a_failed_call_over_the_gloo_link_falls_back_to_ray(pair, cluster, in_pr
         target.release(slot)
         assert target.link is None  # a half-used link could pair a stale receive with the next send
         assert generate_all(service, [SamplingParams()] * 16) == in_process
+    finally:
+        service.shutdown()
+
+
+TREE = TreeRows(depths=[0, 1, 2, 1, 2],  # the pending token, then nodes 50 → 60 and 70 → 80 under it
+                mask=np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 1, 1]],
+                              dtype=bool))
+TREE_ROWS = [72, 50, 60, 70, 80]
+
+
+def test_tree_verify_through_stage_actors_equals_the_in_process_model(pair, cluster):
+    """Verify a draft tree over two layer-stage actors, keep the path 72 → 70 → 80, and check every logit
+    bitwise against the model in this process (tree pass, then a chain after compaction)."""
+    model, _ = load_model(str(pair[0]), "float32", "dense")
+    cache = model.new_cache(1, 64)
+    model.prefill(cache, 0, [70, 71])
+    batch = ForwardBatch(torch.tensor(TREE_ROWS), torch.tensor([2 + d for d in TREE.depths]), [0], [5],
+                         [torch.from_numpy(TREE.mask)])
+    expected_tree = model.forward(batch, cache).logits
+    cache.compact(0, 2, [0, 3, 4])
+    expected_next = model.forward(ForwardBatch.chain([0], [[90]], [5]), cache).logits
+
+    service = Service.start(profile(pair, "ray", SPLIT))
+    try:
+        target = service.engine.target
+        slot = target.acquire()
+        target.prefill(slot, [70, 71])
+        assert torch.equal(target.score([slot], [TREE_ROWS], trees=[TREE])[0], expected_tree)
+        target.compact(slot, 2, [0, 3, 4])
+        assert target.length(slot) == 5
+        assert torch.equal(target.score([slot], [[90]])[0], expected_next)
+        target.release(slot)
     finally:
         service.shutdown()

@@ -181,7 +181,7 @@ def test_entrypoint_is_one_shell_line():
 
 
 def test_kuberay_manifests_parse_and_carry_valid_profiles():
-    for name, kind in (("rayjob.yaml", "RayJob"), ("rayservice.yaml", "RayCluster")):
+    for name, kind in (("rayjob.yaml", "RayJob"), ("raycluster-serve.yaml", "RayCluster")):
         docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "kuberay" / name).read_text()) if d]
         by_kind = {d["kind"]: d for d in docs}
         assert kind in by_kind and "ConfigMap" in by_kind, name

@@ -11,7 +11,7 @@ import numpy as np
 import ray
 import torch
 
-from outrider.actors.worker import from_wire
+from outrider.actors.worker import TreeRows, from_wire
 from outrider.runtime.loading import parse_dtype
 from outrider.scheduler.drafters import Draft, DraftRequest
 
@@ -45,16 +45,18 @@ class ActorTarget:
             ray.get(self._chain("prefill", slot, tokens))  # blocking: a too-long prompt must fail here
         self.lengths[slot] += len(tokens)
 
-    def score(self, slots: list[int], token_lists: list[list[int]]) -> list[torch.Tensor]:
+    def score(self, slots: list[int], token_lists: list[list[int]],
+              trees: list[TreeRows | None] | None = None) -> list[torch.Tensor]:
+        """Chains, or with `trees` each sequence's rows as a draft tree (see TreeRows)."""
         if self.link is not None:
             try:
-                hidden = self._chain("score", slots, token_lists, stages=self.stages[:-1])
-                logits = self.link.score(slots, token_lists, hidden).view(self.dtype).float()
+                hidden = self._chain("score", slots, token_lists, stages=self.stages[:-1], trees=trees)
+                logits = self.link.score(slots, token_lists, hidden, trees).view(self.dtype).float()
             except BaseException:
                 self.link = None  # the link closed itself; later rounds go through Ray
                 raise
         else:
-            logits = from_wire(ray.get(self._chain("score", slots, token_lists)), self.dtype).float()
+            logits = from_wire(ray.get(self._chain("score", slots, token_lists, trees=trees)), self.dtype).float()
         # .float() is exact: the values were computed in self.dtype
         for slot, tokens in zip(slots, token_lists):
             self.lengths[slot] += len(tokens)
@@ -67,6 +69,12 @@ class ActorTarget:
                 s.truncate.remote(slot, length)
             self.lengths[slot] = length
 
+    def compact(self, slot: int, start: int, keep: list[int]) -> None:
+        """Keep an accepted tree path (rows start+keep[i] → start+i) in every stage."""
+        for s in self.stages:
+            s.compact.remote(slot, start, keep)
+        self.lengths[slot] = start + len(keep)
+
     def length(self, slot: int) -> int:
         return self.lengths[slot]
 
@@ -74,10 +82,12 @@ class ActorTarget:
         """Per stage, as the actors count them (tests assert a released request returns to the baseline)."""
         return [i["slots_in_use"] for i in ray.get([s.info.remote() for s in self.stages])]
 
-    def _chain(self, method: str, *args, stages: list | None = None) -> ray.ObjectRef | None:
+    def _chain(self, method: str, *args, stages: list | None = None, **kwargs) -> ray.ObjectRef | None:
+        """Call `method` on each stage in order, handing each the previous stage's hidden states (a reference:
+        Ray moves them stage to stage without passing through here)."""
         ref = None
         for s in self.stages if stages is None else stages:
-            ref = getattr(s, method).remote(*args, ref)
+            ref = getattr(s, method).remote(*args, hidden=ref, **kwargs)
         return ref
 
 

@@ -41,12 +41,12 @@ class GlooLink:
         self.stage, self.vocab_size = stage, vocab_size
         self.wire_dtype = torch.int16 if dtype == torch.bfloat16 else dtype  # gloo moves the raw bits
 
-    def score(self, slots: list[int], token_lists: list[list[int]], hidden) -> torch.Tensor:
+    def score(self, slots: list[int], token_lists: list[list[int]], hidden, trees=None) -> torch.Tensor:
         """The last stage's logits for all rows, in the wire dtype."""
         buf = torch.empty(sum(map(len, token_lists)), self.vocab_size, dtype=self.wire_dtype)
         pending = dist.irecv(buf, src=PEER)
         try:
-            ray.get(self.stage.score_to_link.remote(slots, token_lists, hidden))
+            ray.get(self.stage.score_to_link.remote(slots, token_lists, hidden=hidden, trees=trees))
         except BaseException:
             self.close()
             raise

@@ -37,6 +37,15 @@ def from_wire(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class TreeRows:
+    """A sequence's new rows as a tree: row 0 is the pending token (depth 0), each draft node sits at its depth;
+    `mask[i, j]` says row i attends to row j (itself and its ancestors). Positions are cache length + depth."""
+
+    depths: list[int]  # [rows]
+    mask: np.ndarray  # [rows, rows] bool
+
+
+@dataclass(frozen=True)
 class ModelSource:
     """How a worker loads its model: the same arguments as `load_model`, picklable."""
 
@@ -110,19 +119,35 @@ class ModelWorker:
         return None if self.is_last else np.concatenate(out) if out else None
 
     def score(self, slots: list[int], token_lists: list[list[int]], hidden: np.ndarray | None = None,
-              logits: bool = True) -> np.ndarray | None:
-        """Append each sequence's rows; return all rows' logits [N, vocab] (last stage) or hidden [N, hidden]."""
+              logits: bool = True, trees: list[TreeRows | None] | None = None) -> np.ndarray | None:
+        """Append each sequence's rows; return all rows' logits [N, vocab] (last stage) or hidden [N, hidden].
+
+        trees: per sequence None (a chain) or its tree rows (depths and mask among the new rows)."""
         t0 = time.perf_counter()
         try:
-            return self._score(slots, token_lists, hidden, logits)
+            return self._score(self._batch(slots, token_lists, trees), hidden, logits)
         finally:
             if logits:  # prefill runs between rounds, not inside them
                 self.busy_seconds += time.perf_counter() - t0
 
-    def _score(self, slots: list[int], token_lists: list[list[int]], hidden: np.ndarray | None,
-               logits: bool) -> np.ndarray | None:
+    def compact(self, slot: int, start: int, keep: list[int]) -> None:
+        """Keep the accepted tree path: rows start+keep[i] move to start+i (see KVCache.compact)."""
+        self.cache.compact(slot, start, keep)
+
+    def _batch(self, slots: list[int], token_lists: list[list[int]],
+               trees: list[TreeRows | None] | None) -> ForwardBatch:
         starts = [self.cache.lengths[s] for s in slots]
-        batch = ForwardBatch.chain(slots, token_lists, starts, self.model.device)
+        chain = ForwardBatch.chain(slots, token_lists, starts, self.model.device)
+        if not trees or not any(trees):
+            return chain
+        positions = [s + (t.depths[i] if t else i) for s, toks, t in zip(starts, token_lists, trees)
+                     for i in range(len(toks))]
+        masks = [None if t is None else torch.from_numpy(np.array(t.mask, dtype=bool)) for t in trees]
+        return ForwardBatch(chain.token_ids, torch.tensor(positions, dtype=torch.long, device=self.model.device),
+                            chain.slots, chain.num_rows, masks)
+
+    def _score(self, batch: ForwardBatch, hidden: np.ndarray | None, logits: bool) -> np.ndarray | None:
+        starts = [self.cache.lengths[s] for s in batch.slots]
         h = self.model.embed(batch.token_ids) if self.is_first else from_wire(hidden, self.model.dtype)
         h = self.model.run_layers(h.to(self.model.device), batch, self.cache, starts, self.layers.start,
                                   self.layers.stop)
@@ -139,11 +164,12 @@ class ModelWorker:
 
         dist.init_process_group("gloo", init_method=url, rank=1, world_size=2)
 
-    def score_to_link(self, slots: list[int], token_lists: list[list[int]], hidden: np.ndarray | None = None) -> None:
+    def score_to_link(self, slots: list[int], token_lists: list[list[int]], hidden: np.ndarray | None = None,
+                      trees: list[TreeRows | None] | None = None) -> None:
         """`score`, with the logits sent to the scheduler over the gloo link instead of returned through Ray."""
         import torch.distributed as dist
 
-        dist.send(torch.from_numpy(self.score(slots, token_lists, hidden)), dst=0)
+        dist.send(torch.from_numpy(self.score(slots, token_lists, hidden, True, trees)), dst=0)
 
     def calibrate(self, slot: int, keep: int, tokens: list[int], hidden: np.ndarray | None = None):
         """Recompute K/V after position `keep` for `tokens` (roll back, then prefill them exactly)."""
@@ -173,15 +199,18 @@ class DraftWorker:
     def __init__(self, source: ModelSource, num_slots: int, capacity: int, threads: int | None = None):
         set_threads(threads)
         self.drafter = ModelDrafter(source.load(), num_slots, capacity)
-        self.busy_seconds = 0.0
+        self.busy_seconds = 0.0  # proposing (rounds)
+        self.prefill_seconds = 0.0  # prompts, sent without waiting: a round may first wait for one to finish
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.drafter.model.device),
                 "slots_in_use": self.drafter.cache.slots_in_use, "kv_bytes": self.drafter.cache.nbytes,
-                "busy_seconds": self.busy_seconds}
+                "busy_seconds": self.busy_seconds, "prefill_seconds": self.prefill_seconds}
 
     def prefill(self, seq_id: int, tokens: list[int]) -> None:
+        t0 = time.perf_counter()
         self.drafter.prefill(seq_id, tokens)
+        self.prefill_seconds += time.perf_counter() - t0
 
     def propose(self, requests: list[dict]) -> list[dict]:
         """requests: {seq_id, tokens, k, params (SamplingParams), rng (generator state bytes or None)}."""

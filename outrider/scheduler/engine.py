@@ -104,9 +104,9 @@ class Engine:
                        self.new_policy(), torch.Generator().manual_seed(seed))
         t0 = time.perf_counter()
         try:
-            self.target.prefill(seq.slot, request.prompt_ids[:-1])
-            if self.drafter is not None:
+            if self.drafter is not None:  # first: a drafter in an actor prefills while the target does
                 self.drafter.prefill(seq.seq_id, request.prompt_ids[:-1])
+            self.target.prefill(seq.slot, request.prompt_ids[:-1])
         except BaseException:
             self.release(seq)
             raise
