@@ -184,16 +184,19 @@ def test_round_reports_add_up_to_the_request_stats(target, draft):
 
 
 def test_speculation_gate_follows_the_faster_mode_and_keeps_probing():
-    gate = SpeculationGate(probe_every=4, smoothing=1.0)
+    gate = SpeculationGate(probe_every=8, probe_rounds=3, smoothing=1.0)
     assert gate.speculate(3) is True  # unmeasured: try drafting first
     gate.record(3, True, tokens=4, seconds=1.0)
     assert gate.speculate(2) is False  # same bucket (2..3): now measure plain decoding
-    gate.record(2, False, tokens=2, seconds=0.5)  # 4 tok/s either way: drafting wins ties
-    gate.record(3, True, tokens=2, seconds=1.0)  # drafting slowed to 2 tok/s under this load
+    gate.record(2, False, tokens=9, seconds=1.0)  # the switch round is not counted ...
+    assert gate.speculate(2) is False  # ... so plain decoding is measured again
+    gate.record(2, False, tokens=2, seconds=1.0)  # 2 tok/s against 4: drafting wins
     decisions = []
-    for _ in range(8):
+    for _ in range(16):
         on = gate.speculate(3)
         decisions.append(on)
-        gate.record(3, on, tokens=2 if on else 4, seconds=1.0)
-    assert decisions.count(True) == 2  # plain decoding, but one probe of the slower mode every 4 rounds
+        gate.record(3, on, tokens=4 if on else 2, seconds=1.0)
+    assert decisions.count(False) == 6  # two probes of 3 plain rounds in 16 rounds
+    assert decisions[2:5] == decisions[10:13] == [False] * 3  # rounds 5-7 and 13-15 of every 8
+    assert gate.rates[(2, True)] == 4.0 and gate.rates[(2, False)] == 2.0  # switch rounds never counted
     assert gate.speculate(16) is True  # another bucket is measured on its own

@@ -71,7 +71,7 @@ def place(profile: Profile, num_slots: int, capacity: int, draft_model: bool) ->
     actors = [_actor(profile, role, stage, group, i, num_slots, capacity) for i, (role, stage) in enumerate(stages)]
     try:
         target = ActorTarget(actors[:len(profile.placement.target)])  # waits for the models to load
-        drafter = ActorDrafter(actors[-1]) if draft_model else None
+        drafter = ActorDrafter(actors[-1], overlap_prefill=not _shares_cpu(stages)) if draft_model else None
         if profile.placement.transport == "gloo":
             target.link = GlooLink(target.stages[-1], target.vocab_size, target.dtype)
         if drafter:
@@ -94,6 +94,12 @@ def _check_feasible(profile: Profile, bundles: list[dict[str, float]]) -> None:
                    else f"start a node with `ray start --resources '{{\"{resource}\": {need:g}}}'`")
             raise RuntimeError(f"profile {profile.name!r} needs {need:g} {resource} but the Ray cluster has "
                                f"{have.get(resource, 0):g}; {fix}")
+
+
+def _shares_cpu(stages: list[tuple[str, Stage]]) -> bool:
+    """Draft and target both computing on CPUs (of one node, as PACK places them when it can)."""
+    return any(s.device == "cpu" for r, s in stages if r == "draft") and \
+        any(s.device == "cpu" for r, s in stages if r == "target")
 
 
 def _bundle(stage: Stage) -> dict[str, float]:

@@ -112,30 +112,37 @@ class SpeculationGate:
     """Switch drafting off while it measurably does not pay, per batch size.
 
     For each batch-size bucket (1, 2, 4, 8, ...) keep an EMA of committed tokens per second of round time with
-    and without drafting; use the better mode and re-measure the other every `probe_every` rounds, so the
-    choice follows the load and the text. Both modes are lossless, so the gate only moves speed.
+    and without drafting; use the better mode and probe the other for `probe_rounds` rounds out of every
+    `probe_every`, so the choice follows the load and the text. The first round after a switch is not counted:
+    it pays for the switch (a drafter that sat out catches up on every token committed meanwhile), which would
+    otherwise bias every probe against drafting. Both modes are lossless, so the gate only moves speed.
     """
 
-    probe_every: int = 16
+    probe_every: int = 32
+    probe_rounds: int = 3
     smoothing: float = 0.25
     rates: dict[tuple[int, bool], float] = field(default_factory=dict)
     rounds: dict[int, int] = field(default_factory=dict)
+    last: dict[int, bool] = field(default_factory=dict)  # bucket -> the mode of its latest round
 
     def speculate(self, batch_size: int) -> bool:
         b = _bucket(batch_size)
         on, off = self.rates.get((b, True)), self.rates.get((b, False))
         if on is None or off is None:
-            return on is None  # measure drafting first, then plain decoding once
+            return on is None  # measure drafting first, then plain decoding
         best = on >= off
-        return (not best) if self.rounds.get(b, 0) % self.probe_every == self.probe_every - 1 else best
+        probing = self.rounds.get(b, 0) % self.probe_every >= self.probe_every - self.probe_rounds
+        return (not best) if probing else best
 
     def record(self, batch_size: int, speculated: bool, tokens: int, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        b, rate = _bucket(batch_size), tokens / seconds
-        old = self.rates.get((b, speculated))
-        self.rates[(b, speculated)] = rate if old is None else old + self.smoothing * (rate - old)
+        b = _bucket(batch_size)
         self.rounds[b] = self.rounds.get(b, 0) + 1
+        switched = self.last.get(b, speculated) != speculated
+        self.last[b] = speculated
+        if switched or seconds <= 0:
+            return
+        rate, old = tokens / seconds, self.rates.get((b, speculated))
+        self.rates[(b, speculated)] = rate if old is None else old + self.smoothing * (rate - old)
 
 
 def _bucket(n: int) -> int:
