@@ -124,6 +124,7 @@ class SpeculationGate:
     rates: dict[tuple[int, bool], float] = field(default_factory=dict)
     rounds: dict[int, int] = field(default_factory=dict)
     last: dict[int, bool] = field(default_factory=dict)  # bucket -> the mode of its latest round
+    samples: dict[tuple[int, bool], int] = field(default_factory=dict)
 
     def speculate(self, batch_size: int) -> bool:
         b = _bucket(batch_size)
@@ -141,8 +142,12 @@ class SpeculationGate:
         self.last[b] = speculated
         if switched or seconds <= 0:
             return
-        rate, old = tokens / seconds, self.rates.get((b, speculated))
-        self.rates[(b, speculated)] = rate if old is None else old + self.smoothing * (rate - old)
+        key, rate = (b, speculated), tokens / seconds
+        n = self.samples[key] = self.samples.get(key, 0) + 1
+        # The running mean for the first samples, an EMA after: one slow early round (a cold cache) must not
+        # hold a mode down for many probes.
+        old = self.rates.get(key, rate)
+        self.rates[key] = old + max(self.smoothing, 1 / n) * (rate - old)
 
 
 def _bucket(n: int) -> int:
