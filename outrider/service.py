@@ -2,11 +2,10 @@
 scheduler. The HTTP server, `outrider batch` and the serving benchmark all start one of these."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -40,7 +39,6 @@ class Service:
     model_name: str
     load_seconds: float
     placed: object | None = None  # outrider.actors.placement.Placed in ray mode
-    _started: bool = field(default=False, repr=False)
 
     @classmethod
     def start(cls, profile: Profile) -> "Service":
@@ -76,12 +74,10 @@ class Service:
 
     async def __aenter__(self) -> "Service":
         await self.scheduler.start()
-        self._started = True
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.scheduler.stop()
-        self._started = False
 
     def request(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams = SamplingParams(),
                 stop_ids: frozenset[int] | None = None) -> Request:
@@ -107,14 +103,11 @@ class Service:
                           handle.stats, handle.ttft, (handle.finished_at or time.perf_counter()) - handle.created)
 
     def kv_slots_in_use(self) -> dict[str, object]:
-        """Slots held in each model's cache (a finished or aborted request must bring these back to baseline)."""
-        target, drafter = self.engine.target, self.engine.drafter
-        out: dict[str, object] = {"target": target.slots_in_use() if hasattr(target, "slots_in_use")
-                                  else target.cache.slots_in_use}
-        if drafter is not None and hasattr(drafter, "slots_in_use"):
-            out["draft"] = drafter.slots_in_use()
-        elif drafter is not None and hasattr(drafter, "cache"):
-            out["draft"] = drafter.cache.slots_in_use
+        """Slots held in each model's cache, per target stage (a finished or aborted request must bring these
+        back to baseline)."""
+        out: dict[str, object] = {"target": self.engine.target.slots_in_use()}
+        if self.engine.drafter is not None:
+            out["draft"] = self.engine.drafter.slots_in_use()
         return out
 
     def shutdown(self) -> None:
@@ -122,11 +115,6 @@ class Service:
         if self.placed is not None:
             self.placed.shutdown()
             self.placed = None
-
-
-def run_sync(coro):
-    """Run a coroutine from synchronous code (CLI commands)."""
-    return asyncio.run(coro)
 
 
 def _local_models(profile: Profile, needs_draft: bool):

@@ -29,3 +29,6 @@ class OracleDrafter:
 
     def release(self, seq_id: int) -> None:
         pass
+
+    def slots_in_use(self) -> int:
+        return 0

@@ -298,7 +298,7 @@ def test_disconnect_during_a_non_streaming_request_aborts_it(server, http):
             conn.sendall(head + body)
             wait_until(gate.holding.is_set, "the request to run one round and be held in the second")
         gate.open()  # the handler sees the closed connection between rounds and cancels the request
-        wait_until(lambda: service.kv_slots_in_use() == {"target": 0, "draft": 0}
+        wait_until(lambda: service.kv_slots_in_use() == {"target": [0], "draft": 0}
                    and not service.scheduler.running, "the abandoned request's KV to be freed")
     assert metric_values(http)[key] == aborted + 1
 
@@ -337,7 +337,7 @@ def test_engine_failure_is_an_error_event_and_the_server_keeps_serving(server, h
         del service.engine.step
     assert service.engine.step == real
     assert http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}).status_code == 200
-    assert service.kv_slots_in_use() == {"target": 0, "draft": 0}
+    assert service.kv_slots_in_use() == {"target": [0], "draft": 0}
 
 
 # -- errors ------------------------------------------------------------------------------------------------

@@ -22,13 +22,10 @@ from outrider.runtime.model import ForwardBatch, Transformer
 from outrider.scheduler.drafters import DraftRequest, ModelDrafter
 
 PREFILL_CHUNK = 256  # rows per prefill forward: bounds activation memory; the kernels make any chunking exact
-_RAW = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}
-
-
 def to_wire(t: torch.Tensor) -> np.ndarray:
     """A tensor as a numpy array of its exact bits (bf16 → int16 view)."""
     t = t.detach().cpu().contiguous()
-    return t.view(_RAW[t.dtype]).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def from_wire(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

@@ -37,6 +37,8 @@ class Drafter(Protocol):
 
     def release(self, seq_id: int) -> None: ...  # the sequence finished or was cancelled: free its state
 
+    def slots_in_use(self) -> int: ...  # sequences holding KV in the drafter (0 for stateless drafters)
+
 
 class PromptLookupDrafter:
     """n-gram drafting without a model: find the latest earlier occurrence of the sequence's last n tokens and
@@ -63,6 +65,9 @@ class PromptLookupDrafter:
 
     def release(self, seq_id: int) -> None:
         pass
+
+    def slots_in_use(self) -> int:
+        return 0
 
 
 @dataclass
@@ -110,6 +115,9 @@ class ModelDrafter:
         seq = self.seqs.pop(seq_id, None)
         if seq is not None:
             self.cache.release(seq.slot)
+
+    def slots_in_use(self) -> int:
+        return self.cache.slots_in_use
 
     def _seq(self, seq_id: int) -> _DraftSeq:
         if seq_id not in self.seqs:

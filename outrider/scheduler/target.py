@@ -33,6 +33,8 @@ class TargetModel(Protocol):
 
     def length(self, slot: int) -> int: ...
 
+    def slots_in_use(self) -> list[int]: ...  # per stage of the model (one for a whole model)
+
 
 class LocalTarget:
     """A Transformer and its KV cache in this process."""
@@ -63,3 +65,6 @@ class LocalTarget:
 
     def length(self, slot: int) -> int:
         return self.cache.lengths[slot]
+
+    def slots_in_use(self) -> list[int]:
+        return [self.cache.slots_in_use]
