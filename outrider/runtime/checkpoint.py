@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.gguf_file import REFETCH_HINT, GGUFTensorSource, gguf_model_config, open_gguf
+from outrider.runtime.warm import read_config
 
 _GGUF_MAGIC = b"GGUF"
 _INDEX_FILE = "model.safetensors.index.json"
@@ -73,6 +74,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if p.is_dir():
         ckpt = _load_hf_folder(p)
     elif p.suffix.lower() == ".gguf" or _has_gguf_magic(p):
+        config = read_config(p)  # recorded by an earlier load: no metadata parse, the file was checked then
+        if config is not None:
+            return Checkpoint(path=p, config=config, tensors=_DeferredGGUFTensors(p, config), tokenizer_source=p)
         ckpt = _load_gguf(p)
     else:
         raise ValueError(f"{p}: neither a folder nor a GGUF file; pass the Hugging Face model folder that holds "
@@ -98,6 +102,28 @@ def _load_gguf(p: Path) -> Checkpoint:
     gf = open_gguf(p)
     config = gguf_model_config(gf)
     return Checkpoint(path=p, config=config, tensors=GGUFTensorSource(gf, config), tokenizer_source=p)
+
+
+class _DeferredGGUFTensors:
+    """A GGUF's tensors, its metadata parsed only when a tensor is first asked for (warm starts never do)."""
+
+    def __init__(self, path: Path, config: ModelConfig) -> None:
+        self.path, self.config = path, config
+        self._source: GGUFTensorSource | None = None
+
+    def _opened(self) -> GGUFTensorSource:
+        if self._source is None:
+            self._source = GGUFTensorSource(open_gguf(self.path), self.config)
+        return self._source
+
+    def names(self) -> list[str]:
+        return self._opened().names()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._opened().get(name)
+
+    def storage_type(self, name: str) -> str:
+        return self._opened().storage_type(name)
 
 
 def _load_hf_folder(folder: Path) -> Checkpoint:

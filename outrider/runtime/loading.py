@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 from outrider.kernels.linear import WEIGHT_FORMATS, linear_from_state, make_linear
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.model import LayerWeights, ModelWeights, Transformer
+from outrider.runtime.tokenizer import Tokenizer
+from outrider.runtime.warm import read_config, write_meta
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -117,6 +119,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", weights:
         log.info("converted %s to %s/%s in %.1fs", ckpt.path, weights, dtype, time.perf_counter() - t0)
         if use_cache and cached is not None and dev.type == "cpu":
             _save_atomic(weights_state(w), cached, ckpt)
+    if use_cache and cached is not None and read_config(ckpt.path) is None:
+        write_meta(ckpt.path, ckpt.config, Tokenizer.load(ckpt.path))  # the next start skips the metadata parse
     return Transformer(ckpt.config, w, dtype, dev, max_positions, batch_invariant), ckpt
 
 

@@ -52,9 +52,22 @@ class Tokenizer:
         if p.is_dir():
             return _load_folder(p)
         if p.is_file():
-            return _load_gguf(open_gguf(p))
+            from outrider.runtime.warm import read_tokenizer  # warm imports this module
+
+            return read_tokenizer(p) or _load_gguf(open_gguf(p))
         raise FileNotFoundError(f"{p}: no such folder or GGUF file; pass the model folder holding tokenizer.json "
                                 f"or the model's .gguf file")
+
+    def to_state(self) -> dict[str, Any]:
+        """Everything but the source path, as JSON-able data (see `outrider.runtime.warm`)."""
+        return {"backend": self.backend.to_str(), "eos_token_ids": list(self.eos_token_ids),
+                "bos_token_id": self.bos_token_id, "chat_template": self.chat_template,
+                "special_tokens": self.special_tokens}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], source: Path) -> Tokenizer:
+        return cls(_Backend.from_str(state["backend"]), source, tuple(state["eos_token_ids"]),
+                   state["bos_token_id"], state["chat_template"], dict(state["special_tokens"]))
 
     @property
     def vocab_size(self) -> int:
