@@ -104,6 +104,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
         from outrider.bench.transport import run_transport_bench
 
         return run_transport_bench(a)
+    if a.mode == "kernels":
+        from outrider.bench.kernels import run_kernel_bench
+
+        return run_kernel_bench(a)
     from outrider.bench.run import run_bench
 
     return run_bench(a)
@@ -131,16 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     b = sub.add_parser("bench", help="measure strategies and peers on prompt sets, or serving under concurrency")
-    b.add_argument("mode", nargs="?", choices=["strategies", "serving", "transport"], default="strategies",
+    b.add_argument("mode", nargs="?", choices=["strategies", "serving", "transport", "kernels"],
+                   default="strategies",
                    help="strategies: decoding methods one request at a time (default); serving: a profile under "
-                        "concurrent load, actors against in-process; transport: per-round actor overhead alone")
+                        "concurrent load, actors against in-process; transport: per-round actor overhead alone; "
+                        "kernels: linear-layer cost against rows scored, per weight format")
     from outrider.bench.run import add_bench_args
     from outrider.bench.serving import add_serving_args
+    from outrider.bench.kernels import add_kernel_args
     from outrider.bench.transport import add_transport_args
 
     add_bench_args(b)
     add_serving_args(b)
     add_transport_args(b)
+    add_kernel_args(b)
     add_model_args(b)
     add_sampling_args(b)
     b.set_defaults(func=cmd_bench, max_tokens=64)

@@ -1,0 +1,71 @@
+"""`outrider bench kernels`: what scoring M rows costs against one row, per weight format, on the real shapes of
+the default target's linears. Verification of k + 1 rows is lossless only if it is batch-invariant, and it is
+cheap only if the kernel's cost stays flat in M: this is the table that says which formats are.
+
+Each kernel is timed on random weights of the shape (the cost does not depend on the values): the median of
+`--iters` calls per M, the ratio to M = 1, and the weight bytes streamed per second at M = 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from outrider.kernels.linear import WEIGHT_FORMATS, make_linear
+
+# Qwen2.5-Coder-1.5B: fused qkv, o, fused gate_up, down (out, in)
+SHAPES = {"qkv": (2048, 1536), "o": (1536, 1536), "gate_up": (17920, 1536), "down": (1536, 8960)}
+
+
+def add_kernel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--formats", default=",".join(WEIGHT_FORMATS), help="weight formats to time")
+    p.add_argument("--kernel-rows", default="1,2,4,8,16", help="row counts M to time")
+    p.add_argument("--kernel-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+
+
+def run_kernel_bench(args: argparse.Namespace) -> int:
+    from outrider.runtime.loading import parse_dtype
+
+    dtype = parse_dtype(args.kernel_dtype)
+    rows = [int(r) for r in args.kernel_rows.split(",")]
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    torch.set_num_threads(2)
+    results = [_time_format(fmt, dtype, rows, args.iters) for fmt in formats]
+    print(f"{'format':7} " + " ".join(f"{'M=' + str(m):>13}" for m in rows) + f" {'GB/s at M=1':>12}")
+    for r in results:
+        cells = " ".join(f"{r['ms'][i]:7.2f} ({r['ratio'][i]:.2f}x)" for i in range(len(rows)))
+        print(f"{r['format']:7} {cells} {r['gbps_m1']:>12.1f}")
+    print("ms per decoder layer of the 1.5B target (qkv + o + gate_up + down), median; (ratio to M = 1)")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def _time_format(fmt: str, dtype: torch.dtype, rows: list[int], iters: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    kernels = [make_linear(fmt, torch.randn(*shape, generator=g) * 0.02, None, dtype, torch.device("cpu"))
+               for shape in SHAPES.values()]
+    inputs = {name: shape[1] for name, shape in SHAPES.items()}
+    ms = []
+    for m in rows:
+        xs = [torch.randn(m, n, generator=g).to(dtype) for n in inputs.values()]
+        ms.append(_median_ms(lambda: [k(x) for k, x in zip(kernels, xs)], iters))
+    nbytes = sum(k.nbytes for k in kernels)
+    return {"format": fmt, "dtype": str(dtype).removeprefix("torch."), "rows": rows, "ms": ms,
+            "ratio": [t / ms[0] for t in ms], "bytes": nbytes, "gbps_m1": nbytes / ms[0] / 1e6}
+
+
+def _median_ms(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3

@@ -1,0 +1,37 @@
+"""`outrider bench serving` and `outrider bench kernels` run end to end and report what they claim: the serving
+bench checks greedy identity across concurrency levels; the kernel table's ratios are relative to one row."""
+from __future__ import annotations
+
+import json
+
+from outrider.cli import main
+from outrider.profile import PROFILES_DIR
+
+
+def test_serving_bench_in_process_reports_every_level_with_identical_outputs(tmp_path, capsys):
+    out = tmp_path / "serving.json"
+    code = main(["bench", "serving", "--profile", str(PROFILES_DIR / "tiny.yaml"), "--modes", "local",
+                 "--concurrency", "1,3", "--requests", "3", "--max-tokens", "8", "--prompts", "code-heldout",
+                 "--limit", "3", "--json-out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    levels = report["levels"]
+    assert [(lv["mode"], lv["concurrency"], lv["requests"]) for lv in levels] == [("local", 1, 3), ("local", 3, 3)]
+    for lv in levels:
+        assert lv["tokens"] == 3 * 8 and lv["tokens_per_s"] > 0 and lv["rounds"] >= 1
+        assert lv["ttft_ms_p50"] <= lv["ttft_ms_p99"]
+    assert report["greedy_mismatches"] == []
+    assert "greedy outputs identical across modes and concurrencies: True" in capsys.readouterr().out
+
+
+def test_kernel_bench_times_each_format_relative_to_one_row(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    code = main(["bench", "kernels", "--formats", "int8,int4", "--kernel-rows", "1,4", "--iters", "2",
+                 "--json-out", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert [r["format"] for r in results] == ["int8", "int4"]
+    for r in results:
+        assert r["rows"] == [1, 4] and r["ratio"][0] == 1.0 and all(t > 0 for t in r["ms"])
+        assert r["bytes"] > 0 and r["gbps_m1"] > 0
+    assert results[1]["bytes"] < results[0]["bytes"]  # int4 streams fewer bytes than int8
