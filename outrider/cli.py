@@ -22,6 +22,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adaptive", action="store_true", help="choose k per round from measured acceptance and cost")
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--draft-vocab", default=None,
+                   help="VocabTrim file from `outrider vocab-trim`: the draft drafts only these tokens (lossless)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +39,7 @@ def model_options(a: argparse.Namespace):
     from outrider.pipeline import ModelOptions
 
     return ModelOptions(a.target, a.draft, a.dtype, a.target_weights, a.draft_weights, a.max_seq_len, a.device,
-                        a.draft_k, a.adaptive)
+                        a.draft_k, a.adaptive, a.draft_vocab)
 
 
 def sampling_params(a: argparse.Namespace):
@@ -80,6 +82,27 @@ def print_generation(out: dict, load_seconds: float, strategy: str) -> None:
         p = out["plain"]
         print(f"--- plain decoding: {p['new_tokens']} tokens at {p['tokens_per_s']:.1f} tok/s; speedup "
               f"{out['speedup_over_plain']:.2f}x; output identical to plain: {out['identical_to_plain']}")
+
+
+def cmd_vocab_trim(a: argparse.Namespace) -> int:
+    """Count the tokens of the target's own greedy generations on a prompt set; keep the most frequent."""
+    from collections import Counter
+
+    from tqdm import tqdm
+
+    from outrider.bench.prompts import load_prompts
+    from outrider.pipeline import Pipeline
+    from outrider.scheduler.vocab_trim import TrimmedVocab
+
+    pipe = Pipeline.load(model_options(a), need_draft=False)
+    counts: Counter = Counter()
+    for p in tqdm(load_prompts(a.prompts, a.limit), desc="target generations", unit="prompt", file=sys.stderr):
+        counts.update(pipe.generate(pipe.encode(p.text, p.chat), "autoregressive", a.max_tokens).token_ids)
+    vocab = TrimmedVocab.from_counts(counts, pipe.target.config.vocab_size, a.keep)
+    vocab.save(a.out)
+    print(f"{a.out}: {vocab.ids.numel()} of {vocab.vocab_size} tokens ({len(counts)} distinct seen in "
+          f"{sum(counts.values())} generated tokens)")
+    return 0
 
 
 def cmd_models(a: argparse.Namespace) -> int:
@@ -133,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("names", nargs="*", help=f"built-ins: {', '.join(BUILTINS)}")
     m.add_argument("--force", action="store_true", help="re-assemble and re-verify even if present")
     m.set_defaults(func=cmd_models)
+
+    v = sub.add_parser("vocab-trim", help="build a VocabTrim file: the draft head keeps the target's frequent tokens")
+    v.add_argument("--prompts", default="code", help="prompt set (or file) the target generates on")
+    v.add_argument("--limit", type=int, default=None)
+    v.add_argument("--keep", type=int, default=32768, help="tokens kept (rounded up to a multiple of 16)")
+    v.add_argument("--out", required=True, help="where to write the JSON file")
+    add_model_args(v)
+    v.set_defaults(func=cmd_vocab_trim, max_tokens=128)
+    v.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
 
     b = sub.add_parser("bench", help="measure strategies and peers on prompt sets, or serving under concurrency")
     b.add_argument("mode", nargs="?", choices=["strategies", "serving", "transport", "kernels"],

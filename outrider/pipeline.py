@@ -15,6 +15,7 @@ from outrider.scheduler.policy import MAX_DRAFT
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.strategies import StrategyContext, get_strategy
 from outrider.scheduler.target import LocalTarget
+from outrider.scheduler.vocab_trim import TrimmedVocab, trim_head
 
 THREADS = 2  # batch-invariance rule R6: one thread count for every target call
 
@@ -32,6 +33,7 @@ class ModelOptions:
     device: str = "cpu"
     k: int = 3  # k + 1 = 4 verify rows: one attention tile, and below the int4/int8 kernels' 5-row cliff
     adaptive: bool = False
+    draft_vocab: str | None = None  # a VocabTrim file: the draft's head keeps only these tokens
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_DRAFT:
@@ -71,6 +73,7 @@ class Pipeline:
     draft: Transformer | None
     load_seconds: float
     engines: dict[str, Engine] = field(default_factory=dict)
+    draft_kept_ids: torch.Tensor | None = None  # [n] after VocabTrim
 
     @classmethod
     def load(cls, options: ModelOptions, need_draft: bool = True) -> "Pipeline":
@@ -83,14 +86,21 @@ class Pipeline:
             draft, _ = load_model(options.draft, options.dtype, options.draft_weights, options.device,
                                   options.max_seq_len, batch_invariant=False)
             _check_vocabularies(target, draft, options)
-        return cls(options, Tokenizer.load(ckpt.tokenizer_source), target, draft, time.perf_counter() - t0)
+        kept = None
+        if draft is not None and options.draft_vocab:
+            vocab = TrimmedVocab.load(options.draft_vocab)
+            trim_head(draft, vocab)
+            kept = vocab.ids
+        return cls(options, Tokenizer.load(ckpt.tokenizer_source), target, draft, time.perf_counter() - t0,
+                   draft_kept_ids=kept)
 
     def engine(self, strategy: str) -> Engine:
         if strategy not in self.engines:
             s = get_strategy(strategy)
             if s.needs_draft_model and self.draft is None:
                 raise ValueError(f"strategy {strategy!r} needs a draft model; pass --draft")
-            ctx = StrategyContext(self.draft, self.options.k, self.options.adaptive, 1, self.options.max_seq_len)
+            ctx = StrategyContext(self.draft, self.options.k, self.options.adaptive, 1, self.options.max_seq_len,
+                                  draft_kept_ids=self.draft_kept_ids)
             drafter, policy = s.build(ctx)
             self.engines[strategy] = Engine(LocalTarget(self.target, 1, self.options.max_seq_len), drafter, policy)
         return self.engines[strategy]

@@ -79,8 +79,12 @@ class _DraftSeq:
 class ModelDrafter:
     """A small model of the target's vocabulary drafting a chain of k tokens, all sequences batched per step."""
 
-    def __init__(self, model: Transformer, num_slots: int = 1, capacity: int = 4096, prefill_chunk: int = 256):
+    def __init__(self, model: Transformer, num_slots: int = 1, capacity: int = 4096, prefill_chunk: int = 256,
+                 kept_ids: torch.Tensor | None = None):
+        """kept_ids [n]: the model's head was trimmed to these tokens (VocabTrim); logits column j is token
+        kept_ids[j], and tokens outside are never drafted (probability 0 in q)."""
         self.model = model
+        self.kept_ids = kept_ids
         self.cache = model.new_cache(num_slots, capacity)
         self.prefill_chunk = prefill_chunk
         self.seqs: dict[int, _DraftSeq] = {}
@@ -103,13 +107,22 @@ class ModelDrafter:
                     logits = self._feed(live, [[tokens[r.seq_id][-1]] for r in live])
                 for r, row in zip(live, logits):
                     if r.params.greedy:  # q is a point mass: no distribution to keep
-                        tokens[r.seq_id].append(int(row.argmax()))  # host sync: the next draft input
+                        tokens[r.seq_id].append(self._token(int(row.argmax())))  # host sync: next draft input
                         continue
                     q = warp(row[None], r.params)[0]
-                    tokens[r.seq_id].append(int(sample(q[None], r.generator)[0]))  # host sync: next input
-                    probs[r.seq_id].append(q)
+                    tokens[r.seq_id].append(self._token(int(sample(q[None], r.generator)[0])))  # host sync
+                    probs[r.seq_id].append(self._full(q))
         return [Draft(tokens[r.seq_id], torch.stack(probs[r.seq_id]) if probs[r.seq_id] else None)
                 for r in requests]
+
+    def _token(self, column: int) -> int:
+        return column if self.kept_ids is None else int(self.kept_ids[column])
+
+    def _full(self, q: torch.Tensor) -> torch.Tensor:
+        """q over the whole vocabulary: the kept tokens' probabilities, 0 elsewhere."""
+        if self.kept_ids is None:
+            return q
+        return q.new_zeros(self.model.config.vocab_size).index_copy_(0, self.kept_ids, q)
 
     def release(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)

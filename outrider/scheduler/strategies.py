@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import Drafter, ModelDrafter, PromptLookupDrafter
 from outrider.scheduler.policy import AdaptiveK, DraftPolicy, FixedK
@@ -20,6 +22,7 @@ class StrategyContext:
     num_slots: int
     capacity: int
     hosted_drafter: Drafter | None = None  # a model drafter already running elsewhere (an actor) to use as is
+    draft_kept_ids: torch.Tensor | None = None  # [n] the draft head's tokens after VocabTrim; None = all
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ def _model_drafter(ctx: StrategyContext) -> Drafter:
     if ctx.hosted_drafter is not None:
         return ctx.hosted_drafter
     assert ctx.draft_model is not None
-    return ModelDrafter(ctx.draft_model, ctx.num_slots, ctx.capacity)
+    return ModelDrafter(ctx.draft_model, ctx.num_slots, ctx.capacity, kept_ids=ctx.draft_kept_ids)
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
