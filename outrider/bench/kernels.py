@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
+
+from outrider.bench.timing import call_times_ms
 
 from outrider.kernels.linear import WEIGHT_FORMATS, make_linear
 
@@ -61,11 +62,4 @@ def _time_format(fmt: str, dtype: torch.dtype, rows: list[int], iters: int) -> d
 
 
 def _median_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return statistics.median(call_times_ms(fn, iters, warmup=3))

@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from outrider.bench.timing import call_times_ms
 
 
 class LogitsEcho:
@@ -85,12 +86,5 @@ def _measure(rows: int, vocab: int, iters: int) -> list[dict]:
 
 
 def _timed(path: str, rows: int, iters: int, fn) -> dict:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"path": path, "rows": rows, "p50_ms": statistics.median(times) * 1e3,
-            "mean_ms": statistics.fmean(times) * 1e3}
+    times = call_times_ms(fn, iters)
+    return {"path": path, "rows": rows, "p50_ms": statistics.median(times), "mean_ms": statistics.fmean(times)}
