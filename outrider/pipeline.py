@@ -85,7 +85,7 @@ class Pipeline:
         if need_draft:
             draft, _ = load_model(options.draft, options.dtype, options.draft_weights, options.device,
                                   options.max_seq_len, batch_invariant=False)
-            _check_vocabularies(target, draft, options)
+            check_vocabularies(target.config.vocab_size, draft.config.vocab_size, options.target, options.draft)
         kept = None
         if draft is not None and options.draft_vocab:
             vocab = TrimmedVocab.load(options.draft_vocab)
@@ -126,8 +126,8 @@ class Pipeline:
         return replace(self, options=replace(self.options, **changes), engines={})
 
 
-def _check_vocabularies(target: Transformer, draft: Transformer, options: ModelOptions) -> None:
-    if draft.config.vocab_size != target.config.vocab_size:
-        raise ValueError(f"draft {options.draft} has a vocabulary of {draft.config.vocab_size} tokens but the "
-                         f"target {options.target} has {target.config.vocab_size}; a draft must share the target's "
-                         "tokenizer")
+def check_vocabularies(target_vocab: int, draft_vocab: int, target: str, draft: str) -> None:
+    """A draft proposes token ids the target scores: both must use the same vocabulary."""
+    if draft_vocab != target_vocab:
+        raise ValueError(f"draft {draft} has a vocabulary of {draft_vocab} tokens but the target {target} has "
+                         f"{target_vocab}; a draft must share the target's tokenizer")

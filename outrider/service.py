@@ -118,6 +118,7 @@ class Service:
 
 
 def _local_models(profile: Profile, needs_draft: bool):
+    from outrider.pipeline import check_vocabularies
     from outrider.runtime.loading import load_model
     from outrider.scheduler.drafters import ModelDrafter
 
@@ -131,9 +132,7 @@ def _local_models(profile: Profile, needs_draft: bool):
         d = profile.models.draft
         draft_model, _ = load_model(d.model, d.dtype, d.weights, _local_device(profile.placement.draft[0].device),
                                     limits.max_seq_len, batch_invariant=False)
-        if draft_model.config.vocab_size != target_model.config.vocab_size:
-            raise ValueError(f"draft {d.model} has {draft_model.config.vocab_size} tokens but the target {t.model} "
-                             f"has {target_model.config.vocab_size}; a draft must share the target's tokenizer")
+        check_vocabularies(target_model.config.vocab_size, draft_model.config.vocab_size, t.model, d.model)
         drafter = ModelDrafter(draft_model, limits.max_running, limits.max_seq_len)
     return target, drafter
 

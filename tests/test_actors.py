@@ -202,3 +202,19 @@ def test_tree_verify_through_stage_actors_equals_the_in_process_model(pair, clus
         target.release(slot)
     finally:
         service.shutdown()
+
+
+def test_a_draft_with_another_vocabulary_is_refused_at_start(pair, cluster, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from conftest import random_state, tiny_config
+
+    cfg = tiny_config("llama")  # 256 tokens; the target has 300
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in random_state(cfg, 0).items()}, str(tmp_path / "model.safetensors"))
+    bad = profile(pair, "ray").model_copy(update={"models": profile(pair, "ray").models.model_copy(update={
+        "draft": profile(pair, "ray").models.draft.model_copy(update={"model": str(tmp_path)})})})
+    with pytest.raises(ValueError, match="has a vocabulary of 256 tokens but the target .* has 300"):
+        Service.start(bad)

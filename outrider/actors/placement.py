@@ -74,8 +74,11 @@ def place(profile: Profile, num_slots: int, capacity: int, draft_model: bool) ->
         drafter = ActorDrafter(actors[-1], overlap_prefill=not _shares_cpu(stages)) if draft_model else None
         if profile.placement.transport == "gloo":
             target.link = GlooLink(target.stages[-1], target.vocab_size, target.dtype)
-        if drafter:
-            drafter.slots_in_use()  # surfaces a draft load error now, not at the first round
+        if drafter:  # waits for the draft to load: a load error surfaces now, not at the first round
+            from outrider.pipeline import check_vocabularies
+
+            check_vocabularies(target.vocab_size, ray.get(actors[-1].info.remote())["vocab_size"],
+                               profile.models.target.model, profile.models.draft.model)
     except BaseException:
         Placed(None, None, group, actors).shutdown()  # type: ignore[arg-type]
         raise

@@ -201,6 +201,7 @@ class DraftWorker:
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.drafter.model.device),
+                "vocab_size": self.drafter.model.config.vocab_size,
                 "slots_in_use": self.drafter.cache.slots_in_use, "kv_bytes": self.drafter.cache.nbytes,
                 "busy_seconds": self.busy_seconds, "prefill_seconds": self.prefill_seconds}
 

@@ -141,16 +141,16 @@ class Engine:
 
     def step(self, seqs: list[Sequence], speculate: bool = True) -> list[list[int]]:
         """One round for every sequence; speculate=False makes it a plain decode step (k = 0 for all)."""
-        drafts, draft_time = self._draft(seqs) if speculate else ([Draft([], None) for _ in seqs], 0.0)
+        drafts, draft_time = self._draft(seqs, speculate)
         t0 = time.perf_counter()
         logits = self.target.score([s.slot for s in seqs], [[s.tokens[-1]] + d.tokens for s, d in zip(seqs, drafts)])
         results = [self._verify(s, d, row) for s, d, row in zip(seqs, drafts, logits)]
         verify_time = time.perf_counter() - t0
         return [self._commit(s, d, r, draft_time, verify_time) for s, d, r in zip(seqs, drafts, results)]
 
-    def _draft(self, seqs: list[Sequence]) -> tuple[list[Draft], float]:
+    def _draft(self, seqs: list[Sequence], speculate: bool) -> tuple[list[Draft], float]:
         t0 = time.perf_counter()
-        ks = [min(s.policy.next_k(), self._room(s)) for s in seqs]
+        ks = [min(s.policy.next_k(), self._room(s)) if speculate else 0 for s in seqs]
         if self.drafter is None or not any(ks):
             return [Draft([], None) for _ in seqs], 0.0
         requests = [DraftRequest(s.seq_id, s.tokens, k, s.request.params, s.generator) for s, k in zip(seqs, ks)]
