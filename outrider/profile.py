@@ -72,6 +72,12 @@ class Placement(_Closed):
                            "(torch.distributed; faster here). nccl is reserved and refused")
     target: list[Stage] = Field(default_factory=lambda: [Stage()])
     draft: list[Stage] = Field(default_factory=lambda: [Stage()])
+    max_restarts: int = Field(
+        3, ge=0, description="times Ray restarts a crashed actor (its model reloads); in-flight requests of a "
+                             "crashed target end with an error, a crashed draft only pauses speculation")
+    call_timeout_s: float = Field(
+        300, gt=0, description="watchdog: an actor call not answered by then counts as hung; the actor is "
+                               "killed and restarted (300 s, as SGLang's watchdog)")
 
     @field_validator("target", "draft")
     @classmethod
@@ -236,8 +242,11 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     problem = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
     text = f"{where}invalid YAML: {problem}" + (f" ({context})" if context else "")
-    if isinstance(exc, yaml.constructor.ConstructorError):  # our duplicate-key check: the message says the fix
-        return text
+    if isinstance(exc, yaml.constructor.ConstructorError):
+        if exc.problem and exc.problem.startswith("could not determine a constructor"):
+            # a tag such as !!python/object/apply: safe loading refuses to build objects from a profile
+            return text + "; remove the tag: a profile holds only plain strings, numbers, lists and mappings"
+        return text  # our duplicate-key check: the message says the fix
     return text + "; check indentation (spaces, not tabs), colons after keys, quotes around values with ': ' or ' #'"
 
 

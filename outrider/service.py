@@ -13,7 +13,7 @@ from outrider.profile import Profile
 from outrider.runtime.tokenizer import Tokenizer
 from outrider.scheduler.engine import Engine, Request, SpecStats
 from outrider.scheduler.sampling import SamplingParams
-from outrider.scheduler.serving import AsyncScheduler, RequestHandle, SpeculationGate
+from outrider.scheduler.serving import AsyncScheduler, RequestHandle, SpeculationGate, Unavailable
 from outrider.scheduler.strategies import StrategyContext, get_strategy
 from outrider.scheduler.target import LocalTarget
 
@@ -88,7 +88,21 @@ class Service:
         return Request(list(prompt_ids), max_tokens, params, stop)
 
     def submit(self, request: Request, request_id: str | None = None) -> RequestHandle:
+        target = self.health().get("target", "ok")
+        if target != "ok":
+            raise Unavailable(f"the target model {'cannot restart' if target == 'dead' else 'is restarting'} "
+                              "after a failure; retry shortly")
         return self.scheduler.submit(request, request_id)
+
+    def health(self) -> dict[str, str]:
+        """Per part: the scheduler loop (ok | stopped) and, with actors, each role (ok | recovering | dead).
+        A recovering draft still serves (without speculation); a target that is not ok does not."""
+        parts = {"scheduler": "ok" if self.scheduler.alive else "stopped"}
+        if self.placed is not None:
+            parts["target"] = self.placed.target.recovery.state
+            if self.placed.drafter is not None:
+                parts["draft"] = self.placed.drafter.recovery.state
+        return parts
 
     async def complete(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams = SamplingParams(),
                        stop_ids: frozenset[int] | None = None) -> Completion:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 
 import ray
@@ -17,7 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from outrider.actors.remote import ActorDrafter, ActorTarget
 from outrider.actors.transport import GlooLink
-from outrider.actors.worker import DraftWorker, ModelSource, ModelWorker
+from outrider.actors.worker import FAULT_ENV, DraftWorker, ModelSource, ModelWorker
 from outrider.profile import ModelSpec, Profile, Stage
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,27 @@ def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    _check_reachable(address)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  configure_logging=False)
     except ConnectionError as e:
         raise RuntimeError(f"cannot reach the Ray cluster at {address!r}: {e}. Start one with `ray start --head` "
                            "or unset RAY_ADDRESS to run a local one") from e
+
+
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on a `host:port` nobody answers at: ray.init itself keeps retrying for minutes."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RuntimeError(f"RAY_ADDRESS {address!r} is not host:port (e.g. 127.0.0.1:6379) or 'auto'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RuntimeError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}. Start one there with "
+                           "`ray start --head`, fix RAY_ADDRESS, or unset it to run a local cluster") from None
 
 
 def place(profile: Profile, num_slots: int, capacity: int, draft_model: bool) -> Placed:
@@ -70,8 +86,9 @@ def place(profile: Profile, num_slots: int, capacity: int, draft_model: bool) ->
                            "check `ray status` and the profile's num_cpus/resources/devices")
     actors = [_actor(profile, role, stage, group, i, num_slots, capacity) for i, (role, stage) in enumerate(stages)]
     try:
-        target = ActorTarget(actors[:len(profile.placement.target)])  # waits for the models to load
-        drafter = ActorDrafter(actors[-1], overlap_prefill=not _shares_cpu(stages)) if draft_model else None
+        timeout = profile.placement.call_timeout_s
+        target = ActorTarget(actors[:len(profile.placement.target)], timeout)  # waits for the models to load
+        drafter = ActorDrafter(actors[-1], not _shares_cpu(stages), timeout) if draft_model else None
         if profile.placement.transport == "gloo":
             target.link = GlooLink(target.stages[-1], target.vocab_size, target.dtype)
         if drafter:  # waits for the draft to load: a load error surfaces now, not at the first round
@@ -117,9 +134,13 @@ def _actor(profile: Profile, role: str, stage: Stage, group, index: int, num_slo
     device = "cuda:0" if stage.device.startswith("cuda") else "cpu"
     source = ModelSource(spec.model, spec.dtype, spec.weights, device, capacity, role == "target")
     threads = stage.threads or max(1, int(stage.num_cpus))
+    # max_task_retries stays 0 (at most once): a retried round could emit tokens twice; Remote callers recover.
     options = dict(num_cpus=stage.num_cpus, num_gpus=1 if device.startswith("cuda") else 0,
                    resources=dict(stage.resources) or None, max_concurrency=1,
+                   max_restarts=profile.placement.max_restarts, max_task_retries=0,
                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index))
+    if os.environ.get(FAULT_ENV) == "1":  # tests: the actors may be armed with faults too
+        options["runtime_env"] = {"env_vars": {FAULT_ENV: "1"}}
     if role == "target":
         return ray.remote(ModelWorker).options(**options).remote(source, num_slots, capacity, stage.layers, threads)
     return ray.remote(DraftWorker).options(**options).remote(source, num_slots, capacity, threads)

@@ -4,24 +4,109 @@ in this process or on placed devices.
 Per round the target costs one blocking call (score). Everything else is sent without waiting: Ray runs one
 caller's calls on an actor in submission order, so a truncate or release sent now is applied before the next
 score, and the cache lengths are mirrored here instead of asked for.
+
+Faults. Ray restarts a crashed actor (`max_restarts` in the profile; it reloads its model) but runs each call at
+most once: a call in flight when the actor died fails, and a retry could emit tokens twice. So after any failed
+call the caches are taken as lost: every actor of the role is told to drop its state, and the role is
+*recovering* until a probe call answers. A lost target ends the requests it was serving (the scheduler sends
+them an error) and takes new ones once recovered; a lost drafter only pauses speculation: rounds verify no
+drafts, which is plain decoding of the same target, so the output does not change, and drafting resumes once
+the restarted draft catches up from the committed tokens it is handed. A call not answered within the
+watchdog's timeout counts as hung: the actor is killed so that Ray restarts it.
 """
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 import torch
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from outrider.actors.worker import TreeRows, from_wire
 from outrider.runtime.loading import parse_dtype
 from outrider.scheduler.drafters import Draft, DraftRequest
+
+log = logging.getLogger(__name__)
+
+
+LOST = (RayActorError, GetTimeoutError)  # the actor is gone or hung, as opposed to a call that raised
+
+
+class TargetLost(RuntimeError):
+    """The target's actors failed mid-request; their caches are gone (the actors restart)."""
+
+
+@dataclass
+class Recovery:
+    """One role's actors through a failure and Ray's restart of them."""
+
+    actors: list
+    timeout_s: float | None = None  # the watchdog: a call unanswered by then is hung
+    probe: list | None = None  # info() calls sent after a failure; recovered when they all answer
+    dead: str | None = None  # why the role cannot come back (Ray ran out of restarts)
+    failures: int = 0
+    last_error: str | None = None
+
+    def get(self, ref):
+        """ray.get under the watchdog. A lost actor (dead, restarting or hung) starts recovery; an exception
+        raised by the call itself (the actor is fine) is only re-raised."""
+        try:
+            return ray.get(ref, timeout=self.timeout_s)
+        except LOST as e:
+            self.failed(e)
+            raise
+
+    def failed(self, error: BaseException) -> None:
+        self.failures += 1
+        self.last_error = _describe(error)
+        log.warning("actor call failed (%s); recovering", self.last_error)
+        if isinstance(error, GetTimeoutError):
+            for a in self.actors:  # hung: kill it; Ray restarts it (and counts the restart)
+                ray.kill(a, no_restart=False)
+        for a in self.actors:  # a live actor drops every sequence; a restarted one has none
+            a.reset.remote()
+        self.probe = [a.info.remote() for a in self.actors]
+
+    def ready(self) -> bool:
+        """Whether the actors answer again; never blocks."""
+        if self.probe is None:
+            return self.dead is None
+        done, _ = ray.wait(self.probe, num_returns=len(self.probe), timeout=0)
+        if len(done) < len(self.probe):
+            return False
+        try:
+            ray.get(self.probe)
+        except ActorDiedError as e:  # out of restarts: it will not come back
+            self.dead, self.probe = _describe(e), None
+            return False
+        except RayActorError:  # still restarting: ask again
+            self.probe = [a.info.remote() for a in self.actors]
+            return False
+        self.probe = None
+        log.warning("actors recovered after %d failure(s)", self.failures)
+        return True
+
+    @property
+    def state(self) -> str:
+        """ok | recovering | dead (for /health)."""
+        return "ok" if self.ready() else "dead" if self.dead else "recovering"
+
+
+def _describe(error: BaseException) -> str:
+    """One line: the exception type and the first line of its message."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
 
 
 class ActorTarget:
     """A target model hosted by one actor, or split by layers over several stage actors (a pipeline: each stage
     passes its hidden states to the next as a Ray object reference, without coming back here)."""
 
-    def __init__(self, stages: list):
+    def __init__(self, stages: list, timeout_s: float | None = None):
         self.stages = stages
+        self.recovery = Recovery(stages, timeout_s)
         infos = ray.get([s.info.remote() for s in stages])
         self.vocab_size = infos[-1]["vocab_size"]
         self.capacity = min(i["capacity"] for i in infos)
@@ -30,33 +115,40 @@ class ActorTarget:
         self.link = None  # a GlooLink to the last stage when the profile's transport is gloo
 
     def acquire(self) -> int:
-        slots = ray.get([s.acquire.remote() for s in self.stages])
+        self._check([])
+        slots = self._get([s.acquire.remote() for s in self.stages])
         assert len(set(slots)) == 1, f"stage caches out of step: slots {slots}"
         self.lengths[slots[0]] = 0
         return slots[0]
 
     def release(self, slot: int) -> None:
-        self.lengths.pop(slot, None)
+        if self.lengths.pop(slot, None) is None:
+            return  # lost in a failure: the actors already dropped it, and may have handed the slot out again
         for s in self.stages:
             s.release.remote(slot)
 
     def prefill(self, slot: int, tokens: list[int]) -> None:
+        self._check([slot])
         if tokens:
-            ray.get(self._chain("prefill", slot, tokens))  # blocking: a too-long prompt must fail here
+            self._get(self._chain("prefill", slot, tokens))  # blocking: a too-long prompt must fail here
         self.lengths[slot] += len(tokens)
 
     def score(self, slots: list[int], token_lists: list[list[int]],
               trees: list[TreeRows | None] | None = None) -> list[torch.Tensor]:
         """Chains, or with `trees` each sequence's rows as a draft tree (see TreeRows)."""
+        self._check(slots)
         if self.link is not None:
             try:
                 hidden = self._chain("score", slots, token_lists, stages=self.stages[:-1], trees=trees)
                 logits = self.link.score(slots, token_lists, hidden, trees).view(self.dtype).float()
-            except BaseException:
+            except BaseException as e:
                 self.link = None  # the link closed itself; later rounds go through Ray
+                self._lost(e)  # which stage broke it is unknown: treat every stage's cache as lost
+                if isinstance(e, LOST):
+                    raise TargetLost(f"the target failed mid-request: {self.recovery.last_error}") from e
                 raise
         else:
-            logits = from_wire(ray.get(self._chain("score", slots, token_lists, trees=trees)), self.dtype).float()
+            logits = from_wire(self._get(self._chain("score", slots, token_lists, trees=trees)), self.dtype).float()
         # .float() is exact: the values were computed in self.dtype
         for slot, tokens in zip(slots, token_lists):
             self.lengths[slot] += len(tokens)
@@ -82,6 +174,28 @@ class ActorTarget:
         """Per stage, as the actors count them (tests assert a released request returns to the baseline)."""
         return [i["slots_in_use"] for i in ray.get([s.info.remote() for s in self.stages])]
 
+    def _get(self, ref):
+        try:
+            return self.recovery.get(ref)
+        except LOST as e:
+            self._lost(e)
+            raise TargetLost(f"the target failed mid-request: {self.recovery.last_error}") from e
+
+    def _lost(self, error: BaseException) -> None:
+        """Every sequence's KV is gone with the failure; their slots are forgotten so no stale call (a release,
+        a score) can ever reach a slot the restarted actors hand to a new request."""
+        if self.recovery.probe is None:  # the link path fails before recovery saw the error
+            self.recovery.failed(error)
+        self.lengths.clear()
+
+    def _check(self, slots: list[int]) -> None:
+        """Refuse work while recovering, and for sequences whose KV was lost."""
+        if not self.recovery.ready():
+            state = "cannot restart" if self.recovery.dead else "is restarting"
+            raise TargetLost(f"the target model {state} after a failure ({self.recovery.last_error})")
+        if any(s not in self.lengths for s in slots):
+            raise TargetLost("the target model failed and restarted; this request's KV cache was lost")
+
     def _chain(self, method: str, *args, stages: list | None = None, **kwargs) -> ray.ObjectRef | None:
         """Call `method` on each stage in order, handing each the previous stage's hidden states (a reference:
         Ray moves them stage to stage without passing through here)."""
@@ -95,23 +209,37 @@ class ActorDrafter:
     """A `ModelDrafter` in an actor. Sampling draws from the sequence's own generator: its state goes with the
     request and comes back advanced, so the draws equal an in-process drafter's."""
 
-    def __init__(self, actor, overlap_prefill: bool = True):
+    def __init__(self, actor, overlap_prefill: bool = True, timeout_s: float | None = None):
         self.actor = actor
         self.overlap_prefill = overlap_prefill
+        self.recovery = Recovery([actor], timeout_s)
 
     def prefill(self, seq_id: int, tokens: list[int]) -> None:
         """The engine prefills the drafter first, then the target. On its own device the draft's prefill runs
         while the target's does (nothing to wait for: it is ordered before the first propose). Sharing the
         target's cores, overlapping only slows the target's prefill, which decides the time to first token
         (measured on 2 cores: 1.89 s against 1.38 s), so then it waits."""
+        if not self.recovery.ready():
+            return  # the restarted draft catches up from the committed tokens at its first proposal
         ref = self.actor.prefill.remote(seq_id, tokens)
         if not self.overlap_prefill:
-            ray.get(ref)
+            try:
+                self.recovery.get(ref)
+            except Exception as e:  # noqa: BLE001 — a lost draft never fails a request
+                if self.recovery.probe is None:
+                    self.recovery.failed(e)
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        if not self.recovery.ready():
+            return [Draft([], None) for _ in requests]  # plain decoding until the draft is back
         wire = [{"seq_id": r.seq_id, "tokens": r.tokens, "k": r.k, "params": r.params,
                  "rng": None if r.generator is None else r.generator.get_state().numpy()} for r in requests]
-        replies = ray.get(self.actor.propose.remote(wire))
+        try:
+            replies = self.recovery.get(self.actor.propose.remote(wire))
+        except Exception as e:  # noqa: BLE001 — the generators were not advanced: drafting nothing is lossless
+            if self.recovery.probe is None:  # the call raised: the draft's state may be half-updated, so reset
+                self.recovery.failed(e)
+            return [Draft([], None) for _ in requests]
         drafts = []
         for r, reply in zip(requests, replies):
             if reply["rng"] is not None:
@@ -124,4 +252,6 @@ class ActorDrafter:
         self.actor.release.remote(seq_id)
 
     def slots_in_use(self) -> int:
+        if not self.recovery.ready():
+            return 0  # a restarting actor holds nothing
         return ray.get(self.actor.info.remote())["slots_in_use"]

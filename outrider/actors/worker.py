@@ -22,6 +22,9 @@ from outrider.runtime.model import ForwardBatch, Transformer
 from outrider.scheduler.drafters import DraftRequest, ModelDrafter
 
 PREFILL_CHUNK = 256  # rows per prefill forward: bounds activation memory; the kernels make any chunking exact
+FAULT_ENV = "OUTRIDER_FAULT_INJECTION"  # "1" enables `inject_fault` (tests only; refused otherwise)
+
+
 def to_wire(t: torch.Tensor) -> np.ndarray:
     """A tensor as a numpy array of its exact bits (bf16 → int16 view)."""
     t = t.detach().cpu().contiguous()
@@ -60,6 +63,35 @@ class ModelSource:
                           batch_invariant=self.batch_invariant)[0]
 
 
+@dataclass
+class FaultPlan:
+    """Test-only fault injection: the round call after `after` more of them raises, hangs or exits the process.
+    Arming it needs OUTRIDER_FAULT_INJECTION=1 in the actor's environment, so a deployment cannot be told to."""
+
+    kind: str | None = None  # "raise" | "hang" | "exit"
+    after: int = 0
+
+    def arm(self, kind: str, after: int) -> None:
+        if os.environ.get(FAULT_ENV) != "1":
+            raise PermissionError(f"fault injection is disabled; it needs {FAULT_ENV}=1 (tests only)")
+        if kind not in ("raise", "hang", "exit"):
+            raise ValueError(f"unknown fault {kind!r}")
+        self.kind, self.after = kind, after
+
+    def tick(self) -> None:
+        if self.kind is None:
+            return
+        if self.after > 0:
+            self.after -= 1
+            return
+        kind, self.kind = self.kind, None
+        if kind == "raise":
+            raise RuntimeError("injected fault")
+        if kind == "hang":
+            time.sleep(3600)
+        os._exit(1)
+
+
 def set_threads(threads: int | None) -> None:
     """One fixed thread count per process (batch-invariance rule R6: the same reduction splits every call)."""
     if threads:
@@ -86,6 +118,7 @@ class ModelWorker:
         self._drop_foreign_weights()
         self.cache = self.model.new_cache(num_slots, capacity, self.layers)
         self.busy_seconds = 0.0  # time spent verifying (scoring with logits): a round's wait minus this is overhead
+        self.faults = FaultPlan()
 
     # -- what the engine's TargetModel seam needs -----------------------------------------------------------
 
@@ -101,6 +134,15 @@ class ModelWorker:
 
     def release(self, slot: int) -> None:
         self.cache.release(slot)
+
+    def reset(self) -> None:
+        """Drop every sequence (after a failure the caller no longer knows which slots are live)."""
+        for slot in range(self.cache.num_slots):
+            if slot not in self.cache.free_slots:
+                self.cache.release(slot)
+
+    def inject_fault(self, kind: str, after: int = 0) -> None:
+        self.faults.arm(kind, after)
 
     def truncate(self, slot: int, length: int) -> None:
         self.cache.truncate(slot, length)
@@ -121,6 +163,8 @@ class ModelWorker:
 
         trees: per sequence None (a chain) or its tree rows (depths and mask among the new rows)."""
         t0 = time.perf_counter()
+        if logits:
+            self.faults.tick()
         try:
             return self._score(self._batch(slots, token_lists, trees), hidden, logits)
         finally:
@@ -198,6 +242,7 @@ class DraftWorker:
         self.drafter = ModelDrafter(source.load(), num_slots, capacity)
         self.busy_seconds = 0.0  # proposing (rounds)
         self.prefill_seconds = 0.0  # prompts, sent without waiting: a round may first wait for one to finish
+        self.faults = FaultPlan()
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.drafter.model.device),
@@ -212,6 +257,7 @@ class DraftWorker:
 
     def propose(self, requests: list[dict]) -> list[dict]:
         """requests: {seq_id, tokens, k, params (SamplingParams), rng (generator state bytes or None)}."""
+        self.faults.tick()
         t0 = time.perf_counter()
         reqs = [DraftRequest(r["seq_id"], r["tokens"], r["k"], r["params"], _generator(r["rng"])) for r in requests]
         drafts = self.drafter.propose(reqs)
@@ -222,6 +268,13 @@ class DraftWorker:
 
     def release(self, seq_id: int) -> None:
         self.drafter.release(seq_id)
+
+    def reset(self) -> None:
+        for seq_id in list(self.drafter.seqs):
+            self.drafter.release(seq_id)
+
+    def inject_fault(self, kind: str, after: int = 0) -> None:
+        self.faults.arm(kind, after)
 
 
 def _generator(state: np.ndarray | None) -> torch.Generator | None:

@@ -29,6 +29,10 @@ class QueueFull(RuntimeError):
     """Every running slot and every queue place is taken: shed load (HTTP 429) instead of hanging."""
 
 
+class Unavailable(RuntimeError):
+    """A model is restarting after a failure (HTTP 503 with Retry-After) or cannot come back."""
+
+
 class RequestFailed(RuntimeError):
     """The engine failed while serving this request; the stream ends with this error."""
 

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from outrider.profile import dotted
 from outrider.runtime.tokenizer import Tokenizer
 from outrider.scheduler.policy import MAX_DRAFT
-from outrider.scheduler.serving import QueueFull, RequestFailed, RequestHandle
+from outrider.scheduler.serving import QueueFull, RequestFailed, RequestHandle, Unavailable
 from outrider.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from outrider.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, Envelope, Outcome,
                                       error_body)
@@ -99,9 +99,11 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/health")
     async def health(request: Request) -> Response:
-        if not request.app.state.service.scheduler.alive:
-            return JSONResponse(error_body("the scheduler loop is not running", "server_error"), 503)
-        return JSONResponse({"status": "ok"})
+        """200 while requests can be served (a recovering draft only pauses speculation), else 503."""
+        parts = request.app.state.service.health()
+        serving = parts["scheduler"] == "ok" and parts.get("target", "ok") == "ok"
+        status = "ok" if all(v == "ok" for v in parts.values()) else "degraded" if serving else "unavailable"
+        return JSONResponse({"status": status, **parts}, 200 if serving else 503)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -127,8 +129,8 @@ async def _respond(request: Request, body: CompletionRequest | ChatCompletionReq
     service: Service = request.app.state.service
     env = Envelope.new(service.model_name, chat)
     handle = _submit(service, body, prompt_ids, max_tokens, env.id)
-    gen = Generation(handle, len(prompt_ids), service.tokenizer, body.stop_strings(), request.app.state.metrics,
-                     request.is_disconnected)
+    gen = Generation(handle, prompt_ids, service.tokenizer, body.stop_strings(), request.app.state.metrics,
+                     request.is_disconnected, body.return_token_ids)
     if body.stream:
         return _SSEResponse(_sse(env, gen, body.include_usage), media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -153,6 +155,8 @@ def _submit(service: Service, body: CompletionRequest | ChatCompletionRequest, p
     except QueueFull as e:
         raise APIError(429, f"the server is at capacity: {e}", "rate_limit_error", code="queue_full",
                        headers={"Retry-After": "1"}) from None
+    except Unavailable as e:
+        raise APIError(503, str(e), "server_error", code="model_unavailable", headers={"Retry-After": "5"}) from None
 
 
 # -- one request's generation ------------------------------------------------------------------------------
@@ -187,23 +191,37 @@ class StopStrings:
 
 
 class Generation:
-    """One request from its handle to text deltas; records the request's metrics when it ends."""
+    """One request from its handle to text deltas; records the request's metrics when it ends. With
+    `return_ids`, its outcome carries the token ids, and `take_ids` hands a stream the ids behind each chunk."""
 
-    def __init__(self, handle: RequestHandle, prompt_tokens: int, tokenizer: Tokenizer, stops: list[str],
-                 metrics: ServerMetrics, is_disconnected: Callable[[], Awaitable[bool]]) -> None:
-        self.handle, self.prompt_tokens, self.metrics = handle, prompt_tokens, metrics
+    def __init__(self, handle: RequestHandle, prompt_ids: list[int], tokenizer: Tokenizer, stops: list[str],
+                 metrics: ServerMetrics, is_disconnected: Callable[[], Awaitable[bool]],
+                 return_ids: bool = False) -> None:
+        self.handle, self.prompt_ids, self.metrics = handle, prompt_ids, metrics
         self.decoder = tokenizer.stream_decoder()
         self.stops = StopStrings(stops)
         self.is_disconnected = is_disconnected
-        self.completion_tokens = 0  # tokens received; with a stop string, up to the round that completed it
+        self.return_ids = return_ids
+        # Ids as received, not `handle.token_ids`: the engine may already hold later rounds than we consumed.
+        # With a stop string: up to and including the round that completed it.
+        self.token_ids: list[int] = []
+        self.ids_taken = 0  # token_ids[:ids_taken] went out in earlier chunks
         self.failed = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
 
     async def pieces(self) -> AsyncIterator[str]:
         """Text deltas until the request ends. Raises RequestFailed when the engine fails. Always cancels the
         handle on the way out (a no-op when it finished), so an abandoned request frees its KV."""
         try:
             async for ids in self.handle:
-                self.completion_tokens += len(ids)
+                self.token_ids += ids
                 if text := self.stops.push(self.decoder.push(ids)):
                     yield text
                 if self.stops.hit or await self.is_disconnected():
@@ -221,9 +239,18 @@ class Generation:
     def finish_reason(self) -> str:
         return "stop" if self.stops.hit else (self.handle.finish_reason or "abort")
 
+    def take_ids(self) -> list[int] | None:
+        """The ids received since the last take (None without return_ids). A round whose text is held back (a
+        possible stop string, an incomplete UTF-8 sequence) makes no chunk; its ids ride on the next one."""
+        if not self.return_ids:
+            return None
+        ids, self.ids_taken = self.token_ids[self.ids_taken:], len(self.token_ids)
+        return ids
+
     def outcome(self, text: str = "") -> Outcome:
         h = self.handle
-        return Outcome(text, self.finish_reason, self.prompt_tokens, self.completion_tokens, h.stats, h.ttft)
+        ids = (list(self.token_ids), list(self.prompt_ids)) if self.return_ids else (None, None)
+        return Outcome(text, self.finish_reason, self.prompt_tokens, self.completion_tokens, h.stats, h.ttft, *ids)
 
     def _record(self) -> None:
         if self.failed:
@@ -241,9 +268,9 @@ async def _sse(env: Envelope, gen: Generation, include_usage: bool) -> AsyncIter
             yield _event(env.chunk(None, role=True))
         async with aclosing(gen.pieces()) as pieces:
             async for piece in pieces:
-                yield _event(env.chunk(piece))
+                yield _event(env.chunk(piece, token_ids=gen.take_ids()))
         out = gen.outcome()
-        yield _event(env.final_chunk(out))
+        yield _event(env.final_chunk(out, gen.take_ids()))  # with the ids of rounds that made no text chunk
         if include_usage:
             yield _event(env.usage_chunk(out))
     except RequestFailed as e:
