@@ -94,6 +94,15 @@ def nvidia_gpus() -> tuple[list[DeviceInfo], str | None]:
     return gpus, None if gpus else "no NVIDIA GPU (NVML lists none, or CUDA_VISIBLE_DEVICES hides them all)"
 
 
+def local_devices() -> list[DeviceInfo]:
+    """The devices a model loaded in this process can use: the CPU, and the NVIDIA GPUs only when this torch
+    build can reach them (a CPU-only wheel on a GPU machine would fail at the first tensor moved to cuda:0)."""
+    import torch
+
+    gpus = nvidia_gpus()[0] if torch.cuda.is_available() else []
+    return [cpu_info(), *gpus]
+
+
 def _visible(count: int) -> list[int]:
     """NVML indices that torch calls cuda:0, cuda:1, ...: CUDA_VISIBLE_DEVICES order, cut at its first bad entry
     (CUDA's rule). UUID or MIG entries cannot be mapped to indices cheaply, so they fall back to all GPUs."""
@@ -154,12 +163,14 @@ def model_config(model: str) -> tuple[Any, str | None]:
     from outrider.hub import resolve
     from outrider.runtime.config import ModelConfig
     from outrider.runtime.gguf_file import gguf_model_config, open_gguf
+    from outrider.runtime.warm import read_config
 
     try:
         path = resolve(model)
         if path.is_dir():
             return ModelConfig.from_hf(json.loads((path / "config.json").read_text(encoding="utf-8"))), None
-        return gguf_model_config(open_gguf(path)), None
+        # The config recorded beside a loaded GGUF spares parsing its metadata (measured: 2 s per Qwen GGUF).
+        return read_config(path) or gguf_model_config(open_gguf(path)), None
     except (RuntimeError, ValueError, OSError, KeyError) as exc:  # KeyError: config.json lacks a field
         return None, f"cannot size model {model!r}: {exc}"
 
@@ -242,6 +253,18 @@ def fits(profile: Profile, devices: list[DeviceInfo]) -> list[FitLine]:
     # The profile as a whole needs GPUs up to its highest cuda index (gpu4.yaml: cuda:0..3 -> 4 GPUs).
     want = 1 + max((int(d.split(":")[1]) for d in placed if d.startswith("cuda:")), default=-1)
     return [_fit_line(need, dev, by_name, demand[dev], sharers[dev], want) for need, dev in zip(needs, placed)]
+
+
+def fit_problems(profile: Profile, devices: list[DeviceInfo]) -> list[str]:
+    """`placement.<role>[i]...: problem; fix` for every stage that cannot run on `devices` (empty: it fits)."""
+    out = []
+    for f in fits(profile, devices):
+        if f.ok:
+            continue
+        memory = f.needed is not None and f.free is not None  # else the message is about the device or layers
+        out.append(f"placement.{f.role}[{f.index}]: not enough memory on {f.device}: {f.message}" if memory
+                   else f.message)
+    return out
 
 
 def _fit_line(need: StageNeed, dev: str, by_name: dict[str, DeviceInfo], demand: int, sharers: int,

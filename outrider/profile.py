@@ -127,6 +127,9 @@ class ServerSpec(_Closed):
     served_model_name: str | None = None  # default: the target's name
     cors_origins: list[str] = Field(default_factory=list)
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    shutdown_timeout_s: float = Field(
+        30, ge=0, description="on SIGTERM/Ctrl-C: stop taking requests, let in-flight ones finish for this "
+                              "long, then end them; 0 ends them at once")
 
 
 class Profile(_Closed):

@@ -363,12 +363,24 @@ def test_engine_failure_is_an_error_event_and_the_server_keeps_serving(server, h
     ({"prompt": [5] * 250}, None, f"context limit of {MAX_SEQ_LEN}"),
     ({"max_tokens": MAX_TOKENS + 1}, None, f"limit of {MAX_TOKENS}"),
     ({"prompt": [99999]}, None, "outside the vocabulary"),
+    ({"prompt": [5, -1]}, None, "outside the vocabulary"),
+    ({"top_k": 1.5}, "top_k", "valid integer"),
+    ({"temperature": "hot"}, "temperature", "valid number"),
+    ({"max_tokens": 2.5}, "max_tokens", "valid integer"),
 ], ids=lambda v: str(v)[:40])
 def test_invalid_completion_is_400(http, server, change, param, says):
     r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4} | change)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert says in error["message"] and error["param"] == param and error["type"] == "invalid_request_error"
+    assert not server[1].scheduler.running and not server[1].scheduler.waiting
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_sampling_values_are_400(http, server, literal):
+    body = f'{{"prompt": "{PROMPT}", "max_tokens": 4, "temperature": {literal}}}'
+    r = http.post("/v1/completions", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
     assert not server[1].scheduler.running and not server[1].scheduler.waiting
 
 

@@ -205,7 +205,8 @@ class SafetensorsSource:
             try:
                 self._handles[f] = safe_open(str(f), framework="pt")
             except (SafetensorError, OSError) as exc:
-                raise ValueError(f"{f}: not a readable safetensors file ({exc}); {REFETCH_HINT}") from exc
+                raise ValueError(f"{f}: not a readable safetensors file ({exc}); the file is damaged, truncated or "
+                                 f"not safetensors at all: {REFETCH_HINT}") from exc
         return self._handles[f]
 
     def names(self) -> list[str]:
