@@ -111,7 +111,7 @@ def test_cancel_frees_the_actors_kv(pair, cluster):
 def test_a_profile_the_cluster_cannot_hold_fails_naming_the_resource(pair, cluster):
     with pytest.raises(RuntimeError, match="needs 1 GPU but the Ray cluster has 0; place the stages on cpu"):
         Service.start(profile(pair, "ray", [{"device": "cuda:0"}]))
-    with pytest.raises(RuntimeError, match="needs 9 CPU but the Ray cluster has 8; lower num_cpus"):
+    with pytest.raises(RuntimeError, match="needs 9 CPU but the Ray cluster has 8; lower placement"):
         Service.start(profile(pair, "ray", [{"device": "cpu", "num_cpus": 8}]))  # + 1 for the draft
 
 
@@ -218,3 +218,20 @@ def test_a_draft_with_another_vocabulary_is_refused_at_start(pair, cluster, tmp_
         "draft": profile(pair, "ray").models.draft.model_copy(update={"model": str(tmp_path)})})})
     with pytest.raises(ValueError, match="has a vocabulary of 256 tokens but the target .* has 300"):
         Service.start(bad)
+
+
+def test_a_model_that_fails_to_load_in_its_actor_is_one_clear_error(pair, cluster, tmp_path):
+    import shutil
+
+    broken = tmp_path / "draft"
+    shutil.copytree(pair[1], broken)
+    (broken / "model.safetensors").write_bytes(b"\0" * 64)  # passes for a file, fails to parse in the actor
+    p = profile(pair, "ray")
+    bad = p.model_copy(update={"models": p.models.model_copy(update={
+        "draft": p.models.draft.model_copy(update={"model": str(broken)})})})
+    with pytest.raises(RuntimeError, match="an actor failed to load its model: .*model.safetensors"):
+        Service.start(bad)
+    wait = time.monotonic() + 20  # everything placed for it is gone again
+    while ray.available_resources().get("CPU", 0) < 8:
+        assert time.monotonic() < wait, ray.available_resources()
+        time.sleep(0.1)

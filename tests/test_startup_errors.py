@@ -230,5 +230,5 @@ def test_ray_placement_the_cluster_cannot_hold_stops_its_cluster(tmp_path, model
     """D7: Ray really starts, refuses the bundle, and the command takes its whole local cluster down with it."""
     cpus = 64 * (os.cpu_count() or 1)
     bad = profile(tmp_path, models / "good", mode="ray", num_cpus=cpus)
-    result = refused(bad, f"needs {cpus} CPU but the Ray cluster has", "lower num_cpus", limit_s=RAY_LIMIT_S)
+    result = refused(bad, f"needs {cpus} CPU but the Ray cluster has", "lower placement.target[*].num_cpus", limit_s=RAY_LIMIT_S)
     assert result.ray_started  # else this would not test taking a started cluster down

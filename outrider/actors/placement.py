@@ -96,10 +96,19 @@ def place(profile: Profile, num_slots: int, capacity: int, draft_model: bool) ->
 
             check_vocabularies(target.vocab_size, ray.get(actors[-1].info.remote())["vocab_size"],
                                profile.models.target.model, profile.models.draft.model)
-    except BaseException:
+    except BaseException as e:
         Placed(None, None, group, actors).shutdown()  # type: ignore[arg-type]
+        if isinstance(e, ray.exceptions.ActorDiedError):  # the constructor (model load) failed in the actor
+            raise RuntimeError(f"profile {profile.name!r}: an actor failed to load its model: "
+                               f"{_last_line(e)}") from None
         raise
     return Placed(target, drafter, group, actors)
+
+
+def _last_line(error: BaseException) -> str:
+    """The actor's own exception message: the last line of Ray's report (the rest is its traceback)."""
+    lines = [line for line in getattr(error, "error_msg", str(error)).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
 
 
 def _check_feasible(profile: Profile, bundles: list[dict[str, float]]) -> None:
@@ -110,7 +119,7 @@ def _check_feasible(profile: Profile, bundles: list[dict[str, float]]) -> None:
         need = sum(b.get(resource, 0) for b in bundles)
         if need > have.get(resource, 0):
             fix = ("place the stages on cpu, or run on a cluster with GPUs" if resource == "GPU"
-                   else "lower num_cpus in the profile's stages" if resource == "CPU"
+                   else "lower placement.target[*].num_cpus / placement.draft[*].num_cpus" if resource == "CPU"
                    else f"start a node with `ray start --resources '{{\"{resource}\": {need:g}}}'`")
             raise RuntimeError(f"profile {profile.name!r} needs {need:g} {resource} but the Ray cluster has "
                                f"{have.get(resource, 0):g}; {fix}")
