@@ -118,7 +118,22 @@ def cmd_models(a: argparse.Namespace) -> int:
     return 0
 
 
+# --requests and --concurrency are shared by two modes that read them differently: serving runs each level of a
+# list, load one concurrency for N requests in all. So their parser defaults are None, filled in per mode here.
+BENCH_MODE_DEFAULTS: dict[str, dict[str, object]] = {
+    "serving": {"requests": 16, "concurrency": "1,4,16"},
+    "load": {"requests": 1000, "concurrency": "16"},
+}
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
+    for name, value in BENCH_MODE_DEFAULTS.get(a.mode, {}).items():
+        if getattr(a, name) is None:
+            setattr(a, name, value)
+    if a.mode == "load":
+        from outrider.bench.load import run_load_bench
+
+        return run_load_bench(a)
     if a.mode == "serving":
         from outrider.bench.serving import run_serving_bench
 
@@ -167,11 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
 
     b = sub.add_parser("bench", help="measure strategies and peers on prompt sets, or serving under concurrency")
-    b.add_argument("mode", nargs="?", choices=["strategies", "serving", "transport", "kernels"],
+    b.add_argument("mode", nargs="?", choices=["strategies", "serving", "load", "transport", "kernels"],
                    default="strategies",
                    help="strategies: decoding methods one request at a time (default); serving: a profile under "
-                        "concurrent load, actors against in-process; transport: per-round actor overhead alone; "
-                        "kernels: linear-layer cost against rows scored, per weight format")
+                        "concurrent load, actors against in-process; load: `outrider serve` under bounded HTTP "
+                        "load, every stream checked token by token (--url, or --profile to start one); "
+                        "transport: per-round actor overhead alone; kernels: linear-layer cost against rows scored, "
+                        "per weight format")
+    from outrider.bench.load import add_load_args
     from outrider.bench.run import add_bench_args
     from outrider.bench.serving import add_serving_args
     from outrider.bench.kernels import add_kernel_args
@@ -181,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_serving_args(b)
     add_transport_args(b)
     add_kernel_args(b)
+    add_load_args(b)
     add_model_args(b)
     add_sampling_args(b)
-    b.set_defaults(func=cmd_bench, max_tokens=64)
+    b.set_defaults(func=cmd_bench, max_tokens=64, requests=None, concurrency=None)  # None: BENCH_MODE_DEFAULTS
 
     from outrider.devices import register_cli as register_devices
 

@@ -65,6 +65,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM extension
     ignore_eos: bool = False  # vLLM extension
+    return_token_ids: bool = False  # vLLM extension: token ids in the response and in every streamed text chunk
     stream: bool = False
     stream_options: StreamOptions | None = None
     # accepted only at their neutral value (NEUTRAL)
@@ -199,6 +200,8 @@ class Outcome:
     completion_tokens: int
     stats: SpecStats
     ttft_s: float | None
+    token_ids: list[int] | None = None  # return_token_ids: the completion's ids (len == completion_tokens)
+    prompt_token_ids: list[int] | None = None
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -241,10 +244,17 @@ class Envelope:
         else:
             choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
         obj = "chat.completion" if self.chat else "text_completion"
-        return self._head(obj) | {"choices": [choice], "usage": out.usage(), "outrider": out.spec_stats()}
+        body = self._head(obj) | {"choices": [choice], "usage": out.usage(), "outrider": out.spec_stats()}
+        if out.token_ids is not None:  # return_token_ids
+            choice["token_ids"] = out.token_ids
+            body["prompt_token_ids"] = out.prompt_token_ids
+        return body
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
-        """One SSE chunk with one choice: a text delta, the role announcement (chat) or the finish."""
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
+              token_ids: list[int] | None = None) -> dict[str, Any]:
+        """One SSE chunk with one choice: a text delta, the role announcement (chat) or the finish. `token_ids`
+        (return_token_ids) are the ids received since the previous chunk, so the chunks' lists concatenate to
+        the non-streamed response's `token_ids`."""
         if self.chat:
             delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
             if text:
@@ -252,10 +262,12 @@ class Envelope:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        if token_ids is not None:
+            choice["token_ids"] = token_ids
         return self._head("chat.completion.chunk" if self.chat else "text_completion") | {"choices": [choice]}
 
-    def final_chunk(self, out: Outcome) -> dict[str, Any]:
-        return self.chunk(None, out.finish_reason) | {"outrider": out.spec_stats()}
+    def final_chunk(self, out: Outcome, token_ids: list[int] | None = None) -> dict[str, Any]:
+        return self.chunk(None, out.finish_reason, token_ids=token_ids) | {"outrider": out.spec_stats()}
 
     def usage_chunk(self, out: Outcome) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
