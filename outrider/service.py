@@ -116,6 +116,15 @@ class Service:
         return Completion(self.tokenizer.decode(handle.token_ids), handle.token_ids, handle.finish_reason or "length",
                           handle.stats, handle.ttft, (handle.finished_at or time.perf_counter()) - handle.created)
 
+    def actor_failures(self) -> dict[str, int]:
+        """Failed actor calls so far per role (none in local mode)."""
+        if self.placed is None:
+            return {}
+        roles = {"target": self.placed.target.recovery.failures}
+        if self.placed.drafter is not None:
+            roles["draft"] = self.placed.drafter.recovery.failures
+        return roles
+
     def kv_slots_in_use(self) -> dict[str, object]:
         """Slots held in each model's cache, per target stage (a finished or aborted request must bring these
         back to baseline)."""

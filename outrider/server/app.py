@@ -41,7 +41,7 @@ PUBLIC_PATHS = frozenset({"/health", "/metrics"})  # everything else needs the A
 
 def create_app(service: Service) -> FastAPI:
     """The app serving `service`; its lifespan runs the scheduler loop (`async with service`)."""
-    metrics = ServerMetrics(service.scheduler)
+    metrics = ServerMetrics(service.scheduler, service.actor_failures)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -254,6 +254,7 @@ class Generation:
 
     def _record(self) -> None:
         if self.failed:
+            self.metrics.on_request_failed()
             return
         h = self.handle
         self.metrics.on_request_end(self.finish_reason, self.prompt_tokens, self.completion_tokens, h.created,

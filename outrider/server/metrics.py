@@ -11,7 +11,10 @@ Request-level series (tokens, finish reasons, latencies) are recorded once per r
 """
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from outrider.scheduler.policy import MAX_DRAFT
@@ -26,8 +29,12 @@ _TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3
 
 
 class ServerMetrics:
-    def __init__(self, scheduler: AsyncScheduler) -> None:
+    def __init__(self, scheduler: AsyncScheduler,
+                 actor_failures: Callable[[], dict[str, int]] = dict) -> None:
+        """actor_failures: failures seen so far per role (actors that died, hung or raised), for the counter
+        `outrider:actor_failures_total{role}`."""
         self.registry = r = CollectorRegistry()
+        r.register(_ActorFailures(actor_failures))
         self.num_drafts = Counter(P + "spec_decode_num_drafts", "Rounds that drafted >= 1 token, summed over "
                                   "sequences", registry=r)
         self.num_draft_tokens = Counter(P + "spec_decode_num_draft_tokens", "Draft tokens proposed", registry=r)
@@ -42,6 +49,7 @@ class ServerMetrics:
         waiting.set_function(lambda: scheduler.queue_depth)
         self.success = Counter(P + "request_success", "Finished requests by finish reason", ["finished_reason"],
                                registry=r)
+        self.failure = Counter(P + "request_failure", "Requests ended by an engine or actor failure", registry=r)
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter(P + "generation_tokens", "Generated tokens of finished requests",
                                          registry=r)
@@ -75,5 +83,23 @@ class ServerMetrics:
             if completion_tokens > 1:
                 self.tpot.observe((finished_at - first_token_at) / (completion_tokens - 1))
 
+    def on_request_failed(self) -> None:
+        self.failure.inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ActorFailures:
+    """A counter read from the actors' recovery state at scrape time."""
+
+    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(P + "actor_failures", "Actor calls that failed (died, hung or raised); "
+                                     "the actor restarts, a draft's failure only pauses speculation",
+                                     labels=["role"])
+        for role, count in self.read().items():
+            family.add_metric([role], count)
+        yield family
