@@ -75,6 +75,22 @@ def test_seeded_sampling_is_the_same_batched_or_alone(target, draft):
     assert got == spec_alone
 
 
+def test_seeded_sampling_does_not_depend_on_the_speculation_gate(target, draft):
+    """The gate switches drafting per batch by measured speed; a seeded request drafts in every round anyway,
+    so its tokens cannot depend on load. Unseeded and greedy requests follow the gate."""
+    class Alternating(SpeculationGate):
+        def speculate(self, batch_size: int) -> bool:
+            self.flip = not getattr(self, "flip", False)
+            return self.flip
+
+    seeded = [Request(p, 15, SamplingParams(temperature=0.9, seed=200 + i)) for i, p in enumerate(PROMPTS[:4])]
+    greedy = [Request(p, 15) for p in PROMPTS[4:8]]
+    engine = serving_engine(target, draft)
+    got = asyncio.run(run_all(AsyncScheduler(engine, gate=Alternating()), seeded + greedy))
+    assert got[:4] == [serving_engine(target, draft, slots=1).generate(r).generated for r in seeded]
+    assert got[4:] == [alone(target, r.prompt_ids, 15) for r in greedy]
+
+
 def test_cancel_mid_stream_frees_kv_in_both_models(target, draft):
     engine = serving_engine(target, draft, slots=2)
 

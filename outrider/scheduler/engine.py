@@ -140,7 +140,8 @@ class Engine:
     # -- one round for a batch of sequences ----------------------------------------------------------------
 
     def step(self, seqs: list[Sequence], speculate: bool = True) -> list[list[int]]:
-        """One round for every sequence; speculate=False makes it a plain decode step (k = 0 for all)."""
+        """One round for every sequence; speculate=False makes it a plain decode step (k = 0), except for
+        seeded sampled sequences, which always draft (see `_always_drafts`)."""
         drafts, draft_time = self._draft(seqs, speculate)
         t0 = time.perf_counter()
         logits = self.target.score([s.slot for s in seqs], [[s.tokens[-1]] + d.tokens for s, d in zip(seqs, drafts)])
@@ -150,7 +151,7 @@ class Engine:
 
     def _draft(self, seqs: list[Sequence], speculate: bool) -> tuple[list[Draft], float]:
         t0 = time.perf_counter()
-        ks = [min(s.policy.next_k(), self._room(s)) if speculate else 0 for s in seqs]
+        ks = [min(s.policy.next_k(), self._room(s)) if speculate or _always_drafts(s) else 0 for s in seqs]
         if self.drafter is None or not any(ks):
             return [Draft([], None) for _ in seqs], 0.0
         requests = [DraftRequest(s.seq_id, s.tokens, k, s.request.params, s.generator) for s, k in zip(seqs, ks)]
@@ -206,3 +207,12 @@ class Engine:
         bad = [t for t in request.prompt_ids if not 0 <= t < self.target.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.target.vocab_size - 1})")
+
+
+def _always_drafts(seq: Sequence) -> bool:
+    """A seeded sampled sequence drafts in every round, whatever the speculation gate decides for the batch.
+    Whether a round drafts changes which random numbers a sequence's tokens consume, and a seed promises the
+    same tokens whatever else is batched alongside. Greedy output does not depend on it; an unseeded sampled
+    sequence promises only the distribution, which both kinds of round give exactly."""
+    params = seq.request.params
+    return params.seed is not None and not params.greedy
