@@ -94,7 +94,7 @@ def test_held_back_rounds_ride_on_the_next_chunk(http):
 
 
 def test_a_stop_string_at_the_start_puts_every_id_on_the_final_chunk(http):
-    """The stop string begins the text: no text chunk at all; the rounds up to the one completing it ride on
+    """The stop string begins the text: no text chunk at all; the tokens up to the one completing it ride on
     the finish chunk, exactly as many as usage counts and the same as non-streamed."""
     base = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
     full = whole(http, "/v1/completions", base)["choices"][0]["text"]
@@ -106,6 +106,18 @@ def test_a_stop_string_at_the_start_puts_every_id_on_the_final_chunk(http):
     assert finish["choices"][0]["finish_reason"] == "stop" and all(c["choices"][0]["text"] == "" for c in chunks[:-1])
     assert finish["choices"][0]["token_ids"] == chunk_ids(chunks) == ref["choices"][0]["token_ids"]
     assert 0 < len(ref["choices"][0]["token_ids"]) == usage["usage"]["completion_tokens"]
+
+
+def test_with_a_stop_string_the_ids_end_at_the_token_that_completes_it(http, server):
+    """Not at the end of the round that held it: how many tokens a round commits depends on speculation (and so
+    on load), the ids must not."""
+    base = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    full = whole(http, "/v1/completions", base)["choices"][0]
+    stop = full["text"][10:13]
+    ids = whole(http, "/v1/completions", base | {"stop": [stop]})["choices"][0]["token_ids"]
+    decode = server[1].tokenizer.decode
+    assert stop in decode(ids) and stop not in decode(ids[:-1])
+    assert ids == full["token_ids"][:len(ids)]
 
 
 @pytest.mark.parametrize("path, prompt", CASES, ids=["completions", "chat"])

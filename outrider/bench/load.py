@@ -273,6 +273,7 @@ class LoadReport:
     duplicated: int = 0
     out_of_order: int = 0
     mismatched: int = 0  # completed streams whose text or ids differ from the reference
+    text_mismatched: int = 0  # of which the text differs (else only the ids do)
     usage_mismatched: int = 0  # completed streams whose usage.completion_tokens is not their token count
     tokens: int = 0
     ttft_s: list[float] = field(default_factory=list)
@@ -299,6 +300,7 @@ class LoadReport:
         if not missing and not extra:
             self.out_of_order += sum(a != b for a, b in zip(ref.token_ids, s.token_ids))
         self.mismatched += int(s.text != ref.text or s.token_ids != ref.token_ids)
+        self.text_mismatched += int(s.text != ref.text)
         self.usage_mismatched += int(s.usage_tokens != len(s.token_ids))
         self.tokens += len(s.token_ids)
         self.e2e_s.append(s.done_at - s.sent_at)
@@ -311,7 +313,8 @@ class LoadReport:
         return {"ok": self.ok, "requests": self.requests, "concurrency": self.concurrency, "distinct": self.distinct,
                 "completed": self.completed, "failed": self.failed, "failed_by_reason": dict(self.failed_by_reason),
                 "lost": self.lost, "duplicated": self.duplicated, "out_of_order": self.out_of_order,
-                "mismatched": self.mismatched, "usage_mismatched": self.usage_mismatched, "tokens": self.tokens,
+                "mismatched": self.mismatched, "text_mismatched": self.text_mismatched,
+                "usage_mismatched": self.usage_mismatched, "tokens": self.tokens,
                 "seconds": round(self.seconds, 3), "ttft_ms": percentiles_ms(self.ttft_s),
                 "tpot_ms": percentiles_ms(self.tpot_s), "e2e_ms": percentiles_ms(self.e2e_s),
                 "tokens_per_s": round(self.tokens / self.seconds, 2) if self.seconds else None,
@@ -325,7 +328,8 @@ class LoadReport:
                 f"{j['concurrency']} in {j['seconds']} s\n"
                 f"  completed {j['completed']}, failed {j['failed']} {j['failed_by_reason'] or ''}\n"
                 f"  tokens: lost {j['lost']}, duplicated {j['duplicated']}, out of order {j['out_of_order']}; "
-                f"streams mismatched {j['mismatched']}, usage mismatched {j['usage_mismatched']}\n"
+                f"streams mismatched {j['mismatched']} (text {j['text_mismatched']}), "
+                f"usage mismatched {j['usage_mismatched']}\n"
                 f"{lat}\n  throughput {j['tokens_per_s']} tokens/s, {j['requests_per_s']} requests/s")
 
 

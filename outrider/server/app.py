@@ -203,7 +203,7 @@ class Generation:
         self.is_disconnected = is_disconnected
         self.return_ids = return_ids
         # Ids as received, not `handle.token_ids`: the engine may already hold later rounds than we consumed.
-        # With a stop string: up to and including the round that completed it.
+        # With a stop string: up to and including the token that completed it.
         self.token_ids: list[int] = []
         self.ids_taken = 0  # token_ids[:ids_taken] went out in earlier chunks
         self.failed = False
@@ -221,8 +221,7 @@ class Generation:
         handle on the way out (a no-op when it finished), so an abandoned request frees its KV."""
         try:
             async for ids in self.handle:
-                self.token_ids += ids
-                if text := self.stops.push(self.decoder.push(ids)):
+                if text := self._take(ids):
                     yield text
                 if self.stops.hit or await self.is_disconnected():
                     return
@@ -234,6 +233,17 @@ class Generation:
         finally:
             self.handle.cancel()
             self._record()
+
+    def _take(self, ids: list[int]) -> str:
+        """A round's tokens, one at a time up to the one that completes a stop string: the ids kept then do not
+        depend on how many tokens the round happened to commit (speculation varies that)."""
+        text = ""
+        for token in ids:
+            self.token_ids.append(token)
+            text += self.stops.push(self.decoder.push([token]))
+            if self.stops.hit:
+                break
+        return text
 
     @property
     def finish_reason(self) -> str:
