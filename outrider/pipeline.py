@@ -101,8 +101,7 @@ class Pipeline:
                 raise ValueError(f"strategy {strategy!r} needs a draft model; pass --draft")
             ctx = StrategyContext(self.draft, self.options.k, self.options.adaptive, 1, self.options.max_seq_len,
                                   draft_kept_ids=self.draft_kept_ids)
-            drafter, policy = s.build(ctx)
-            self.engines[strategy] = Engine(LocalTarget(self.target, 1, self.options.max_seq_len), drafter, policy)
+            self.engines[strategy] = Engine(LocalTarget(self.target, 1, self.options.max_seq_len), *s.build(ctx))
         return self.engines[strategy]
 
     def render(self, prompt: str, chat: bool) -> str:

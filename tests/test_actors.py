@@ -235,3 +235,14 @@ def test_a_model_that_fails_to_load_in_its_actor_is_one_clear_error(pair, cluste
     while ray.available_resources().get("CPU", 0) < 8:
         assert time.monotonic() < wait, ray.available_resources()
         time.sleep(0.1)
+
+
+def test_pearl_through_actors_equals_the_in_process_engine(pair, cluster, in_process):
+    """Overlapped rounds: the draft actor drafts the next block while the target actor verifies."""
+    p = profile(pair, "ray", speculation_gate=False)
+    service = Service.start(p.model_copy(update={"strategy": p.strategy.model_copy(update={"name": "pearl"})}))
+    try:
+        assert generate_all(service, [SamplingParams()] * 16) == in_process
+        assert service.kv_slots_in_use() == {"target": [0], "draft": 0}
+    finally:
+        service.shutdown()

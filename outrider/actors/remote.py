@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import ray
@@ -26,7 +27,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from outrider.actors.worker import TreeRows, from_wire
 from outrider.runtime.loading import parse_dtype
-from outrider.scheduler.drafters import Draft, DraftRequest
+from outrider.scheduler.drafters import NO_DRAFT, Draft, DraftRequest
 
 log = logging.getLogger(__name__)
 
@@ -230,23 +231,36 @@ class ActorDrafter:
                     self.recovery.failed(e)
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        return self.submit(requests)()
+
+    def submit(self, requests: list[DraftRequest]) -> Callable[[], list[Draft]]:
+        """Send the proposal call and return what waits for it: the actor drafts while the caller goes on (the
+        target verifying, in overlapped rounds). A lost draft gives empty drafts, which is lossless: the
+        sequences' generators advance only when a reply arrives."""
+        none = [NO_DRAFT] * len(requests)
         if not self.recovery.ready():
-            return [Draft([], None) for _ in requests]  # plain decoding until the draft is back
+            return lambda: none  # plain decoding until the draft is back
         wire = [{"seq_id": r.seq_id, "tokens": r.tokens, "k": r.k, "params": r.params,
                  "rng": None if r.generator is None else r.generator.get_state().numpy()} for r in requests]
-        try:
-            replies = self.recovery.get(self.actor.propose.remote(wire))
-        except Exception as e:  # noqa: BLE001 — the generators were not advanced: drafting nothing is lossless
-            if self.recovery.probe is None:  # the call raised: the draft's state may be half-updated, so reset
-                self.recovery.failed(e)
-            return [Draft([], None) for _ in requests]
-        drafts = []
-        for r, reply in zip(requests, replies):
-            if reply["rng"] is not None:
-                r.generator.set_state(torch.from_numpy(np.array(reply["rng"], dtype=np.uint8)))
-            probs = None if reply["probs"] is None else torch.from_numpy(np.array(reply["probs"]))
-            drafts.append(Draft(reply["tokens"], probs))
-        return drafts
+        ref = self.actor.propose.remote(wire)
+
+        def collect() -> list[Draft]:
+            try:
+                replies = self.recovery.get(ref)
+            except Exception as e:  # noqa: BLE001
+                if self.recovery.probe is None:  # the call raised: the draft's state may be half-updated
+                    self.recovery.failed(e)
+                return none
+            return [self._unpack(r, reply) for r, reply in zip(requests, replies)]
+
+        return collect
+
+    @staticmethod
+    def _unpack(request: DraftRequest, reply: dict) -> Draft:
+        if reply["rng"] is not None:
+            request.generator.set_state(torch.from_numpy(np.array(reply["rng"], dtype=np.uint8)))
+        probs = None if reply["probs"] is None else torch.from_numpy(np.array(reply["probs"]))
+        return Draft(reply["tokens"], probs)
 
     def release(self, seq_id: int) -> None:
         self.actor.release.remote(seq_id)

@@ -7,7 +7,7 @@ after a rejection is the same code as catching up after a bonus token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -18,7 +18,7 @@ from outrider.scheduler.sampling import SamplingParams, sample, warp
 @dataclass
 class DraftRequest:
     seq_id: int
-    tokens: list[int]  # committed tokens, prompt included; tokens[-1] is pending (not yet scored by the target)
+    tokens: list[int]  # committed tokens, prompt included (then any window drafted ahead); tokens[-1] is pending
     k: int  # tokens wanted
     params: SamplingParams
     generator: torch.Generator | None
@@ -30,6 +30,9 @@ class Draft:
     probs: torch.Tensor | None  # [k', vocab] the q rows the tokens were drawn from; None = deterministic proposals
 
 
+NO_DRAFT = Draft([], None)
+
+
 class Drafter(Protocol):
     def prefill(self, seq_id: int, tokens: list[int]) -> None: ...  # a new sequence's prompt (optional warm-up)
 
@@ -38,6 +41,16 @@ class Drafter(Protocol):
     def release(self, seq_id: int) -> None: ...  # the sequence finished or was cancelled: free its state
 
     def slots_in_use(self) -> int: ...  # sequences holding KV in the drafter (0 for stateless drafters)
+
+
+def start_proposals(drafter: Drafter, requests: list[DraftRequest]) -> Callable[[], list[Draft]]:
+    """Start drafting and return what waits for the drafts. A drafter hosted elsewhere (an actor: `submit`)
+    drafts meanwhile, so the caller can run the target at the same time; one in this process drafts now."""
+    submit = getattr(drafter, "submit", None)
+    if submit is not None:
+        return submit(requests)
+    drafts = drafter.propose(requests)
+    return lambda: drafts
 
 
 class PromptLookupDrafter:

@@ -15,11 +15,11 @@ import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 
-from outrider.scheduler.drafters import Draft, Drafter, DraftRequest
+from outrider.scheduler.drafters import NO_DRAFT, Draft, Drafter, DraftRequest
 from outrider.scheduler.policy import MAX_DRAFT, DraftPolicy, FixedK
 from outrider.scheduler.sampling import SamplingParams, warp
 from outrider.scheduler.target import TargetModel
@@ -75,6 +75,7 @@ class Sequence:
     generator: torch.Generator
     stats: SpecStats = field(default_factory=SpecStats)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    window: Draft = NO_DRAFT  # drafts proposed ahead of `tokens`, verified next round (overlapped rounds only)
 
     @property
     def generated(self) -> list[int]:
@@ -85,12 +86,20 @@ class Sequence:
         return self.finish_reason is not None
 
 
+class Rounds(Protocol):
+    """How one round's phases are ordered: draft then verify (`DraftThenVerify`), or the next round's draft
+    while this round verifies (`outrider.scheduler.pearl.Overlapped`). The phases themselves are the Engine's."""
+
+    def run(self, engine: "Engine", seqs: list[Sequence], speculate: bool) -> list[list[int]]: ...
+
+
 class Engine:
     def __init__(self, target: TargetModel, drafter: Drafter | None = None,
-                 policy: Callable[[], DraftPolicy] | None = None):
+                 policy: Callable[[], DraftPolicy] | None = None, rounds: Rounds | None = None):
         self.target = target
         self.drafter = drafter
         self.new_policy = policy or (lambda: FixedK(3 if drafter else 0))
+        self.rounds = rounds or DraftThenVerify()
         self._ids = itertools.count()
 
     # -- lifecycle of one sequence -------------------------------------------------------------------------
@@ -142,45 +151,64 @@ class Engine:
     def step(self, seqs: list[Sequence], speculate: bool = True) -> list[list[int]]:
         """One round for every sequence; speculate=False makes it a plain decode step (k = 0), except for
         seeded sampled sequences, which always draft (see `_always_drafts`)."""
-        drafts, draft_time = self._draft(seqs, speculate)
-        t0 = time.perf_counter()
-        logits = self.target.score([s.slot for s in seqs], [[s.tokens[-1]] + d.tokens for s, d in zip(seqs, drafts)])
-        results = [self._verify(s, d, row) for s, d, row in zip(seqs, drafts, logits)]
-        verify_time = time.perf_counter() - t0
-        return [self._commit(s, d, r, draft_time, verify_time) for s, d, r in zip(seqs, drafts, results)]
+        return self.rounds.run(self, seqs, speculate)
 
-    def _draft(self, seqs: list[Sequence], speculate: bool) -> tuple[list[Draft], float]:
-        t0 = time.perf_counter()
-        ks = [min(s.policy.next_k(), self._room(s)) if speculate or _always_drafts(s) else 0 for s in seqs]
-        if self.drafter is None or not any(ks):
-            return [Draft([], None) for _ in seqs], 0.0
-        requests = [DraftRequest(s.seq_id, s.tokens, k, s.request.params, s.generator) for s, k in zip(seqs, ks)]
-        return self.drafter.propose(requests), time.perf_counter() - t0
+    # -- the phases a round is made of (`Rounds` orders them) ----------------------------------------------
+
+    def draft_requests(self, seqs: list[Sequence], ks: list[int]) -> list[DraftRequest]:
+        """What to ask the drafter: each sequence's tokens (with its window, if one was drafted ahead) and k."""
+        return [DraftRequest(s.seq_id, s.tokens + s.window.tokens, k, s.request.params, s.generator)
+                for s, k in zip(seqs, ks)]
+
+    def draft_lengths(self, seqs: list[Sequence], speculate: bool, extra: int = 0) -> list[int]:
+        """Tokens to draft per sequence this round: the policy's k (+ `extra`), 0 when the round does not
+        draft for it, never past max_tokens."""
+        if self.drafter is None:
+            return [0] * len(seqs)
+        return [min(s.policy.next_k() + extra, self._room(s)) if self.drafts(s, speculate) else 0 for s in seqs]
+
+    @staticmethod
+    def drafts(seq: Sequence, speculate: bool) -> bool:
+        """Whether the sequence drafts in a round the gate marked `speculate`."""
+        return speculate or _always_drafts(seq)
+
+    def score(self, seqs: list[Sequence], drafts: list[Draft]) -> list[torch.Tensor]:
+        """One target forward: each sequence's pending token and its drafts."""
+        return self.target.score([s.slot for s in seqs], [[s.tokens[-1]] + d.tokens for s, d in zip(seqs, drafts)])
+
+    def verify(self, seq: Sequence, drafted: list[int], probs: torch.Tensor | None,
+               logits: torch.Tensor) -> VerifyResult:
+        """Accept a prefix of `drafted` against the target rows `logits`. With as many rows as drafts (the
+        last draft scored by the row after the others) there is no bonus row: all accepted adds no extra."""
+        tokens = torch.tensor(drafted, dtype=torch.long)  # [k]
+        bonus = logits.shape[0] == len(drafted) + 1
+        if not bonus:  # a stand-in bonus row; the token it yields is dropped below
+            logits = torch.cat([logits, logits[-1:]])
+        params = seq.request.params
+        result = (verify_greedy(logits, tokens) if params.greedy
+                  else verify_chain(warp(logits, params), tokens, probs, seq.generator))
+        if not bonus and result.num_accepted == len(drafted):
+            result = VerifyResult(result.num_accepted, result.tokens[:-1])
+        return result
+
+    def commit(self, seq: Sequence, scored: int, proposed: int, result: VerifyResult, draft_time: float,
+               verify_time: float, cost: float | None = None) -> list[int]:
+        """Keep the target K/V of the pending token and the accepted drafts among the `scored` draft rows this
+        round appended, roll back the rest, and commit the accepted tokens and the extra one."""
+        kept_kv = self.target.length(seq.slot) - scored + min(result.num_accepted, scored)
+        self.target.truncate(seq.slot, kept_kv)  # roll back the target K/V of rejected drafts
+        new = self._clip(seq, result.tokens)
+        seq.tokens += new
+        seq.stats.record(proposed, result.num_accepted)
+        seq.stats.new_tokens += len(new)
+        seq.stats.draft_seconds += draft_time
+        seq.stats.verify_seconds += verify_time
+        seq.policy.update(proposed, result.num_accepted, cost)
+        return new
 
     def _room(self, seq: Sequence) -> int:
         """Drafting past max_tokens wastes work: at most (tokens still allowed − 1) drafts."""
         return max(0, min(MAX_DRAFT, seq.request.max_tokens - len(seq.generated) - 1))
-
-    def _verify(self, seq: Sequence, draft: Draft, logits: torch.Tensor) -> VerifyResult:
-        drafted = torch.tensor(draft.tokens, dtype=torch.long)  # [k]
-        params = seq.request.params
-        if params.greedy:
-            return verify_greedy(logits, drafted)
-        return verify_chain(warp(logits, params), drafted, draft.probs, seq.generator)
-
-    def _commit(self, seq: Sequence, draft: Draft, result: VerifyResult, draft_time: float,
-                verify_time: float) -> list[int]:
-        kept_kv = self.target.length(seq.slot) - len(draft.tokens) + result.num_accepted
-        self.target.truncate(seq.slot, kept_kv)  # roll back the target K/V of rejected drafts
-        new = self._clip(seq, result.tokens)
-        seq.tokens += new
-        seq.stats.record(len(draft.tokens), result.num_accepted)
-        seq.stats.new_tokens += len(new)
-        seq.stats.draft_seconds += draft_time
-        seq.stats.verify_seconds += verify_time
-        cost = draft_time / len(draft.tokens) / verify_time if draft.tokens and verify_time > 0 else None
-        seq.policy.update(len(draft.tokens), result.num_accepted, cost)
-        return new
 
     def _clip(self, seq: Sequence, tokens: list[int]) -> list[int]:
         """Cut at the first stop token (kept) and at max_tokens; set the finish reason."""
@@ -207,6 +235,28 @@ class Engine:
         bad = [t for t in request.prompt_ids if not 0 <= t < self.target.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.target.vocab_size - 1})")
+
+
+class DraftThenVerify:
+    """The classic round: the drafter proposes k tokens, then one target forward scores them all."""
+
+    def run(self, engine: Engine, seqs: list[Sequence], speculate: bool) -> list[list[int]]:
+        t0 = time.perf_counter()
+        ks = engine.draft_lengths(seqs, speculate)
+        drafts = engine.drafter.propose(engine.draft_requests(seqs, ks)) if any(ks) else [NO_DRAFT] * len(seqs)
+        draft_time = time.perf_counter() - t0 if any(ks) else 0.0
+        t0 = time.perf_counter()
+        logits = engine.score(seqs, drafts)
+        results = [engine.verify(s, d.tokens, d.probs, rows) for s, d, rows in zip(seqs, drafts, logits)]
+        verify_time = time.perf_counter() - t0
+        return [engine.commit(s, len(d.tokens), len(d.tokens), r, draft_time, verify_time,
+                              _cost(draft_time, len(d.tokens), verify_time))
+                for s, d, r in zip(seqs, drafts, results)]
+
+
+def _cost(draft_time: float, drafted: int, verify_time: float) -> float | None:
+    """Draft time per token relative to one verify (the adaptive policy's c)."""
+    return draft_time / drafted / verify_time if drafted and verify_time > 0 else None
 
 
 def _always_drafts(seq: Sequence) -> bool:

@@ -11,6 +11,8 @@ import torch
 
 from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import Drafter, ModelDrafter, PromptLookupDrafter
+from outrider.scheduler.engine import DraftThenVerify, Rounds
+from outrider.scheduler.pearl import Overlapped
 from outrider.scheduler.policy import AdaptiveK, DraftPolicy, FixedK
 
 
@@ -32,15 +34,16 @@ class Strategy:
     lossless: bool
     make_drafter: Callable[[StrategyContext], Drafter | None]
     description: str
+    rounds: Callable[[], Rounds] = DraftThenVerify  # how a round orders drafting and verifying
 
-    def build(self, ctx: StrategyContext) -> tuple[Drafter | None, Callable[[], DraftPolicy]]:
-        """The drafter and a factory of per-sequence draft-length policies."""
+    def build(self, ctx: StrategyContext) -> tuple[Drafter | None, Callable[[], DraftPolicy], Rounds]:
+        """The Engine's parts: the drafter, a factory of per-sequence draft-length policies, the round order."""
         drafter = self.make_drafter(ctx)
         if drafter is None:
-            return None, lambda: FixedK(0)
+            return None, lambda: FixedK(0), self.rounds()
         if ctx.adaptive:
-            return drafter, lambda: AdaptiveK(k_max=max(ctx.k, 1))
-        return drafter, lambda: FixedK(ctx.k)
+            return drafter, lambda: AdaptiveK(k_max=max(ctx.k, 1)), self.rounds()
+        return drafter, lambda: FixedK(ctx.k), self.rounds()
 
 
 def _model_drafter(ctx: StrategyContext) -> Drafter:
@@ -54,6 +57,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
     Strategy("autoregressive", False, True, lambda ctx: None, "plain decoding with the target alone"),
     Strategy("vanilla", True, True, _model_drafter, "a draft model proposes a chain of k tokens"),
     Strategy("prompt-lookup", False, True, lambda ctx: PromptLookupDrafter(), "n-gram drafts from the context"),
+    Strategy("pearl", True, True, _model_drafter, "PEARL: the draft model drafts the next block while the target "
+             "verifies this one (pre-/post-verify; overlaps when the draft runs in its own actor)", Overlapped),
 ]}
 
 
