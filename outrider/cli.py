@@ -24,6 +24,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--draft-vocab", default=None,
                    help="VocabTrim file from `outrider vocab-trim`: the draft drafts only these tokens (lossless)")
+    p.add_argument("--draft-actor", action="store_true",
+                   help="run the draft in a Ray actor on its own core (the target keeps one thread), so drafting "
+                        "can overlap verification (the pearl strategy)")
+    p.add_argument("--draft-group", type=int, default=2,
+                   help="easyspec: draft layers run in parallel per group (1 = sequential drafting)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +44,7 @@ def model_options(a: argparse.Namespace):
     from outrider.pipeline import ModelOptions
 
     return ModelOptions(a.target, a.draft, a.dtype, a.target_weights, a.draft_weights, a.max_seq_len, a.device,
-                        a.draft_k, a.adaptive, a.draft_vocab)
+                        a.draft_k, a.adaptive, a.draft_vocab, a.draft_group, a.draft_actor)
 
 
 def sampling_params(a: argparse.Namespace):
@@ -130,6 +135,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
     for name, value in BENCH_MODE_DEFAULTS.get(a.mode, {}).items():
         if getattr(a, name) is None:
             setattr(a, name, value)
+    if a.mode == "overlap":
+        from outrider.bench.overlap import run_overlap_bench
+
+        return run_overlap_bench(a)
     if a.mode == "load":
         from outrider.bench.load import run_load_bench
 
@@ -182,14 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
 
     b = sub.add_parser("bench", help="measure strategies and peers on prompt sets, or serving under concurrency")
-    b.add_argument("mode", nargs="?", choices=["strategies", "serving", "load", "transport", "kernels"],
+    b.add_argument("mode", nargs="?", choices=["strategies", "serving", "load", "transport", "kernels", "overlap"],
                    default="strategies",
                    help="strategies: decoding methods one request at a time (default); serving: a profile under "
                         "concurrent load, actors against in-process; load: `outrider serve` under bounded HTTP "
                         "load, every stream checked token by token (--url, or --profile to start one); "
                         "transport: per-round actor overhead alone; kernels: linear-layer cost against rows scored, "
-                        "per weight format")
+                        "per weight format; overlap: a draft block in its actor against a verify, alone and "
+                        "together (whether PEARL's overlapped rounds can pay on this machine)")
     from outrider.bench.load import add_load_args
+    from outrider.bench.overlap import add_overlap_args
     from outrider.bench.run import add_bench_args
     from outrider.bench.serving import add_serving_args
     from outrider.bench.kernels import add_kernel_args
@@ -200,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_transport_args(b)
     add_kernel_args(b)
     add_load_args(b)
+    add_overlap_args(b)
     add_model_args(b)
     add_sampling_args(b)
     b.set_defaults(func=cmd_bench, max_tokens=64, requests=None, concurrency=None)  # None: BENCH_MODE_DEFAULTS

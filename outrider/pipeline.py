@@ -34,10 +34,16 @@ class ModelOptions:
     k: int = 3  # k + 1 = 4 verify rows: one attention tile, and below the int4/int8 kernels' 5-row cliff
     adaptive: bool = False
     draft_vocab: str | None = None  # a VocabTrim file: the draft's head keeps only these tokens
+    draft_group: int = 2  # EasySpec: draft layers per parallel group
+    # The draft in a Ray actor (its own process and core; the target keeps one thread): drafting can then run
+    # while the target verifies, which is what PEARL's overlapped rounds need to be faster.
+    draft_actor: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_DRAFT:
             raise ValueError(f"--draft-k must be in 1..{MAX_DRAFT}, got {self.k}")
+        if self.draft_group < 1:
+            raise ValueError(f"--draft-group must be >= 1 (1 = sequential drafting), got {self.draft_group}")
         if self.max_seq_len < 16:
             raise ValueError(f"max_seq_len must be >= 16, got {self.max_seq_len}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -74,15 +80,18 @@ class Pipeline:
     load_seconds: float
     engines: dict[str, Engine] = field(default_factory=dict)
     draft_kept_ids: torch.Tensor | None = None  # [n] after VocabTrim
+    hosted_drafter: object | None = None  # an ActorDrafter with --draft-actor
 
     @classmethod
     def load(cls, options: ModelOptions, need_draft: bool = True) -> "Pipeline":
-        torch.set_num_threads(THREADS)
+        torch.set_num_threads(1 if options.draft_actor and need_draft else THREADS)
         t0 = time.perf_counter()
         target, ckpt = load_model(options.target, options.dtype, options.target_weights, options.device,
                                   options.max_seq_len)
-        draft = None
-        if need_draft:
+        draft = hosted = None
+        if need_draft and options.draft_actor:
+            hosted = _draft_actor(options, target.config.vocab_size)
+        elif need_draft:
             draft, _ = load_model(options.draft, options.dtype, options.draft_weights, options.device,
                                   options.max_seq_len, batch_invariant=False)
             check_vocabularies(target.config.vocab_size, draft.config.vocab_size, options.target, options.draft)
@@ -92,15 +101,16 @@ class Pipeline:
             trim_head(draft, vocab)
             kept = vocab.ids
         return cls(options, Tokenizer.load(ckpt.tokenizer_source), target, draft, time.perf_counter() - t0,
-                   draft_kept_ids=kept)
+                   draft_kept_ids=kept, hosted_drafter=hosted)
 
     def engine(self, strategy: str) -> Engine:
         if strategy not in self.engines:
             s = get_strategy(strategy)
-            if s.needs_draft_model and self.draft is None:
+            if s.needs_draft_model and self.draft is None and self.hosted_drafter is None:
                 raise ValueError(f"strategy {strategy!r} needs a draft model; pass --draft")
             ctx = StrategyContext(self.draft, self.options.k, self.options.adaptive, 1, self.options.max_seq_len,
-                                  draft_kept_ids=self.draft_kept_ids)
+                                  hosted_drafter=self.hosted_drafter, draft_kept_ids=self.draft_kept_ids,
+                                  draft_group=self.options.draft_group)
             self.engines[strategy] = Engine(LocalTarget(self.target, 1, self.options.max_seq_len), *s.build(ctx))
         return self.engines[strategy]
 
@@ -123,6 +133,24 @@ class Pipeline:
     def with_options(self, **changes) -> "Pipeline":
         """Same loaded models, other engine knobs (k, adaptive)."""
         return replace(self, options=replace(self.options, **changes), engines={})
+
+
+def _draft_actor(options: ModelOptions, target_vocab: int):
+    """The draft model in a Ray actor on one CPU with one thread (a local cluster unless RAY_ADDRESS is set)."""
+    import ray
+
+    from outrider.actors.placement import connect
+    from outrider.actors.remote import ActorDrafter
+    from outrider.actors.worker import DraftWorker, ModelSource
+
+    if options.draft_vocab:
+        raise ValueError("--draft-vocab is not supported with --draft-actor yet")
+    connect()
+    source = ModelSource(options.draft, options.dtype, options.draft_weights, "cpu", options.max_seq_len,
+                         batch_invariant=False)
+    actor = ray.remote(DraftWorker).options(num_cpus=1, max_concurrency=1).remote(source, 1, options.max_seq_len, 1)
+    check_vocabularies(target_vocab, ray.get(actor.info.remote())["vocab_size"], options.target, options.draft)
+    return ActorDrafter(actor, overlap_prefill=True)
 
 
 def check_vocabularies(target_vocab: int, draft_vocab: int, target: str, draft: str) -> None:

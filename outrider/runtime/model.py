@@ -134,6 +134,22 @@ class Transformer:
             part = tokens[i:i + chunk]
             self.forward(ForwardBatch.chain([slot], [part], [cache.lengths[slot]], self.device), cache, no_logits)
 
+    def forward_grouped(self, batch: ForwardBatch, cache: KVCache, groups: list[range], whole_layers: bool = False,
+                        logits_rows: torch.Tensor | None = None) -> "ForwardOutput":
+        """`forward` with the layers in consecutive `groups` (covering 0..num_layers-1) whose members run in
+        parallel from the group's input (`_parallel_group`); a group of one layer is that layer, exact. With every
+        group a single layer this is `forward`, bit for bit."""
+        assert [i for g in groups for i in g] == list(range(self.num_layers)), groups
+        starts = [cache.lengths[s] for s in batch.slots]
+        self._check_positions(batch, cache, starts)
+        h = self.embed(batch.token_ids)
+        ctx = self._context(batch, cache, starts)
+        for group in groups:
+            h = self._layer(group[0], h, ctx) if len(group) == 1 else self._parallel_group(group, h, ctx, whole_layers)
+        for slot, rows in zip(batch.slots, batch.num_rows):
+            cache.advance(slot, rows)
+        return ForwardOutput(self.logits(h if logits_rows is None else h[logits_rows]), {})
+
     # -- internals ---------------------------------------------------------------------------------------
 
     def _check_positions(self, batch: ForwardBatch, cache: KVCache, starts: list[int]) -> None:
@@ -143,6 +159,11 @@ class Transformer:
                              "raise max_seq_len or shorten the request")
 
     def _layer(self, index: int, h: torch.Tensor, ctx: "_Context") -> torch.Tensor:
+        h = h + self._attention(index, h, ctx)
+        return h + self._mlp(index, h)
+
+    def _attention(self, index: int, h: torch.Tensor, ctx: "_Context") -> torch.Tensor:
+        """Layer `index`'s attention residual branch from h [N, hidden]; writes the rows' K/V into the cache."""
         c, lw, batch = self.config, self.weights.layers[index], ctx.batch
         x = rms_norm(h, lw.input_norm, c.rms_norm_eps)
         qkv = lw.qkv(x)
@@ -155,10 +176,33 @@ class Transformer:
         for slot, start, kb, vb in zip(batch.slots, ctx.starts, k.split(batch.num_rows), v.split(batch.num_rows)):
             ctx.cache.write(index, slot, start, kb, vb)
         attn = ctx.plan.attend(q, *ctx.cache.layer(index), self.scale)
-        h = h + lw.o(attn.reshape(-1, q_size))
+        return lw.o(attn.reshape(-1, q_size))
+
+    def _mlp(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer `index`'s MLP residual branch from h [N, hidden]."""
+        c, lw = self.config, self.weights.layers[index]
         x = rms_norm(h, lw.post_norm, c.rms_norm_eps)
         gate, up = lw.gate_up(x).chunk(2, dim=-1)
-        return h + lw.down(F.silu(gate) * up)
+        return lw.down(F.silu(gate) * up)
+
+    def _parallel_group(self, group: range, h: torch.Tensor, ctx: "_Context", whole_layers: bool) -> torch.Tensor:
+        """EasySpec's approximation (ALGORITHMS 3.2): every layer of the group reads the group input h, so on N
+        devices they would run at once. Every member after the first reads the wrong input, so its K/V are
+        fuzzy, and so is everything after the group.
+
+        attention (variant A): a_j = Attn_j(h) for all j, then exactly chained h += a_j; h += MLP_j(h).
+        whole layers (variant B): Δ_j = a_j + MLP_j(h + a_j) for all j, then h += Σ_j Δ_j."""
+        if whole_layers:
+            deltas = []
+            for index in group:
+                a = self._attention(index, h, ctx)
+                deltas.append(a + self._mlp(index, h + a))
+            return h + torch.stack(deltas).sum(0)
+        branches = [self._attention(index, h, ctx) for index in group]
+        for index, a in zip(group, branches):
+            h = h + a
+            h = h + self._mlp(index, h)
+        return h
 
     def _context(self, batch: ForwardBatch, cache: KVCache, starts: list[int]) -> "_Context":
         plan_type = TiledPlan if self.batch_invariant else ExactPlan

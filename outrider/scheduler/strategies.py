@@ -11,6 +11,7 @@ import torch
 
 from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import Drafter, ModelDrafter, PromptLookupDrafter
+from outrider.scheduler.easyspec import LayerParallelDrafter
 from outrider.scheduler.engine import DraftThenVerify, Rounds
 from outrider.scheduler.pearl import Overlapped
 from outrider.scheduler.policy import AdaptiveK, DraftPolicy, FixedK
@@ -25,6 +26,7 @@ class StrategyContext:
     capacity: int
     hosted_drafter: Drafter | None = None  # a model drafter already running elsewhere (an actor) to use as is
     draft_kept_ids: torch.Tensor | None = None  # [n] the draft head's tokens after VocabTrim; None = all
+    draft_group: int = 2  # EasySpec: draft layers per parallel group (1 = sequential drafting)
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,24 @@ def _model_drafter(ctx: StrategyContext) -> Drafter:
     return ModelDrafter(ctx.draft_model, ctx.num_slots, ctx.capacity, kept_ids=ctx.draft_kept_ids)
 
 
+def _easyspec_drafter(ctx: StrategyContext) -> Drafter:
+    if ctx.hosted_drafter is not None:
+        raise ValueError("strategy 'easyspec' runs its layer-parallel drafter in the engine's process; a drafter "
+                         "hosted in an actor (--draft-actor, outrider serve) is not supported yet: drop "
+                         "--draft-actor, or serve with strategy 'vanilla'")
+    assert ctx.draft_model is not None
+    return LayerParallelDrafter(ctx.draft_model, ctx.num_slots, ctx.capacity, kept_ids=ctx.draft_kept_ids,
+                                group_size=ctx.draft_group)
+
+
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
     Strategy("autoregressive", False, True, lambda ctx: None, "plain decoding with the target alone"),
     Strategy("vanilla", True, True, _model_drafter, "a draft model proposes a chain of k tokens"),
     Strategy("prompt-lookup", False, True, lambda ctx: PromptLookupDrafter(), "n-gram drafts from the context"),
     Strategy("pearl", True, True, _model_drafter, "PEARL: the draft model drafts the next block while the target "
              "verifies this one (pre-/post-verify; overlaps when the draft runs in its own actor)", Overlapped),
+    Strategy("easyspec", True, True, _easyspec_drafter, "EasySpec: draft steps run the draft's layers in "
+             "parallel groups (--draft-group), then one exact pass recalibrates the draft KV each round"),
 ]}
 
 
