@@ -1,7 +1,8 @@
 """The one speculative loop: draft → verify → accept → roll back / commit both caches → emit.
 
 Plain autoregressive decoding is the same loop with no drafter (k = 0: the target scores just the pending
-token). Methods differ only in the `Drafter`, the `DraftPolicy` and where the `TargetModel` runs.
+token). Methods differ only in the `Drafter`, the `DraftPolicy`, where the `TargetModel` runs and the `Rounds`
+order of the phases (draft then verify, or PEARL's next draft during this verify).
 
 Bookkeeping, worked through once: a sequence's committed tokens are `tokens`; the last of them is *pending*:
 its K/V is not in the target cache yet, so the target cache holds len(tokens) − 1 positions. A round feeds
