@@ -101,6 +101,8 @@ class StrategySpec(_Closed):
     name: str = "vanilla"
     k: int = Field(3, ge=1, le=8, description="draft tokens per round (the upper bound when adaptive)")
     policy: Literal["fixed", "adaptive"] = "fixed"
+    draft_group: int = Field(2, ge=1, description="easyspec: draft layers run in parallel per group (1 = "
+                                                  "sequential drafting)")
 
     @field_validator("name")
     @classmethod

@@ -246,3 +246,15 @@ def test_pearl_through_actors_equals_the_in_process_engine(pair, cluster, in_pro
         assert service.kv_slots_in_use() == {"target": [0], "draft": 0}
     finally:
         service.shutdown()
+
+
+def test_easyspec_with_its_layer_groups_in_the_draft_actor_equals_the_in_process_engine(pair, cluster, in_process):
+    p = profile(pair, "ray", speculation_gate=False)
+    strategy = p.strategy.model_copy(update={"name": "easyspec", "draft_group": 2})
+    service = Service.start(p.model_copy(update={"strategy": strategy}))
+    try:
+        assert service.placed.drafter.layer_group == 2
+        assert generate_all(service, [SamplingParams()] * 16) == in_process
+        assert service.kv_slots_in_use() == {"target": [0], "draft": 0}
+    finally:
+        service.shutdown()

@@ -200,9 +200,9 @@ def test_strategy_builds_the_drafter_with_the_group_size(target):
     assert isinstance(drafter, LayerParallelDrafter) and drafter.groups == [range(0, 4)]
 
 
-def test_hosted_drafter_and_bad_settings_are_refused(target):
+def test_a_hosted_sequential_drafter_and_bad_settings_are_refused(target):
     ctx = StrategyContext(None, 3, False, 1, 256, hosted_drafter=ModelDrafter(target, capacity=256))
-    with pytest.raises(ValueError, match="easyspec.*not supported"):
+    with pytest.raises(ValueError, match="easyspec.*needs its draft actor placed for it"):
         get_strategy("easyspec").build(ctx)
     with pytest.raises(ValueError, match="variant"):
         LayerParallelDrafter(target, capacity=256, variant="mlp")

@@ -88,7 +88,8 @@ def place(profile: Profile, num_slots: int, capacity: int, draft_model: bool) ->
     try:
         timeout = profile.placement.call_timeout_s
         target = ActorTarget(actors[:len(profile.placement.target)], timeout)  # waits for the models to load
-        drafter = ActorDrafter(actors[-1], not _shares_cpu(stages), timeout) if draft_model else None
+        drafter = ActorDrafter(actors[-1], not _shares_cpu(stages), timeout, _layer_group(profile)) \
+            if draft_model else None
         if profile.placement.transport == "gloo":
             target.link = GlooLink(target.stages[-1], target.vocab_size, target.dtype)
         if drafter:  # waits for the draft to load: a load error surfaces now, not at the first round
@@ -152,7 +153,13 @@ def _actor(profile: Profile, role: str, stage: Stage, group, index: int, num_slo
         options["runtime_env"] = {"env_vars": {FAULT_ENV: "1"}}
     if role == "target":
         return ray.remote(ModelWorker).options(**options).remote(source, num_slots, capacity, stage.layers, threads)
-    return ray.remote(DraftWorker).options(**options).remote(source, num_slots, capacity, threads)
+    return ray.remote(DraftWorker).options(**options).remote(source, num_slots, capacity, threads,
+                                                             _layer_group(profile))
+
+
+def _layer_group(profile: Profile) -> int | None:
+    """The draft actor drafts with EasySpec's layer groups when the profile's strategy is easyspec."""
+    return profile.strategy.draft_group if profile.strategy.name == "easyspec" else None
 
 
 def _resolve(stage: Stage) -> Stage:

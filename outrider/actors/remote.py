@@ -210,9 +210,11 @@ class ActorDrafter:
     """A `ModelDrafter` in an actor. Sampling draws from the sequence's own generator: its state goes with the
     request and comes back advanced, so the draws equal an in-process drafter's."""
 
-    def __init__(self, actor, overlap_prefill: bool = True, timeout_s: float | None = None):
+    def __init__(self, actor, overlap_prefill: bool = True, timeout_s: float | None = None,
+                 layer_group: int | None = None):
         self.actor = actor
         self.overlap_prefill = overlap_prefill
+        self.layer_group = layer_group  # the actor drafts with EasySpec's layer groups of this size
         self.recovery = Recovery([actor], timeout_s)
 
     def prefill(self, seq_id: int, tokens: list[int]) -> None:

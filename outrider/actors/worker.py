@@ -237,9 +237,16 @@ class DraftWorker:
     """A `ModelDrafter` on its device. Sampled drafts need the sequence's random stream: the caller ships the
     generator state and gets the advanced state back, so remote drafting draws the very numbers local would."""
 
-    def __init__(self, source: ModelSource, num_slots: int, capacity: int, threads: int | None = None):
+    def __init__(self, source: ModelSource, num_slots: int, capacity: int, threads: int | None = None,
+                 layer_group: int | None = None):
+        """layer_group: draft with EasySpec's layer-parallel groups of this size (None: sequential drafting)."""
         set_threads(threads)
-        self.drafter = ModelDrafter(source.load(), num_slots, capacity)
+        if layer_group is None:
+            self.drafter = ModelDrafter(source.load(), num_slots, capacity)
+        else:
+            from outrider.scheduler.easyspec import LayerParallelDrafter
+
+            self.drafter = LayerParallelDrafter(source.load(), num_slots, capacity, group_size=layer_group)
         self.busy_seconds = 0.0  # proposing (rounds)
         self.prefill_seconds = 0.0  # prompts, sent without waiting: a round may first wait for one to finish
         self.faults = FaultPlan()

@@ -57,9 +57,10 @@ def _model_drafter(ctx: StrategyContext) -> Drafter:
 
 def _easyspec_drafter(ctx: StrategyContext) -> Drafter:
     if ctx.hosted_drafter is not None:
-        raise ValueError("strategy 'easyspec' runs its layer-parallel drafter in the engine's process; a drafter "
-                         "hosted in an actor (--draft-actor, outrider serve) is not supported yet: drop "
-                         "--draft-actor, or serve with strategy 'vanilla'")
+        if getattr(ctx.hosted_drafter, "layer_group", None) is None:  # placed for another strategy
+            raise ValueError("strategy 'easyspec' needs its draft actor placed for it (a profile with strategy "
+                             "easyspec); --draft-actor hosts a sequential drafter: drop --draft-actor")
+        return ctx.hosted_drafter
     assert ctx.draft_model is not None
     return LayerParallelDrafter(ctx.draft_model, ctx.num_slots, ctx.capacity, kept_ids=ctx.draft_kept_ids,
                                 group_size=ctx.draft_group)
