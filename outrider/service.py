@@ -88,7 +88,7 @@ class Service:
         return Request(list(prompt_ids), max_tokens, params, stop)
 
     def submit(self, request: Request, request_id: str | None = None) -> RequestHandle:
-        target = self.health().get("target", "ok")
+        target = self.placed.target.recovery.state if self.placed is not None else "ok"
         if target != "ok":
             raise Unavailable(f"the target model {'cannot restart' if target == 'dead' else 'is restarting'} "
                               "after a failure; retry shortly")

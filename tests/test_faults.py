@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ import pytest
 import ray
 
 from outrider.actors.worker import FAULT_ENV, ModelSource, ModelWorker
+from outrider.bench.served import free_port
 from outrider.profile import Profile
 from test_server import DEADLINE_S, gated, live, metric_values, sse_events, wait_until
 from tiny_folders import write_tiny_folder
@@ -95,8 +95,14 @@ def pid_of(actor) -> int:
 
 def kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-               f"process {pid} to die")
+    wait_until(lambda: not _alive(pid), f"process {pid} to die")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # reaped between the check and the look
+        return False
 
 
 def health(url: str) -> httpx.Response:
@@ -198,9 +204,7 @@ def test_a_target_out_of_restarts_makes_the_server_unavailable(model, cluster):
 
 
 def test_an_unreachable_ray_cluster_is_a_clear_error_in_seconds(model, tmp_path):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens on it
     path = tmp_path / "p.yaml"
     path.write_text(ray_profile(model).model_dump_json())  # JSON is YAML
     env = os.environ | {"RAY_ADDRESS": f"127.0.0.1:{port}"}

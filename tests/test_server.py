@@ -25,6 +25,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from outrider.bench.served import free_port
 from outrider.profile import Profile
 from outrider.server import create_app
 from outrider.server.app import StopStrings
@@ -60,6 +61,18 @@ def make_profile(pair: tuple[Path, Path], **scheduler: Any) -> Profile:
         "strategy": {"name": "vanilla", "k": 3},
         "scheduler": limits,
         "server": {"served_model_name": "tiny", "max_body_bytes": BODY_LIMIT}})
+
+
+def wait_serving(proc: subprocess.Popen, url: str, timeout: float) -> None:
+    """Until the `outrider serve` child answers /health with 200 (failing at once if it exits first)."""
+    def healthy() -> bool:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(healthy, "`outrider serve` to answer /health", timeout=timeout)
 
 
 def with_server(profile: Profile, **server: Any) -> Profile:
@@ -456,21 +469,12 @@ def test_serve_command_binds_loopback_from_the_profile(pair, tmp_path):
         "placement: {mode: local, target: [{device: cpu}], draft: [{device: cpu}]}\n"
         f"scheduler: {{max_running: 2, max_seq_len: {MAX_SEQ_LEN}, max_tokens: 8}}\n"
         "server: {api_key_env: OUTRIDER_TEST_UNSET_KEY}\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "OUTRIDER_TEST_UNSET_KEY"}
     proc = subprocess.Popen([sys.executable, "-c", SERVE, "serve", "--profile", str(tmp_path / "p.yaml"),
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        def healthy() -> bool:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(healthy, "`outrider serve` to answer /health", timeout=60)
+        wait_serving(proc, f"http://127.0.0.1:{port}", timeout=60)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": PROMPT, "max_tokens": 3})
         assert r.status_code == 200 and r.json()["model"] == "target"
     finally:

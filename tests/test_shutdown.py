@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,8 @@ import httpx
 import psutil
 import pytest
 
-from test_server import sse_events, wait_until
+from outrider.bench.served import free_port
+from test_server import sse_events, wait_serving
 from tiny_folders import write_tiny_folder
 
 pytestmark = pytest.mark.timeout(240)
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return write_tiny_folder(tmp_path_factory.mktemp("shutdown") / "m", seed=1, layers=4)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(model: Path, tmp_path: Path, drain_s: float) -> tuple[subprocess.Popen, str]:
@@ -50,15 +44,7 @@ def serve(model: Path, tmp_path: Path, drain_s: float) -> tuple[subprocess.Popen
     proc = subprocess.Popen([sys.executable, "-m", "outrider.cli", "serve", "--profile", str(path), "--port",
                              str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, proc.communicate()
-        try:
-            return httpx.get(f"{url}/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(up, "`outrider serve` to answer /health", timeout=120)
+    wait_serving(proc, url, timeout=120)
     return proc, url
 
 

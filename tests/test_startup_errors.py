@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 
 from conftest import random_state
 from gguf_writer import tiny_hf_config, train_tiny_vocab, write_gguf
+from outrider.bench.served import free_port
 from tiny_folders import write_tiny_folder
 
 LOCAL_LIMIT_S = 60  # import torch + read a tiny profile: seconds; the bound only turns a hang into a failure
@@ -65,12 +65,6 @@ def profile(folder: Path, target: Path | str, *, mode: str = "local", device: st
     path.write_text(f"name: startup-test\nmodels:\n{models}placement:\n  mode: {mode}\n  target: {stage}\n"
                     f"  draft: {stage}\nstrategy: {strategy}\nscheduler: {scheduler}\n")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(profile_path: Path, limit_s: float = LOCAL_LIMIT_S) -> tuple[Refusal, str]:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from outrider.scheduler.drafters import NO_DRAFT, Draft, start_proposals
+from outrider.scheduler.verify import point_mass
 
 if TYPE_CHECKING:
     from outrider.scheduler.engine import Engine, Sequence
@@ -76,10 +77,10 @@ def _rows(window: Draft, block: Draft) -> torch.Tensor | None:
     if window.probs is None and block.probs is None:
         return None
     vocab = (block.probs if block.probs is not None else window.probs).shape[-1]
-    parts = [window.probs if window.probs is not None else _point_masses(window.tokens, vocab),
-             block.probs[:1] if block.probs is not None else _point_masses(block.tokens[:1], vocab)]
-    return torch.cat(parts)
 
+    def q(draft: Draft, rows: int) -> torch.Tensor:
+        if draft.probs is not None:
+            return draft.probs[:rows]
+        return point_mass(torch.tensor(draft.tokens[:rows], dtype=torch.long), vocab)
 
-def _point_masses(tokens: list[int], vocab: int) -> torch.Tensor:
-    return torch.nn.functional.one_hot(torch.tensor(tokens, dtype=torch.long), vocab).float()
+    return torch.cat([q(window, len(window.tokens)), q(block, 1)])
