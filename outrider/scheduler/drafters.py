@@ -22,6 +22,9 @@ class DraftRequest:
     k: int  # tokens wanted
     params: SamplingParams
     generator: torch.Generator | None
+    # [scored, hidden] the target's last-layer hidden state at each position it scored (every committed token
+    # but the pending one; a view of its record); only for a drafter with `wants_features = True`, else None
+    features: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ class Engine:
         self.drafter = drafter
         self.new_policy = policy or (lambda: FixedK(3 if drafter else 0))
         self.rounds = rounds or DraftThenVerify()
+        self._features = _feature_source(target, drafter)
         self._ids = itertools.count()
 
     # -- lifecycle of one sequence -------------------------------------------------------------------------
@@ -158,8 +159,8 @@ class Engine:
 
     def draft_requests(self, seqs: list[Sequence], ks: list[int]) -> list[DraftRequest]:
         """What to ask the drafter: each sequence's tokens (with its window, if one was drafted ahead) and k."""
-        return [DraftRequest(s.seq_id, s.tokens + s.window.tokens, k, s.request.params, s.generator)
-                for s, k in zip(seqs, ks)]
+        return [DraftRequest(s.seq_id, s.tokens + s.window.tokens, k, s.request.params, s.generator,
+                             self._features(s.slot)) for s, k in zip(seqs, ks)]
 
     def draft_lengths(self, seqs: list[Sequence], speculate: bool, extra: int = 0) -> list[int]:
         """Tokens to draft per sequence this round: the policy's k (+ `extra`), 0 when the round does not
@@ -253,6 +254,20 @@ class DraftThenVerify:
         return [engine.commit(s, len(d.tokens), len(d.tokens), r, draft_time, verify_time,
                               _cost(draft_time, len(d.tokens), verify_time))
                 for s, d, r in zip(seqs, drafts, results)]
+
+
+def _feature_source(target: TargetModel, drafter: Drafter | None) -> Callable[[int], torch.Tensor | None]:
+    """What `draft_requests` reads a slot's target features from. A drafter that drafts from the target's hidden
+    states (Dovetail's head) says so with `wants_features`; the target then records them, or refuses at build."""
+    if not getattr(drafter, "wants_features", False):
+        return lambda slot: None
+    record = getattr(target, "record_features", None)
+    if record is None:
+        raise ValueError(f"this drafter needs the target's hidden states, which {type(target).__name__} does not "
+                         "provide: Dovetail's draft head runs with the target in this process only, not through "
+                         "actors yet; drop the draft head (plain dovetail drafts with the draft model) or run local")
+    record()
+    return target.features
 
 
 def _cost(draft_time: float, drafted: int, verify_time: float) -> float | None:

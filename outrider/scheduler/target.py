@@ -44,6 +44,9 @@ class LocalTarget:
         self.cache: KVCache = model.new_cache(num_slots, capacity)
         self.vocab_size = model.config.vocab_size
         self.capacity = self.cache.capacity
+        # [slots, capacity, hidden] the last layer's output at every position written, once a drafter asks
+        # (`record_features`); a slot's valid rows are its cache length, so truncate rolls them back too
+        self.recorded: torch.Tensor | None = None
 
     def acquire(self) -> int:
         return self.cache.acquire()
@@ -52,13 +55,41 @@ class LocalTarget:
         self.cache.release(slot)
 
     def prefill(self, slot: int, tokens: list[int]) -> None:
-        self.model.prefill(self.cache, slot, tokens, PREFILL_CHUNK)
+        if self.recorded is None:
+            self.model.prefill(self.cache, slot, tokens, PREFILL_CHUNK)
+            return
+        for i in range(0, len(tokens), PREFILL_CHUNK):  # Transformer.prefill's chunks, keeping the features
+            part = tokens[i:i + PREFILL_CHUNK]
+            self._forward(ForwardBatch.chain([slot], [part], [self.cache.lengths[slot]], self.model.device),
+                          torch.empty(0, dtype=torch.long))
 
     def score(self, slots: list[int], token_lists: list[list[int]]) -> list[torch.Tensor]:
         starts = [self.cache.lengths[s] for s in slots]
         batch = ForwardBatch.chain(slots, token_lists, starts, self.model.device)
-        logits = self.model.forward(batch, self.cache).logits
+        logits = self._forward(batch)
         return list(logits.split(batch.num_rows))
+
+    def record_features(self) -> None:
+        """Keep the last layer's hidden states from now on, for a drafter that drafts from them (Dovetail)."""
+        if self.recorded is None:
+            c = self.model.config
+            self.recorded = torch.zeros(self.cache.num_slots, self.capacity, c.hidden_size, dtype=self.model.dtype,
+                                        device=self.model.device)
+
+    def features(self, slot: int) -> torch.Tensor:
+        """[length, hidden] the recorded hidden states of the slot's scored positions (a view, no copy)."""
+        assert self.recorded is not None, "record_features() first"
+        return self.recorded[slot, :self.cache.lengths[slot]]
+
+    def _forward(self, batch: ForwardBatch, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        if self.recorded is None:
+            return self.model.forward(batch, self.cache, logits_rows).logits
+        starts = [self.cache.lengths[s] for s in batch.slots]
+        last = self.model.num_layers
+        out = self.model.forward(batch, self.cache, logits_rows, hidden_layers=(last,))
+        for slot, start, h in zip(batch.slots, starts, out.hidden[last].split(batch.num_rows)):
+            self.recorded[slot, start:start + h.shape[0]] = h
+        return out.logits
 
     def truncate(self, slot: int, length: int) -> None:
         self.cache.truncate(slot, length)
