@@ -72,6 +72,10 @@ class Placement(_Closed):
                            "(torch.distributed; faster here). nccl is reserved and refused")
     target: list[Stage] = Field(default_factory=lambda: [Stage()])
     draft: list[Stage] = Field(default_factory=lambda: [Stage()])
+    draft_backend: Literal["gloo", "nccl"] = Field(
+        "gloo", description="easyspec with N draft stages: how the N draft group actors exchange each layer "
+                            "group's results (torch.distributed): gloo (CPU, tested) or nccl (every draft stage on "
+                            "a GPU; untested here)")
     max_restarts: int = Field(
         3, ge=0, description="times Ray restarts a crashed actor (its model reloads); in-flight requests of a "
                              "crashed target end with an error, a crashed draft only pauses speculation")
@@ -79,7 +83,14 @@ class Placement(_Closed):
         300, gt=0, description="watchdog: an actor call not answered by then counts as hung; the actor is "
                                "killed and restarted (300 s, as SGLang's watchdog)")
 
-    @field_validator("target", "draft")
+    @field_validator("draft")
+    @classmethod
+    def _draft_stages(cls, stages: list[Stage]) -> list[Stage]:
+        if not stages:  # several draft stages: only easyspec's group actors (checked with the strategy)
+            raise ValueError("give at least one stage, e.g. `- {device: cpu}`")
+        return stages
+
+    @field_validator("target")
     @classmethod
     def _stages(cls, stages: list[Stage]) -> list[Stage]:
         if not stages:
@@ -99,8 +110,10 @@ class Placement(_Closed):
 
 class StrategySpec(_Closed):
     name: str = "vanilla"
-    k: int = Field(3, ge=1, le=8, description="draft tokens per round (the upper bound when adaptive)")
-    policy: Literal["fixed", "adaptive"] = "fixed"
+    k: int = Field(3, ge=1, le=8, description="draft tokens per round (the upper bound when adaptive or auto)")
+    policy: Literal["fixed", "adaptive", "auto"] = Field(
+        "fixed", description="fixed k; adaptive: k from acceptance and draft cost; auto (pearl): k from the "
+                             "measured verify / draft-step time ratio, so drafting a block takes about a verify")
     draft_group: int = Field(2, ge=1, description="easyspec: draft layers run in parallel per group (1 = "
                                                   "sequential drafting)")
 
@@ -157,6 +170,42 @@ class Profile(_Closed):
             raise ValueError(f"models.draft: missing, but strategy {self.strategy.name!r} drafts with a model; "
                              "add `draft: {model: NAME}` under models, or set strategy.name to prompt-lookup or "
                              "autoregressive")
+        return self
+
+    @model_validator(mode="after")
+    def _auto_policy(self) -> "Profile":
+        if self.strategy.policy == "auto" and self.strategy.name != "pearl":
+            raise ValueError(f"strategy.policy: auto sets k so drafting the next block takes as long as verifying "
+                             f"this one, which only pearl overlaps (strategy.name is {self.strategy.name!r}); use "
+                             "policy: fixed or adaptive, or strategy.name: pearl")
+        return self
+
+    @model_validator(mode="after")
+    def _draft_groups(self) -> "Profile":
+        """Several draft stages are EasySpec's group actors: stage j hosts layer j of every layer group."""
+        draft, strategy = self.placement.draft, self.strategy
+        if len(draft) > 1:
+            if strategy.name != "easyspec":
+                raise ValueError(f"placement.draft: {len(draft)} stages, but only strategy easyspec splits the "
+                                 f"draft over several actors (strategy.name is {strategy.name!r}); give one draft "
+                                 "stage, or set strategy.name: easyspec")
+            staged = next((i for i, s in enumerate(draft) if s.layers is not None), None)
+            if staged is not None:
+                raise ValueError(f"placement.draft[{staged}].layers: easyspec's draft stage j hosts member j of "
+                                 "every layer group (interleaved layers, not a range); remove layers")
+            if strategy.draft_group != len(draft):
+                raise ValueError(f"strategy.draft_group: {strategy.draft_group}, but placement.draft has "
+                                 f"{len(draft)} stages, one per group member; set draft_group: {len(draft)}")
+            if self.placement.mode == "local":
+                raise ValueError("placement.mode: local runs the draft in the server process, but placement.draft "
+                                 "has several stages (draft group actors); set mode: ray")
+        if self.placement.draft_backend == "nccl":
+            cpu = next((i for i, s in enumerate(draft) if not s.device.startswith("cuda")), None)
+            if len(draft) < 2 or cpu is not None:
+                where = " has one stage" if len(draft) < 2 else f"[{cpu}].device is {draft[cpu].device}"
+                raise ValueError(f"placement.draft_backend: nccl joins draft group actors on GPUs, but "
+                                 f"placement.draft{where}; use draft_backend: gloo, or give every draft stage "
+                                 "device: cuda:N")
         return self
 
     @model_validator(mode="after")

@@ -64,7 +64,7 @@ class Service:
             placed = place(profile, limits.max_running, limits.max_seq_len, strategy.needs_draft_model)
             target, drafter = placed.target, placed.drafter
         ctx = StrategyContext(None, profile.strategy.k, profile.strategy.policy == "adaptive", limits.max_running,
-                              limits.max_seq_len, hosted_drafter=drafter)
+                              limits.max_seq_len, hosted_drafter=drafter, auto_k=profile.strategy.policy == "auto")
         engine = Engine(target, *strategy.build(ctx))
         scheduler = AsyncScheduler(engine, limits.max_running, limits.max_queued,
                                    SpeculationGate() if limits.speculation_gate else None,

@@ -17,7 +17,7 @@ from outrider.devices import (DeviceInfo, _visible, cpu_info, discover, fits, me
 from outrider.profile import (DEFAULT_PROFILE, PROFILES_DIR, Profile, ProfileError, explain, load_profile,
                               resolve_device)
 
-SHIPPED = ["cpu", "local", "gpu", "dovetail", "gpu2", "gpu4", "tiny", "pearl"]
+SHIPPED = ["cpu", "local", "gpu", "dovetail", "gpu2", "gpu4", "tiny", "pearl", "easyspec"]
 TINY = PROFILES_DIR / "tiny.yaml"
 SMOLLM = "smollm2-135m-instruct"
 needs_smollm = pytest.mark.skipif(not any(m["name"] == SMOLLM and m["present"] for m in hub.list_models()),

@@ -16,6 +16,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from outrider.actors.draft_groups import ActorGroupDrafter, DraftShard
 from outrider.actors.remote import ActorDrafter, ActorTarget
 from outrider.actors.transport import GlooLink
 from outrider.actors.worker import FAULT_ENV, DraftWorker, ModelSource, ModelWorker
@@ -74,8 +75,8 @@ def place(profile: Profile, num_slots: int, capacity: int, draft_model: bool) ->
     """Start the target stages and (if the strategy drafts with a model) the draft actor, all-or-nothing."""
     connect()
     stages = [("target", _resolve(s)) for s in profile.placement.target]
-    if draft_model:
-        stages.append(("draft", _resolve(profile.placement.draft[0])))
+    if draft_model:  # one draft actor, or easyspec's group actors (one per draft stage)
+        stages += [("draft", _resolve(s)) for s in profile.placement.draft]
     _check_feasible(profile, [_bundle(s) for _, s in stages])
     group = placement_group([_bundle(s) for _, s in stages], strategy="PACK",
                             bundle_label_selector=[dict(s.node_labels) for _, s in stages])
@@ -87,15 +88,15 @@ def place(profile: Profile, num_slots: int, capacity: int, draft_model: bool) ->
     actors = [_actor(profile, role, stage, group, i, num_slots, capacity) for i, (role, stage) in enumerate(stages)]
     try:
         timeout = profile.placement.call_timeout_s
-        target = ActorTarget(actors[:len(profile.placement.target)], timeout)  # waits for the models to load
-        drafter = ActorDrafter(actors[-1], not _shares_cpu(stages), timeout, _layer_group(profile)) \
-            if draft_model else None
+        num_target = len(profile.placement.target)
+        target = ActorTarget(actors[:num_target], timeout)  # waits for the models to load
+        drafter = _drafter(profile, actors[num_target:], not _shares_cpu(stages)) if draft_model else None
         if profile.placement.transport == "gloo":
             target.link = GlooLink(target.stages[-1], target.vocab_size, target.dtype)
         if drafter:  # waits for the draft to load: a load error surfaces now, not at the first round
             from outrider.pipeline import check_vocabularies
 
-            check_vocabularies(target.vocab_size, ray.get(actors[-1].info.remote())["vocab_size"],
+            check_vocabularies(target.vocab_size, ray.get(drafter.actor.info.remote())["vocab_size"],
                                profile.models.target.model, profile.models.draft.model)
     except BaseException as e:
         Placed(None, None, group, actors).shutdown()  # type: ignore[arg-type]
@@ -153,8 +154,24 @@ def _actor(profile: Profile, role: str, stage: Stage, group, index: int, num_slo
         options["runtime_env"] = {"env_vars": {FAULT_ENV: "1"}}
     if role == "target":
         return ray.remote(ModelWorker).options(**options).remote(source, num_slots, capacity, stage.layers, threads)
+    if _group_actors(profile):
+        rank = index - len(profile.placement.target)
+        return ray.remote(DraftShard).options(**options).remote(source, num_slots, capacity, threads, rank,
+                                                                len(profile.placement.draft))
     return ray.remote(DraftWorker).options(**options).remote(source, num_slots, capacity, threads,
                                                              _layer_group(profile))
+
+
+def _drafter(profile: Profile, actors: list, overlap_prefill: bool) -> ActorDrafter:
+    timeout = profile.placement.call_timeout_s
+    if _group_actors(profile):  # joins their torch.distributed group (waits for their models to load)
+        return ActorGroupDrafter(actors, overlap_prefill, timeout, profile.placement.draft_backend)
+    return ActorDrafter(actors[0], overlap_prefill, timeout, _layer_group(profile))
+
+
+def _group_actors(profile: Profile) -> bool:
+    """EasySpec's layer groups split over the draft stages, member j of every group on stage j."""
+    return profile.strategy.name == "easyspec" and len(profile.placement.draft) > 1
 
 
 def _layer_group(profile: Profile) -> int | None:

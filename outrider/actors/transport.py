@@ -56,3 +56,51 @@ class GlooLink:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class GroupComm:
+    """torch.distributed among EasySpec's draft group actors (`outrider.actors.draft_groups`): this process is
+    rank `rank` of `world`. gloo moves CPU tensors (what runs and is tested here); nccl moves GPU tensors for
+    group actors on GPUs — one word in the profile (placement.draft_backend), untested here: no machine with
+    several GPUs was available. Only broadcasts and all_gathers, never a reduction, so the bits that arrive are
+    the bits sent (bf16 travels as int16 over gloo; nccl has bf16 but no int16)."""
+
+    def __init__(self, url: str, rank: int, world: int, backend: str = "gloo", timeout_s: float = 60.0):
+        if dist.is_initialized():  # a rejoin after a failure: the old group may be half-way through a call
+            dist.destroy_process_group()
+        if backend == "nccl":
+            torch.cuda.set_device(0)  # Ray gives each GPU actor one device, visible as cuda:0
+        dist.init_process_group(backend, init_method=url, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+        self.rank, self.world, self.backend = rank, world, backend
+        self.device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+
+    def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        """src's t on every rank (the others pass a buffer of the same shape and dtype)."""
+        wire = self._wire(t)
+        dist.broadcast(wire, src)
+        return self._unwire(wire, t)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        wire = self._wire(t)
+        out = [torch.empty_like(wire) for _ in range(self.world)]
+        dist.all_gather(out, wire)
+        return [self._unwire(w, t) for w in out]
+
+    def broadcast_ints(self, values: list[int] | None, n: int, src: int = 0) -> list[int]:
+        """n int64 values from src (the others pass None). One host sync: they steer the control flow."""
+        t = torch.tensor(values if values is not None else [0] * n, dtype=torch.long, device=self.device)
+        dist.broadcast(t, src)
+        return t.tolist()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _wire(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to(self.device).contiguous()
+        return t.view(torch.int16) if t.dtype == torch.bfloat16 and self.backend == "gloo" else t
+
+    @staticmethod
+    def _unwire(wire: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return wire.view(like.dtype).to(like.device) if wire.dtype != like.dtype else wire.to(like.device)

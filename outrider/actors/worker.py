@@ -263,14 +263,16 @@ class DraftWorker:
         self.prefill_seconds += time.perf_counter() - t0
 
     def propose(self, requests: list[dict]) -> list[dict]:
-        """requests: {seq_id, tokens, k, params (SamplingParams), rng (generator state bytes or None)}."""
+        """requests: {seq_id, tokens, k, params (SamplingParams), rng (generator state bytes or None)}; each reply
+        also carries the call's drafting seconds (PEARL's automatic k weighs them against the verify)."""
         self.faults.tick()
         t0 = time.perf_counter()
         reqs = [DraftRequest(r["seq_id"], r["tokens"], r["k"], r["params"], _generator(r["rng"])) for r in requests]
         drafts = self.drafter.propose(reqs)
-        self.busy_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.busy_seconds += seconds
         return [{"tokens": d.tokens, "probs": None if d.probs is None else d.probs.numpy(),
-                 "rng": None if r.generator is None else r.generator.get_state().numpy()}
+                 "rng": None if r.generator is None else r.generator.get_state().numpy(), "seconds": seconds}
                 for r, d in zip(reqs, drafts)]
 
     def release(self, seq_id: int) -> None:

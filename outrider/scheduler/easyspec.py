@@ -17,16 +17,19 @@ feeds [t_9] → d_1; fuzzy steps feed d_1 (position 10) → d_2 and d_2 (positio
 and adds y: committed t_0..t_9 d_1 y. Next round rolls back to min(common prefix 11, exact_len 10) = 10 and
 feeds [d_1, y] exactly: position 10 is recomputed, position 11 written afresh.
 
-Within one process the members of a group run one after another, so the fuzzy step is no faster here; the
-timers report what each phase costs so the N-device figure can be modelled (a group ≈ its slowest member).
+Within one process the members of a group run one after another, so the fuzzy step is no faster there; the
+timers report what each phase costs. `forward_across` runs the same forwards with member j of every group on
+group actor j (`outrider.actors.draft_groups`), the members of a group at once, combined over torch.distributed.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 
+from outrider.runtime.kv_cache import KVCache
 from outrider.runtime.model import ForwardBatch, Transformer
 from outrider.scheduler.drafters import DraftRequest, ModelDrafter
 
@@ -81,8 +84,14 @@ class LayerParallelDrafter(ModelDrafter):
         self.timers = PhaseTimers()
 
     def prefill(self, seq_id: int, tokens: list[int]) -> None:
-        super().prefill(seq_id, tokens)
-        self.exact_len[seq_id] = len(self.seqs[seq_id].fed)
+        """`ModelDrafter.prefill` (exact forwards of `prefill_chunk` rows, no logits) through `_forward`."""
+        seq = self._seq(seq_id)
+        for i in range(0, len(tokens), self.prefill_chunk):
+            part = tokens[i:i + self.prefill_chunk]
+            batch = ForwardBatch.chain([seq.slot], [part], [self.cache.lengths[seq.slot]], self.model.device)
+            self._forward(batch, False, torch.empty(0, dtype=torch.long))
+            seq.fed += part
+        self.exact_len[seq_id] = len(seq.fed)
 
     def release(self, seq_id: int) -> None:
         super().release(seq_id)
@@ -97,42 +106,106 @@ class LayerParallelDrafter(ModelDrafter):
 
     def _feed(self, requests: list[DraftRequest], token_lists: list[list[int]],
               logits: bool = True) -> list[torch.Tensor]:
+        """One draft forward; returns, per request, the logits after its last fed token. Rows past the committed
+        tokens are drafts and run fuzzy; committed rows run exact and extend `exact_len`."""
         active = [(r, t) for r, t in zip(requests, token_lists) if t]
-        drafting = [self.cache.lengths[self.seqs[r.seq_id].slot] >= len(r.tokens) for r, _ in active]
-        assert all(drafting) or not any(drafting), "one forward must not mix committed tokens and drafts"
-        t0 = self._clock()
-        if any(drafting) and self.fuzzy:
-            out = self._feed_fuzzy(active, logits)
-            self.timers.fuzzy_seconds += self._clock() - t0
-            self.timers.fuzzy_steps += 1
-            return out
-        for r, _ in active:
-            assert len(self.seqs[r.seq_id].fed) <= self.exact_len.get(r.seq_id, 0), "exact rows after fuzzy ones"
-        out = super()._feed(requests, token_lists, logits)
-        for r, _ in active:
-            self.exact_len[r.seq_id] = len(self.seqs[r.seq_id].fed)
-        if any(drafting):
-            self.timers.exact_seconds += self._clock() - t0
-            self.timers.exact_steps += 1
-        else:
-            self.timers.calibration_seconds += self._clock() - t0
-            self.timers.calibration_passes += 1
-            self.timers.calibration_rows += sum(len(t) for _, t in active)
-        return out
-
-    def _feed_fuzzy(self, active: list[tuple[DraftRequest, list[int]]], logits: bool) -> list[torch.Tensor]:
-        """One draft step through the parallel groups; its K/V entries are fuzzy (exact_len stays put)."""
         seqs = [self.seqs[r.seq_id] for r, _ in active]
+        drafting = [self.cache.lengths[s.slot] >= len(r.tokens) for s, (r, _) in zip(seqs, active)]
+        assert all(drafting) or not any(drafting), "one forward must not mix committed tokens and drafts"
+        fuzzy = any(drafting) and self.fuzzy
+        assert fuzzy or all(len(s.fed) <= self.exact_len.get(r.seq_id, 0) for s, (r, _) in zip(seqs, active)), \
+            "exact rows after fuzzy ones"
+        t0 = self._clock()
         batch = ForwardBatch.chain([s.slot for s in seqs], [t for _, t in active],
                                    [self.cache.lengths[s.slot] for s in seqs], self.model.device)
         last = torch.tensor(batch.num_rows).cumsum(0) - 1
-        out = self.model.forward_grouped(batch, self.cache, self.groups, self.whole_layers,
-                                         logits_rows=last if logits else last[:0])
-        for seq, (_, t) in zip(seqs, active):
+        out = self._forward(batch, fuzzy, last if logits else last[:0])
+        for seq, (r, t) in zip(seqs, active):
             seq.fed += t
-        return list(out.logits) if logits else []
+            if not fuzzy:
+                self.exact_len[r.seq_id] = len(seq.fed)
+        self._time(self._clock() - t0, fuzzy, any(drafting), sum(len(t) for _, t in active))
+        return list(out) if logits else []
+
+    def _forward(self, batch: ForwardBatch, fuzzy: bool, logits_rows: torch.Tensor) -> torch.Tensor:
+        """One draft forward in this process (`ShardedDrafter` overrides it to run across group actors):
+        the parallel groups when fuzzy, else every layer in order. Returns logits [len(logits_rows), vocab]."""
+        if fuzzy:
+            return self.model.forward_grouped(batch, self.cache, self.groups, self.whole_layers, logits_rows).logits
+        return self.model.forward(batch, self.cache, logits_rows).logits
+
+    def _time(self, seconds: float, fuzzy: bool, drafting: bool, rows: int) -> None:
+        if fuzzy:
+            self.timers.fuzzy_seconds += seconds
+            self.timers.fuzzy_steps += 1
+        elif drafting:
+            self.timers.exact_seconds += seconds
+            self.timers.exact_steps += 1
+        else:
+            self.timers.calibration_seconds += seconds
+            self.timers.calibration_passes += 1
+            self.timers.calibration_rows += rows
 
     def _clock(self) -> float:
         if self.model.device.type == "cuda":  # host sync: time the kernels, not their launch
             torch.cuda.synchronize(self.model.device)
         return time.perf_counter()
+
+
+class Collective(Protocol):
+    """What the group actors exchange over torch.distributed (`outrider.actors.transport.GroupComm`)."""
+
+    rank: int  # this actor's member index: it hosts layer group[rank] of every group
+
+    def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor: ...  # src's t, on every rank
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]: ...  # every rank's t, in rank order
+
+
+def forward_across(model: Transformer, batch: ForwardBatch, cache: KVCache, groups: list[range], comm: Collective,
+                   fuzzy: bool, whole_layers: bool, logits_rows: torch.Tensor | None) -> torch.Tensor | None:
+    """`Transformer.forward` (fuzzy=False) or `forward_grouped` (fuzzy=True) with the layers spread over the group
+    actors: rank j runs layer group[j] of every group (a group of one layer: rank 0), against its own K/V. Every
+    rank calls this with the same batch shape; rank 0 embeds and returns the logits, the others return None.
+
+    Every rank holds the same h between layers, and each layer runs the very ops of the in-process forward on
+    the same inputs, so the logits and K/V are bitwise those of `LayerParallelDrafter` in one process:
+      exact pass   layer by layer: its owner computes h = layer(h) and broadcasts it (one transfer per layer);
+      attention    every member computes a_j = Attn_j(h) at once from the group input; the MLPs chain exactly,
+                   so member j then adds a_j and MLP_j and broadcasts h to the next member;
+      layer        every member computes Δ_j from the group input; an all_gather gives every rank all of them
+                   and each sums them as `h + torch.stack([Δ_0, …, Δ_{m-1}]).sum(0)` — member order, the sum
+                   `_parallel_group` takes. Not an all_reduce: gloo's ring sums each chunk starting at a
+                   different rank, so its bits would depend on the rank count and differ from one process's.
+    The embeddings go out from rank 0 first (only rank 0 holds the embedding table and the head)."""
+    starts = [cache.lengths[s] for s in batch.slots]
+    rank = comm.rank
+    rows = int(batch.token_ids.numel())
+    h = model.embed(batch.token_ids) if rank == 0 else \
+        torch.empty(rows, model.config.hidden_size, dtype=model.dtype, device=model.device)
+    h = comm.broadcast(h, 0)
+    ctx = model._context(batch, cache, starts)
+    for group in groups:
+        if not fuzzy or len(group) == 1:
+            for j, index in enumerate(group):
+                if j == rank:
+                    h = model._layer(index, h, ctx)
+                h = comm.broadcast(h, j)
+        elif whole_layers:
+            delta = torch.zeros_like(h)  # a rank past a short group's members sends zeros, left out of the sum
+            if rank < len(group):
+                a = model._attention(group[rank], h, ctx)
+                delta = a + model._mlp(group[rank], h + a)
+            h = h + torch.stack(comm.all_gather(delta)[:len(group)]).sum(0)
+        else:
+            a = model._attention(group[rank], h, ctx) if rank < len(group) else None
+            for j, index in enumerate(group):
+                if j == rank:
+                    h = h + a
+                    h = h + model._mlp(index, h)
+                h = comm.broadcast(h, j)
+    for slot, n in zip(batch.slots, batch.num_rows):
+        cache.advance(slot, n)
+    if rank != 0:
+        return None
+    return model.logits(h if logits_rows is None else h[logits_rows])
