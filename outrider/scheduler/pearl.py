@@ -25,7 +25,7 @@ in one process (no actor) the block is drafted before the target runs, same toke
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -37,8 +37,11 @@ if TYPE_CHECKING:
 
 
 class Overlapped:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock  # seconds; tests pass a virtual clock
+
     def run(self, engine: "Engine", seqs: list["Sequence"], speculate: bool) -> list[list[int]]:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         # The block is k + 1 long: e_0 is checked this round, e_1..e_k form the next window (k drafts, as
         # many rows as a draft-then-verify round with the same k scores).
         sizes = engine.draft_lengths(seqs, speculate, extra=1)
@@ -49,11 +52,15 @@ class Overlapped:
         collect = (start_proposals(engine.drafter, engine.draft_requests([seqs[i] for i in live],
                                                                          [sizes[i] for i in live]))
                    if live else list)
-        t1 = time.perf_counter()
+        t1 = self.clock()
         logits = engine.score(seqs, [s.window for s in seqs])
-        verify_time = time.perf_counter() - t1
+        verify_time = self.clock() - t1
         blocks = dict(zip(live, collect()))  # waits for the drafter, if it is still drafting
-        draft_time = time.perf_counter() - t0 - verify_time  # the part of the draft the verify did not hide
+        draft_time = self.clock() - t0 - verify_time  # the part of the draft the verify did not hide
+        if live:  # the speed ratio for policies that set k from it (AutoK): one batched draft step vs the verify
+            step = _block_seconds(engine.drafter, t1 - t0) / max(sizes)
+            for i in live:
+                seqs[i].policy.observe(step, verify_time)
         return [self._finish(engine, s, blocks.get(i, NO_DRAFT), rows, max(draft_time, 0.0), verify_time)
                 for i, (s, rows) in enumerate(zip(seqs, logits))]
 
@@ -68,6 +75,13 @@ class Overlapped:
         if block.tokens and result.num_accepted == len(drafted) and not seq.finished:
             seq.window = Draft(block.tokens[1:], None if block.probs is None else block.probs[1:])
         return new
+
+
+def _block_seconds(drafter, sent: float) -> float:
+    """How long drafting the block took: as measured in the actor when the drafter runs in one (here only its
+    unhidden part is visible), else the time `start_proposals` took (a drafter in this process drafts then)."""
+    reported = getattr(drafter, "last_propose_seconds", None)
+    return sent if reported is None else reported
 
 
 def _rows(window: Draft, block: Draft) -> torch.Tensor | None:
