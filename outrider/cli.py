@@ -20,6 +20,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-weights", default="int4", choices=WEIGHT_FORMATS)
     p.add_argument("--draft-k", type=int, default=3, help="draft tokens per round (upper bound with --adaptive)")
     p.add_argument("--adaptive", action="store_true", help="choose k per round from measured acceptance and cost")
+    p.add_argument("--auto-k", action="store_true",
+                   help="pearl: choose k from the measured verify / draft-step time ratio, so drafting the next block "
+                        "takes about as long as verifying this one (--draft-k is the upper bound)")
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--device", default="cpu")
     p.add_argument("--draft-vocab", default=None,
@@ -29,6 +32,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "can overlap verification (the pearl strategy)")
     p.add_argument("--draft-group", type=int, default=2,
                    help="easyspec: draft layers run in parallel per group (1 = sequential drafting)")
+    p.add_argument("--draft-group-actors", type=int, default=0, metavar="N",
+                   help="easyspec: split the draft's layer groups over N Ray actors (member j of every group on "
+                        "actor j, one thread each, gloo between them; the group size is N); 0 = in this process")
+    p.add_argument("--draft-head", default=None,
+                   help="dovetail: a DGF draft head from `outrider train-dgf` (drafts from the target's hidden "
+                        "states; no draft model is loaded for it)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -44,7 +53,9 @@ def model_options(a: argparse.Namespace):
     from outrider.pipeline import ModelOptions
 
     return ModelOptions(a.target, a.draft, a.dtype, a.target_weights, a.draft_weights, a.max_seq_len, a.device,
-                        a.draft_k, a.adaptive, a.draft_vocab, a.draft_group, a.draft_actor)
+                        a.draft_k, a.adaptive, a.draft_vocab, a.draft_group, a.draft_actor,
+                        draft_head=getattr(a, "draft_head", None), auto_k=getattr(a, "auto_k", False),
+                        draft_group_actors=getattr(a, "draft_group_actors", 0))
 
 
 def sampling_params(a: argparse.Namespace):
@@ -59,7 +70,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if (a.prompt is None) == (a.chat is None):
         raise ValueError("give exactly one of --prompt TEXT (raw completion) or --chat TEXT (chat template)")
     strategy = STRATEGIES[a.strategy]
-    pipe = Pipeline.load(model_options(a), need_draft=strategy.needs_draft_model)
+    pipe = Pipeline.load(model_options(a), need_draft=strategy.needs_draft(a.draft_head is not None))
     ids = pipe.encode(a.chat if a.chat is not None else a.prompt, chat=a.chat is not None)
     params = sampling_params(a)
     result = pipe.generate(ids, a.strategy, a.max_tokens, params, a.ignore_eos)
@@ -135,6 +146,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
     for name, value in BENCH_MODE_DEFAULTS.get(a.mode, {}).items():
         if getattr(a, name) is None:
             setattr(a, name, value)
+    if a.mode == "gpu":
+        from outrider.bench.gpu import run_gpu_bench
+
+        return run_gpu_bench(a)
     if a.mode == "overlap":
         from outrider.bench.overlap import run_overlap_bench
 
@@ -191,14 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
 
     b = sub.add_parser("bench", help="measure strategies and peers on prompt sets, or serving under concurrency")
-    b.add_argument("mode", nargs="?", choices=["strategies", "serving", "load", "transport", "kernels", "overlap"],
+    b.add_argument("mode", nargs="?", choices=["strategies", "serving", "load", "transport", "kernels", "overlap", "gpu"],
                    default="strategies",
                    help="strategies: decoding methods one request at a time (default); serving: a profile under "
                         "concurrent load, actors against in-process; load: `outrider serve` under bounded HTTP "
                         "load, every stream checked token by token (--url, or --profile to start one); "
                         "transport: per-round actor overhead alone; kernels: linear-layer cost against rows scored, "
                         "per weight format; overlap: a draft block in its actor against a verify, alone and "
-                        "together (whether PEARL's overlapped rounds can pay on this machine)")
+                        "together (whether PEARL's overlapped rounds can pay on this machine); gpu: CUDA-graph "
+                        "decode/verify/draft, Dovetail's CPU target + GPU draft and overlap, on random weights of the "
+                        "real shapes")
+    from outrider.bench.gpu import add_gpu_args
     from outrider.bench.load import add_load_args
     from outrider.bench.overlap import add_overlap_args
     from outrider.bench.run import add_bench_args
@@ -212,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kernel_args(b)
     add_load_args(b)
     add_overlap_args(b)
+    add_gpu_args(b)
     add_model_args(b)
     add_sampling_args(b)
     b.set_defaults(func=cmd_bench, max_tokens=64, requests=None, concurrency=None)  # None: BENCH_MODE_DEFAULTS
@@ -225,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     from outrider.jobs import register_cli as register_jobs
 
     register_jobs(sub)
+    from outrider.dovetail_train import register_cli as register_train_dgf
+
+    register_train_dgf(sub)
     return parser
 
 

@@ -10,6 +10,7 @@ from outrider.hub import DEFAULT_DRAFT, DEFAULT_TARGET
 from outrider.runtime.loading import load_model
 from outrider.runtime.model import Transformer
 from outrider.runtime.tokenizer import Tokenizer
+from outrider.scheduler.dovetail import DGFHead, load_head
 from outrider.scheduler.engine import Engine, Request, SpecStats
 from outrider.scheduler.policy import MAX_DRAFT
 from outrider.scheduler.sampling import SamplingParams
@@ -38,16 +39,30 @@ class ModelOptions:
     # The draft in a Ray actor (its own process and core; the target keeps one thread): drafting can then run
     # while the target verifies, which is what PEARL's overlapped rounds need to be faster.
     draft_actor: bool = False
+    draft_head: str | None = None  # a trained Dovetail DGF head (`outrider train-dgf`): strategy dovetail's drafter
+    # EasySpec's layer groups split over this many Ray actors (member j of every group on actor j, one thread
+    # each, gloo between them); the group size is then this number. 0: easyspec drafts in this process.
+    draft_group_actors: int = 0
+    auto_k: bool = False  # pearl: k from the measured verify / draft-step time ratio (AutoK), --draft-k its bound
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_DRAFT:
             raise ValueError(f"--draft-k must be in 1..{MAX_DRAFT}, got {self.k}")
         if self.draft_group < 1:
             raise ValueError(f"--draft-group must be >= 1 (1 = sequential drafting), got {self.draft_group}")
+        if self.draft_group_actors == 1 or self.draft_group_actors < 0:
+            raise ValueError(f"--draft-group-actors must be 0 (off) or >= 2, got {self.draft_group_actors}")
+        if self.auto_k and self.adaptive:
+            raise ValueError("--auto-k and --adaptive are two ways to choose k; pass one of them")
+        if self.draft_group_actors and self.draft_vocab:
+            raise ValueError("--draft-vocab is not supported with --draft-group-actors yet")
         if self.max_seq_len < 16:
             raise ValueError(f"max_seq_len must be >= 16, got {self.max_seq_len}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: this torch build sees no CUDA GPU; use --device cpu")
+        if self.draft_head and self.draft_actor:
+            raise ValueError("--draft-head is not supported with --draft-actor yet: the head reads the target's "
+                             "hidden states each round, which the actor seams do not carry; drop one of them")
 
 
 @dataclass
@@ -81,6 +96,8 @@ class Pipeline:
     engines: dict[str, Engine] = field(default_factory=dict)
     draft_kept_ids: torch.Tensor | None = None  # [n] after VocabTrim
     hosted_drafter: object | None = None  # an ActorDrafter with --draft-actor
+    group_drafter: object | None = None  # easyspec's ActorGroupDrafter with --draft-group-actors N
+    draft_head: DGFHead | None = None  # with --draft-head
 
     @classmethod
     def load(cls, options: ModelOptions, need_draft: bool = True) -> "Pipeline":
@@ -95,22 +112,28 @@ class Pipeline:
             draft, _ = load_model(options.draft, options.dtype, options.draft_weights, options.device,
                                   options.max_seq_len, batch_invariant=False)
             check_vocabularies(target.config.vocab_size, draft.config.vocab_size, options.target, options.draft)
+        group = _draft_group_actors(options, target.config.vocab_size) if need_draft and \
+            options.draft_group_actors else None
         kept = None
         if draft is not None and options.draft_vocab:
             vocab = TrimmedVocab.load(options.draft_vocab)
             trim_head(draft, vocab)
             kept = vocab.ids
+        head = load_head(options.draft_head, target) if options.draft_head else None
         return cls(options, Tokenizer.load(ckpt.tokenizer_source), target, draft, time.perf_counter() - t0,
-                   draft_kept_ids=kept, hosted_drafter=hosted)
+                   draft_kept_ids=kept, hosted_drafter=hosted, draft_head=head, group_drafter=group)
 
     def engine(self, strategy: str) -> Engine:
         if strategy not in self.engines:
             s = get_strategy(strategy)
-            if s.needs_draft_model and self.draft is None and self.hosted_drafter is None:
+            if s.needs_draft(self.draft_head is not None) and self.draft is None and self.hosted_drafter is None:
                 raise ValueError(f"strategy {strategy!r} needs a draft model; pass --draft")
+            # The group actors host easyspec's layer groups only; the other strategies draft as they would.
+            hosted = self.group_drafter if strategy == "easyspec" and self.group_drafter else self.hosted_drafter
             ctx = StrategyContext(self.draft, self.options.k, self.options.adaptive, 1, self.options.max_seq_len,
-                                  hosted_drafter=self.hosted_drafter, draft_kept_ids=self.draft_kept_ids,
-                                  draft_group=self.options.draft_group)
+                                  hosted_drafter=hosted, draft_kept_ids=self.draft_kept_ids,
+                                  draft_group=self.options.draft_group, draft_head=self.draft_head,
+                                  auto_k=self.options.auto_k)
             self.engines[strategy] = Engine(LocalTarget(self.target, 1, self.options.max_seq_len), *s.build(ctx))
         return self.engines[strategy]
 
@@ -151,6 +174,27 @@ def _draft_actor(options: ModelOptions, target_vocab: int):
     actor = ray.remote(DraftWorker).options(num_cpus=1, max_concurrency=1).remote(source, 1, options.max_seq_len, 1)
     check_vocabularies(target_vocab, ray.get(actor.info.remote())["vocab_size"], options.target, options.draft)
     return ActorDrafter(actor, overlap_prefill=True)
+
+
+def _draft_group_actors(options: ModelOptions, target_vocab: int):
+    """EasySpec's draft split over `draft_group_actors` Ray actors, one thread each, joined by gloo. They reserve
+    no Ray CPUs: easyspec drafts, then verifies, so they compute while the target waits, and they start beside a
+    --draft-actor on a 2-core machine (whose strategies never draft at the same time as easyspec)."""
+    import ray
+
+    from outrider.actors.draft_groups import ActorGroupDrafter, DraftShard
+    from outrider.actors.placement import connect
+    from outrider.actors.worker import ModelSource
+
+    connect()
+    n = options.draft_group_actors
+    source = ModelSource(options.draft, options.dtype, options.draft_weights, "cpu", options.max_seq_len,
+                         batch_invariant=False)
+    actors = [ray.remote(DraftShard).options(num_cpus=0, max_concurrency=1).remote(
+        source, 1, options.max_seq_len, 1, rank, n) for rank in range(n)]
+    drafter = ActorGroupDrafter(actors, overlap_prefill=False)  # waits for the models to load
+    check_vocabularies(target_vocab, ray.get(actors[0].info.remote())["vocab_size"], options.target, options.draft)
+    return drafter
 
 
 def check_vocabularies(target_vocab: int, draft_vocab: int, target: str, draft: str) -> None:

@@ -6,10 +6,15 @@ command to fix it, never a skip.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from outrider import hub
 from outrider.pipeline import ModelOptions, Pipeline
+from outrider.scheduler.dovetail import DGFHead, FeatureDrafter
+from outrider.scheduler.engine import Engine, Request
+from outrider.scheduler.policy import FixedK
 from outrider.scheduler.sampling import SamplingParams
+from outrider.scheduler.target import LocalTarget
 
 PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
            "Explain what a hash map is in two sentences.",
@@ -67,10 +72,24 @@ def default_pair():
                                       k=4, max_seq_len=1024))
 
 
-def test_default_pair_speculative_equals_plain(default_pair):
+@pytest.mark.parametrize("strategy", ["vanilla", "pearl", "easyspec", "dovetail"])
+def test_default_pair_speculative_equals_plain(default_pair, strategy):
     for text in PROMPTS[:2]:
         ids = default_pair.encode(text, chat=True)
         plain = default_pair.generate(ids, "autoregressive", 32, ignore_eos=True)
-        spec = default_pair.generate(ids, "vanilla", 32, ignore_eos=True)
+        spec = default_pair.generate(ids, strategy, 32, ignore_eos=True)
         assert spec.token_ids == plain.token_ids
         assert spec.stats.mean_acceptance_length > 1.5
+
+
+def test_default_pair_with_a_dovetail_head_equals_plain(default_pair):
+    """A DGF head over the real target's hidden states (untrained: its drafts are mostly rejected, which is the
+    hard case for rollback) leaves the output the target's own."""
+    head = DGFHead(default_pair.target, layers=1, dtype=torch.bfloat16)
+    ids = default_pair.encode(PROMPTS[0], chat=True)
+    plain = Engine(LocalTarget(default_pair.target, capacity=1024)).generate(Request(ids, 24)).generated
+    engine = Engine(LocalTarget(default_pair.target, capacity=1024), FeatureDrafter(head, capacity=1024),
+                    lambda: FixedK(3))
+    seq = engine.generate(Request(ids, 24))
+    assert seq.generated == plain
+    assert seq.stats.draft_tokens > 0
