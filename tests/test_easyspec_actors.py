@@ -65,16 +65,18 @@ def service(folders, cluster):
     s.shutdown()
 
 
-def in_process_drafter(folders, group_size: int = 2, variant: str = "attention") -> LayerParallelDrafter:
-    model, _ = load_model(str(folders[1]), "float32", "dense", batch_invariant=False)
+def in_process_drafter(folders, group_size: int = 2, variant: str = "attention",
+                       dtype: str = "float32") -> LayerParallelDrafter:
+    model, _ = load_model(str(folders[1]), dtype, "dense", batch_invariant=False)
     return LayerParallelDrafter(model, SLOTS, CAPACITY, group_size=group_size, variant=variant)
 
 
-def actor_kv(drafter: ActorGroupDrafter, seq_id: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def actor_kv(drafter: ActorGroupDrafter, seq_id: int,
+             dtype: torch.dtype = torch.float32) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Every layer's K/V of a sequence, gathered from the group actors: [kv_heads, length, head_dim] each."""
     found = {}
     for part in ray.get([a.kv.remote(seq_id) for a in drafter.actors]):
-        found |= {i: (from_wire(k, torch.float32), from_wire(v, torch.float32)) for i, (k, v) in part.items()}
+        found |= {i: (from_wire(k, dtype), from_wire(v, dtype)) for i, (k, v) in part.items()}
     return found
 
 
@@ -99,14 +101,15 @@ def check_bitwise(remote: ActorGroupDrafter, local: LayerParallelDrafter) -> Non
         a = remote.propose([DraftRequest(0, list(committed), 3, params, g_remote)])[0]
         b = local.propose([DraftRequest(0, list(committed), 3, params, g_local)])[0]
         assert a.tokens == b.tokens and torch.equal(a.probs, b.probs), round_
-        kv, mine = actor_kv(remote, 0), local.cache
+        kv, mine = actor_kv(remote, 0, local.model.dtype), local.cache
         slot, n = local.seqs[0].slot, local.cache.lengths[local.seqs[0].slot]
         assert sorted(kv) == [0, 1, 2, 3] and all(k.shape[1] == n for k, _ in kv.values())
         for i, (k, v) in kv.items():  # every position, the fuzzy ones included
             assert torch.equal(k, mine.keys[i][slot, :, :n]) and torch.equal(v, mine.values[i][slot, :, :n])
         exact, fuzzy_rows = exact_kv(local.model, committed + a.tokens[:-1]), slice(len(committed), n)
+        atol = 1e-5 if local.model.dtype == torch.float32 else 2e-2
         for i, (k, _) in kv.items():  # calibrated: the committed prefix is exact (up to the chunking's rounding)
-            assert torch.allclose(k[:, :len(committed)], exact[i][0][:, :len(committed)], atol=1e-5)
+            assert torch.allclose(k[:, :len(committed)], exact[i][0][:, :len(committed)], atol=atol)
         assert not all(torch.allclose(k[:, fuzzy_rows], exact[i][0][:, fuzzy_rows], atol=1e-3)
                        for i, (k, _) in kv.items())  # members after the first read the wrong input when fuzzy
         committed += a.tokens[:round_ % 3] + [40 + round_]  # accept 0, 1, 2 drafts, then a recovered token
@@ -123,15 +126,17 @@ def test_the_group_actors_draft_bitwise_what_the_in_process_drafter_drafts(servi
     assert timers["fuzzy_steps"] == 10 and timers["calibration_passes"] == 5
 
 
-@pytest.mark.parametrize("variant,world", [("layer", 2), ("attention", 3), ("layer", 3)])
-def test_every_variant_and_width_is_bitwise_the_in_process_drafter(folders, cluster, variant, world):
-    """Three actors over four layers: groups [0 1 2] [3], so a short group and a one-layer group (rank 0's)."""
-    source = ModelSource(str(folders[1]), "float32", "dense", "cpu", batch_invariant=False)
+@pytest.mark.parametrize("variant,world,dtype", [("layer", 2, "float32"), ("attention", 3, "float32"),
+                                                 ("layer", 3, "float32"), ("attention", 2, "bfloat16")])
+def test_every_variant_and_width_is_bitwise_the_in_process_drafter(folders, cluster, variant, world, dtype):
+    """Three actors over four layers: groups [0 1 2] [3], so a short group and a one-layer group (rank 0's).
+    bf16 (the served dtype) crosses gloo as its bytes."""
+    source = ModelSource(str(folders[1]), dtype, "dense", "cpu", batch_invariant=False)
     actors = [ray.remote(DraftShard).options(num_cpus=0.5).remote(source, SLOTS, CAPACITY, 1, rank, world, variant)
               for rank in range(world)]
     try:
         remote = ActorGroupDrafter(actors, overlap_prefill=False, timeout_s=60)
-        check_bitwise(remote, in_process_drafter(folders, world, variant))
+        check_bitwise(remote, in_process_drafter(folders, world, variant, dtype))
         assert remote.slots_per_actor() == [0] * world
     finally:
         for a in actors:

@@ -63,7 +63,7 @@ class GroupComm:
     rank `rank` of `world`. gloo moves CPU tensors (what runs and is tested here); nccl moves GPU tensors for
     group actors on GPUs — one word in the profile (placement.draft_backend), untested here: no machine with
     several GPUs was available. Only broadcasts and all_gathers, never a reduction, so the bits that arrive are
-    the bits sent (bf16 travels as int16 over gloo; nccl has bf16 but no int16)."""
+    the bits sent (bf16 travels as its bytes over gloo; nccl has bf16)."""
 
     def __init__(self, url: str, rank: int, world: int, backend: str = "gloo", timeout_s: float = 60.0):
         if dist.is_initialized():  # a rejoin after a failure: the old group may be half-way through a call
@@ -99,7 +99,8 @@ class GroupComm:
 
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().to(self.device).contiguous()
-        return t.view(torch.int16) if t.dtype == torch.bfloat16 and self.backend == "gloo" else t
+        # gloo has no bf16 broadcast and no int16 ("Invalid scalar type"): 16-bit floats travel as their bytes
+        return t.view(torch.uint8) if t.element_size() == 2 and t.is_floating_point() and self.backend == "gloo" else t
 
     @staticmethod
     def _unwire(wire: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
