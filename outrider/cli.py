@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
 
     b = sub.add_parser("bench", help="measure strategies and peers on prompt sets, or serving under concurrency")
-    b.add_argument("mode", nargs="?", choices=["strategies", "serving", "load", "transport", "kernels", "overlap", "gpu"],
+    b.add_argument("mode", nargs="?",
+                   choices=["strategies", "serving", "load", "transport", "kernels", "overlap", "gpu"],
                    default="strategies",
                    help="strategies: decoding methods one request at a time (default); serving: a profile under "
                         "concurrent load, actors against in-process; load: `outrider serve` under bounded HTTP "

@@ -33,7 +33,7 @@ from outrider.actors.worker import DraftWorker, FaultPlan, ModelSource, set_thre
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.kv_cache import KVCache
 from outrider.runtime.model import ForwardBatch, Transformer
-from outrider.scheduler.drafters import NO_DRAFT, Draft, DraftRequest, _DraftSeq
+from outrider.scheduler.drafters import NO_DRAFT, Draft, DraftRequest, DraftSeq
 from outrider.scheduler.easyspec import LayerParallelDrafter, forward_across
 
 END, FORWARD = 0, 1  # header op codes
@@ -139,7 +139,7 @@ class ShardedDrafter(LayerParallelDrafter):
         if seq_id not in self.seqs:
             self.cache.free_slots.remove(slot)
             self.cache.lengths[slot] = 0
-            self.seqs[seq_id] = _DraftSeq(slot)
+            self.seqs[seq_id] = DraftSeq(slot)
         assert self.seqs[seq_id].slot == slot, (seq_id, slot, self.seqs[seq_id].slot)
         return slot
 

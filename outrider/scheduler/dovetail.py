@@ -14,7 +14,7 @@ d_2.. feeds the head its own prediction: (f̂_{n-1}, d_1), (f̂_n, d_2), ...
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +29,7 @@ from outrider.runtime.config import ModelConfig
 from outrider.runtime.kv_cache import KVCache
 from outrider.runtime.model import ForwardBatch, Transformer, rms_norm
 from outrider.runtime.rope import Rotary
-from outrider.scheduler.drafters import Draft, DraftRequest, _common_prefix
+from outrider.scheduler.drafters import CachedSequences, Draft, DraftRequest, DraftSeq, _common_prefix
 from outrider.scheduler.sampling import sample, warp
 
 HEAD_FORMAT = "outrider-dgf-v1"  # safetensors metadata "format"; the head's shape is in metadata "config" (JSON)
@@ -197,13 +197,7 @@ def load_head(path: str | Path, target: Transformer) -> DGFHead:
 
 # -- drafting ------------------------------------------------------------------------------------------------------
 
-@dataclass
-class _HeadSeq:
-    slot: int
-    fed: list[int] = field(default_factory=list)  # x_{j+1} of the pairs in the head cache made of target features
-
-
-class FeatureDrafter:
+class FeatureDrafter(CachedSequences):
     """Drafts a chain of k with a `DGFHead`, all sequences batched per step.
 
     Like `ModelDrafter` it syncs to the committed tokens each round: the head cache keeps the pairs built from
@@ -217,7 +211,7 @@ class FeatureDrafter:
         self.head = head
         self.cache = head.new_cache(num_slots, capacity)
         self.prefill_chunk = prefill_chunk
-        self.seqs: dict[int, _HeadSeq] = {}
+        self.seqs: dict[int, DraftSeq] = {}  # fed: x_{j+1} of the pairs in the head cache built from target features
 
     def prefill(self, seq_id: int, tokens: list[int]) -> None:
         self._seq(seq_id)  # the prompt's features do not exist yet: the first proposal feeds its pairs
@@ -244,19 +238,6 @@ class FeatureDrafter:
                         probs[r.seq_id].append(q)
         return [Draft(tokens[r.seq_id], torch.stack(probs[r.seq_id]) if probs[r.seq_id] else None)
                 for r in requests]
-
-    def release(self, seq_id: int) -> None:
-        seq = self.seqs.pop(seq_id, None)
-        if seq is not None:
-            self.cache.release(seq.slot)
-
-    def slots_in_use(self) -> int:
-        return self.cache.slots_in_use
-
-    def _seq(self, seq_id: int) -> _HeadSeq:
-        if seq_id not in self.seqs:
-            self.seqs[seq_id] = _HeadSeq(self.cache.acquire())
-        return self.seqs[seq_id]
 
     def _sync(self, requests: list[DraftRequest]) -> torch.Tensor:
         """Roll each head cache back to the pairs still committed, feed the new ones; [B, hidden] last outputs.

@@ -11,6 +11,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from outrider.runtime.kv_cache import KVCache
 from outrider.runtime.model import ForwardBatch, Transformer
 from outrider.scheduler.sampling import SamplingParams, sample, warp
 
@@ -87,12 +88,32 @@ class PromptLookupDrafter:
 
 
 @dataclass
-class _DraftSeq:
+class DraftSeq:
     slot: int
     fed: list[int] = field(default_factory=list)  # tokens whose K/V the draft cache holds, in order
 
 
-class ModelDrafter:
+class CachedSequences:
+    """A drafter's sequences over its one KV cache: a slot each, taken on first sight, freed on release."""
+
+    cache: KVCache
+    seqs: dict[int, DraftSeq]
+
+    def release(self, seq_id: int) -> None:
+        seq = self.seqs.pop(seq_id, None)
+        if seq is not None:
+            self.cache.release(seq.slot)
+
+    def slots_in_use(self) -> int:
+        return self.cache.slots_in_use
+
+    def _seq(self, seq_id: int) -> DraftSeq:
+        if seq_id not in self.seqs:
+            self.seqs[seq_id] = DraftSeq(self.cache.acquire())
+        return self.seqs[seq_id]
+
+
+class ModelDrafter(CachedSequences):
     """A small model of the target's vocabulary drafting a chain of k tokens, all sequences batched per step."""
 
     def __init__(self, model: Transformer, num_slots: int = 1, capacity: int = 4096, prefill_chunk: int = 256,
@@ -103,7 +124,7 @@ class ModelDrafter:
         self.kept_ids = kept_ids
         self.cache = model.new_cache(num_slots, capacity)
         self.prefill_chunk = prefill_chunk
-        self.seqs: dict[int, _DraftSeq] = {}
+        self.seqs: dict[int, DraftSeq] = {}
 
     def prefill(self, seq_id: int, tokens: list[int]) -> None:
         """Feed the prompt when the sequence starts, so the first round drafts at once."""
@@ -139,19 +160,6 @@ class ModelDrafter:
         if self.kept_ids is None:
             return q
         return q.new_zeros(self.model.config.vocab_size).index_copy_(0, self.kept_ids, q)
-
-    def release(self, seq_id: int) -> None:
-        seq = self.seqs.pop(seq_id, None)
-        if seq is not None:
-            self.cache.release(seq.slot)
-
-    def slots_in_use(self) -> int:
-        return self.cache.slots_in_use
-
-    def _seq(self, seq_id: int) -> _DraftSeq:
-        if seq_id not in self.seqs:
-            self.seqs[seq_id] = _DraftSeq(self.cache.acquire())
-        return self.seqs[seq_id]
 
     def _sync(self, requests: list[DraftRequest]) -> list[torch.Tensor]:
         """Roll each sequence's draft cache back to its common prefix with the committed tokens, feed the rest
