@@ -87,6 +87,11 @@ def random_model(config: ModelConfig, device: str, fmt: str = "dense", dtype: to
     return Transformer(c, weights, dtype, device, max_positions=4096, batch_invariant=batch_invariant)
 
 
+def token_ids(start: int, n: int, vocab: int) -> list[int]:
+    """n distinct-ish ids for a synthetic prompt (the values do not matter for speed, only that they exist)."""
+    return [(start + i) % vocab for i in range(n)]
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -114,7 +119,7 @@ def graphs_section(shapes: list[str], width: int, iters: int, device: str, conte
     rows = []
     for name in shapes:
         model = random_model(QWEN25[name], device)
-        prompt = list(range(100, 100 + context))
+        prompt = token_ids(100, context, model.config.vocab_size)
         row = {"shape": name, "weight_GB": round(model.weights.nbytes_per_token / 1e9, 3), "width": width}
         for label, w, graph in (("eager_w1", 1, False), ("graph_w1", 1, True),
                                 ("eager_wW", width, False), ("graph_wW", width, True)):
@@ -155,7 +160,7 @@ def spec_section(width: int, k: int, max_tokens: int, tokens_per_round: float | 
     from outrider.scheduler.graphed import GraphDrafter, GraphTarget
 
     target, draft = random_model(QWEN25["1.5b"], device), random_model(QWEN25["0.5b"], device, seed=1)
-    prompt = list(range(1000, 1128))
+    prompt = token_ids(1000, 128, target.config.vocab_size)
     runs = {}
     for name, make_drafter in (("plain", lambda: None), ("self-draft", lambda: GraphDrafter(target, 1, 1024, width)),
                                ("0.5b-draft", lambda: GraphDrafter(draft, 1, 1024, width))):
@@ -196,7 +201,7 @@ def dovetail_section(width: int, k: int, iters: int, tokens_per_round: float | N
     cpu_target = random_model(QWEN25["1.5b"], "cpu", "int4")
     cpu_draft = random_model(QWEN25["0.5b"], "cpu", "int4", seed=1, batch_invariant=False)
     gpu_draft = random_model(QWEN25["0.5b"], device, seed=1)
-    context = list(range(1000, 1256))
+    context = token_ids(1000, 256, cpu_target.config.vocab_size)
     cache = cpu_target.new_cache(1, 1024)
     cpu_target.prefill(cache, 0, context)
     n = len(context)
