@@ -125,6 +125,8 @@ class StaticRunner:
         self.length = length
 
     def fill(self, tokens: list[int], tree: torch.Tensor | None, depth: list[int] | None) -> None:
+        """Load the input buffers for rows at the committed length: tokens padded to the width, the tree among
+        them (default: a chain) and their depths; pad rows form a chain after the real ones."""
         rows, w = len(tokens), self.width
         self.tokens.copy_(torch.tensor(tokens + [0] * (w - rows)), non_blocking=True)
         self.start.fill_(self.length)
