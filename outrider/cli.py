@@ -35,6 +35,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-group-actors", type=int, default=0, metavar="N",
                    help="easyspec: split the draft's layer groups over N Ray actors (member j of every group on "
                         "actor j, one thread each, gloo between them; the group size is N); 0 = in this process")
+    p.add_argument("--graphs", action="store_true",
+                   help="target steps at one fixed width over a static KV cache, captured as CUDA graphs with "
+                        "--device cuda, and greedy model drafts as one graph replay per round (on the CPU they "
+                        "run eagerly, slower than the default path)")
     p.add_argument("--draft-head", default=None,
                    help="dovetail: a DGF draft head from `outrider train-dgf` (drafts from the target's hidden "
                         "states; no draft model is loaded for it)")
@@ -55,7 +59,7 @@ def model_options(a: argparse.Namespace):
     return ModelOptions(a.target, a.draft, a.dtype, a.target_weights, a.draft_weights, a.max_seq_len, a.device,
                         a.draft_k, a.adaptive, a.draft_vocab, a.draft_group, a.draft_actor,
                         draft_head=getattr(a, "draft_head", None), auto_k=getattr(a, "auto_k", False),
-                        draft_group_actors=getattr(a, "draft_group_actors", 0))
+                        draft_group_actors=getattr(a, "draft_group_actors", 0), graphs=getattr(a, "graphs", False))
 
 
 def sampling_params(a: argparse.Namespace):

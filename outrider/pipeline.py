@@ -14,11 +14,13 @@ from outrider.scheduler.dovetail import DGFHead, load_head
 from outrider.scheduler.engine import Engine, Request, SpecStats
 from outrider.scheduler.policy import MAX_DRAFT
 from outrider.scheduler.sampling import SamplingParams
+from outrider.scheduler.graphed import GraphDrafter, GraphTarget
 from outrider.scheduler.strategies import StrategyContext, get_strategy
 from outrider.scheduler.target import LocalTarget
 from outrider.scheduler.vocab_trim import TrimmedVocab, trim_head
 
 THREADS = 2  # batch-invariance rule R6: one thread count for every target call
+MODEL_DRAFTED = ("vanilla", "pearl", "dovetail")  # strategies whose drafter is the draft model's plain chain
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class ModelOptions:
     # each, gloo between them); the group size is then this number. 0: easyspec drafts in this process.
     draft_group_actors: int = 0
     auto_k: bool = False  # pearl: k from the measured verify / draft-step time ratio (AutoK), --draft-k its bound
+    # Target steps at one fixed width over a static KV cache (outrider/runtime/graphs.py), captured as CUDA graphs
+    # on a GPU, and greedy drafts of a model drafter as one draft-loop replay a round. On the CPU the same steps
+    # run eagerly (slower than the default path: attention reads the whole cache); that is for tests.
+    graphs: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_DRAFT:
@@ -60,6 +66,9 @@ class ModelOptions:
             raise ValueError(f"max_seq_len must be >= 16, got {self.max_seq_len}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: this torch build sees no CUDA GPU; use --device cpu")
+        if self.graphs and (self.draft_actor or self.draft_group_actors or self.draft_head):
+            raise ValueError("--graphs runs both models in this process: drop --draft-actor, --draft-group-actors "
+                             "and --draft-head, or drop --graphs")
         if self.draft_head and self.draft_actor:
             raise ValueError("--draft-head is not supported with --draft-actor yet: the head reads the target's "
                              "hidden states each round, which the actor seams do not carry; drop one of them")
@@ -130,11 +139,15 @@ class Pipeline:
                 raise ValueError(f"strategy {strategy!r} needs a draft model; pass --draft")
             # The group actors host easyspec's layer groups only; the other strategies draft as they would.
             hosted = self.group_drafter if strategy == "easyspec" and self.group_drafter else self.hosted_drafter
+            if self.options.graphs and self.draft is not None and strategy in MODEL_DRAFTED:
+                hosted = GraphDrafter(self.draft, 1, self.options.max_seq_len)  # the model drafter, as graph rounds
             ctx = StrategyContext(self.draft, self.options.k, self.options.adaptive, 1, self.options.max_seq_len,
                                   hosted_drafter=hosted, draft_kept_ids=self.draft_kept_ids,
                                   draft_group=self.options.draft_group, draft_head=self.draft_head,
                                   auto_k=self.options.auto_k)
-            self.engines[strategy] = Engine(LocalTarget(self.target, 1, self.options.max_seq_len), *s.build(ctx))
+            target = (GraphTarget(self.target, 1, self.options.max_seq_len) if self.options.graphs
+                      else LocalTarget(self.target, 1, self.options.max_seq_len))
+            self.engines[strategy] = Engine(target, *s.build(ctx))
         return self.engines[strategy]
 
     def render(self, prompt: str, chat: bool) -> str:

@@ -62,3 +62,16 @@ def test_warm_start_maps_the_converted_weights(tiny_gguf):
     assert warm.weights.nbytes_per_token == cold.weights.nbytes_per_token
     for a, b in zip(cold.weights.layers, warm.weights.layers):
         assert all(x.equal(y) for x, y in zip(a.gate_up.state().values(), b.gate_up.state().values()))
+
+
+def test_graph_steps_from_the_cli_keep_speculation_lossless(capsys, tiny_gguf):
+    """--graphs: the target's fixed-width static steps (CUDA graphs on a GPU, eager here) and graph draft rounds;
+    every model-drafted strategy gives plain decoding's tokens through them."""
+    args = ("--prompt", "def add(a, b):", "--graphs", "--target-weights", "dense", "--draft-weights", "dense")
+    plain = generate(capsys, tiny_gguf, *args, "--strategy", "autoregressive")
+    for strategy in ("vanilla", "pearl", "dovetail"):
+        spec = generate(capsys, tiny_gguf, *args, "--strategy", strategy)
+        assert spec["token_ids"] == plain["token_ids"], strategy
+        assert spec["stats"]["draft_tokens"] > 0
+    assert main(["generate", "--target", str(tiny_gguf), "--prompt", "x", "--graphs", "--draft-actor"]) == 2
+    assert "--graphs runs both models in this process" in capsys.readouterr().err
