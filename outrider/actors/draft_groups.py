@@ -137,9 +137,7 @@ class ShardedDrafter(LayerParallelDrafter):
     def _hold(self, seq_id: int, slot: int) -> int:
         """The leader's slot for a sequence this follower first hears of, taken in this cache too."""
         if seq_id not in self.seqs:
-            self.cache.free_slots.remove(slot)
-            self.cache.lengths[slot] = 0
-            self.seqs[seq_id] = DraftSeq(slot)
+            self.seqs[seq_id] = DraftSeq(self.cache.acquire(slot))
         assert self.seqs[seq_id].slot == slot, (seq_id, slot, self.seqs[seq_id].slot)
         return slot
 

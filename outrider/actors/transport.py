@@ -10,7 +10,9 @@ so the link is torn down and the target goes back to the Ray path for good.
 from __future__ import annotations
 
 import logging
+import random
 import socket
+from pathlib import Path
 from datetime import timedelta
 
 import ray
@@ -22,10 +24,30 @@ PEER = 1  # the stage's rank
 JOIN_TIMEOUT = timedelta(seconds=60)
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+RAY_WORKER_PORTS_END = 19999  # Ray's default worker port range is 10002-19999
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free port between Ray's worker ports and the OS's ephemeral range. Between this call and the server's
+    bind the port is free; a port from the ephemeral range could be taken meanwhile by any outgoing connection
+    or by a Ray process (seen once: a test server's child exited before /health), one from here can't. Used for
+    test servers and for the torch.distributed rendezvous of gloo links and draft groups."""
+    low, high = RAY_WORKER_PORTS_END + 1, _ephemeral_start() - 1
+    for port in random.sample(range(low, high), min(256, high - low)):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between {low} and {high}")
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 class GlooLink:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from outrider.bench.timing import call_times_ms
 from outrider.kernels.linear import DenseLinear, Int4Linear, INT4_GROUP, LinearKernel
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.model import LayerWeights, ModelWeights, Transformer
@@ -98,16 +99,8 @@ def _sync(device: str) -> None:
 
 
 def median_ms(fn, iters: int, device: str, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return round(statistics.median(times), 3)
+    """Median ms of `fn` including the wait for its GPU work (a launch alone returns before the work ends)."""
+    return round(statistics.median(call_times_ms(lambda: (fn(), _sync(device)), iters, warmup)), 3)
 
 
 # -- sections -----------------------------------------------------------------------------------------------

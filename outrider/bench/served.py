@@ -3,8 +3,6 @@ on a free port, ready when /health says 200 (bounded by a deadline), stopped wit
 not exit."""
 from __future__ import annotations
 
-import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,33 +13,10 @@ from typing import IO, Iterator
 
 import httpx
 
+from outrider.actors.transport import free_port  # noqa: F401  (tests and bench import it from here)
+
 START_TIMEOUT_S = 180.0  # model load on a cold page cache, real checkpoints
 STOP_TIMEOUT_S = 30.0  # uvicorn's graceful shutdown after SIGTERM, then SIGKILL
-
-
-RAY_WORKER_PORTS_END = 19999  # Ray's default worker port range is 10002-19999
-
-
-def free_port() -> int:
-    """A free port between Ray's worker ports and the OS's ephemeral range. Between this call and the server's
-    bind the port is free; a port from the ephemeral range could be taken meanwhile by any outgoing connection
-    or by a Ray process of the server itself (seen once: the child exited before /health), one from here can't."""
-    low, high = RAY_WORKER_PORTS_END + 1, _ephemeral_start() - 1
-    for port in random.sample(range(low, high), min(256, high - low)):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port between {low} and {high}")
-
-
-def _ephemeral_start() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
 
 
 @contextmanager

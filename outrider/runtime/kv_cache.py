@@ -43,10 +43,16 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def acquire(self) -> int:
+    def acquire(self, slot: int | None = None) -> int:
+        """A free slot; `slot` takes that one (a follower mirroring the slot its leader's cache chose)."""
         if not self.free_slots:
             raise RuntimeError(f"all {self.num_slots} KV cache slots are in use")
-        slot = self.free_slots.pop()
+        if slot is None:
+            slot = self.free_slots.pop()
+        elif slot in self.free_slots:
+            self.free_slots.remove(slot)
+        else:
+            raise RuntimeError(f"KV cache slot {slot} is in use")
         self.lengths[slot] = 0
         return slot
 
