@@ -10,6 +10,10 @@ import torch
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.loading import build_weights
 from outrider.runtime.model import Transformer
+from outrider.scheduler.engine import Engine, Request
+from outrider.scheduler.policy import FixedK
+from outrider.scheduler.sampling import SamplingParams
+from outrider.scheduler.target import LocalTarget
 
 FIXTURES = Path(__file__).parent / "fixtures"
 torch.set_num_threads(2)
@@ -73,3 +77,29 @@ def hf_model(name: str, seed: int = 0):
 @pytest.fixture
 def tiny():
     return tiny_model
+
+
+PROMPT = [5, 9, 17, 5, 9, 33, 80, 5, 9, 17]  # repeats, so prompt lookup finds n-grams
+
+
+def plain(model, prompt=PROMPT, max_tokens=40, stop=frozenset(), params=SamplingParams()) -> list[int]:
+    """The target's own tokens: what every lossless strategy must reproduce."""
+    engine = Engine(LocalTarget(model, capacity=256))
+    return engine.generate(Request(prompt, max_tokens, params, stop)).generated
+
+
+def speculative(model, drafter, k, prompt=PROMPT, max_tokens=40, stop=frozenset(), params=SamplingParams()):
+    engine = Engine(LocalTarget(model, capacity=256), drafter, lambda: FixedK(k))
+    return engine.generate(Request(prompt, max_tokens, params, stop))
+
+
+@pytest.fixture(scope="module")
+def target():
+    """The loop tests' target (a module may override it with its own)."""
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(target):
+    """`plain` decoding of the module's target."""
+    return plain(target)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from conftest import tiny_model
+from conftest import PROMPT, plain, tiny_model
 from outrider.cli import main
 from outrider.dovetail_train import TrainConfig, collect, new_head, sample_loss, train
 from outrider.pipeline import ModelOptions
@@ -23,7 +23,6 @@ from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import FixedK
 from outrider.scheduler.strategies import StrategyContext, get_strategy
 from outrider.scheduler.target import LocalTarget
-from test_engine import PROMPT, plain
 from test_engine_sampling import chi_square_p, exact_two_token_distribution, sampled_counts, small_vocab_model
 from tiny_folders import write_tiny_folder
 
@@ -44,11 +43,6 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def reset_threads():
     torch.set_num_threads(1)  # the CLI test's Pipeline.load sets its own count
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_model("llama", seed=0)
 
 
 @pytest.fixture(scope="module")

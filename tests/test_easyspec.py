@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_state, tiny_config
+from conftest import PROMPT, plain, random_state, speculative, tiny_config
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.loading import build_weights
 from outrider.runtime.model import ForwardBatch, Transformer
@@ -21,7 +21,6 @@ from outrider.scheduler.policy import FixedK
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.strategies import StrategyContext, get_strategy
 from outrider.scheduler.target import LocalTarget
-from test_engine import PROMPT, plain, speculative
 from test_engine_sampling import PARAMS, VOCAB, chi_square_p, exact_two_token_distribution, small_vocab_model
 
 
@@ -41,11 +40,6 @@ def target():
 @pytest.fixture(scope="module")
 def other():
     return four_layer_model(123)
-
-
-@pytest.fixture(scope="module")
-def reference(target):
-    return plain(target)
 
 
 class Recorder:

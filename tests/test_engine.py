@@ -4,36 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import PROMPT, plain, speculative, tiny_model
 from fakes import OracleDrafter
 from outrider.scheduler.drafters import ModelDrafter, PromptLookupDrafter
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import AdaptiveK, FixedK
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.target import LocalTarget
-
-PROMPT = [5, 9, 17, 5, 9, 33, 80, 5, 9, 17]  # repeats, so prompt lookup finds n-grams
-
-
-def plain(model, prompt=PROMPT, max_tokens=40, stop=frozenset(), params=SamplingParams()) -> list[int]:
-    engine = Engine(LocalTarget(model, capacity=256))
-    return engine.generate(Request(prompt, max_tokens, params, stop)).generated
-
-
-def speculative(model, drafter, k, prompt=PROMPT, max_tokens=40, stop=frozenset(), params=SamplingParams()):
-    engine = Engine(LocalTarget(model, capacity=256), drafter, lambda: FixedK(k))
-    return engine.generate(Request(prompt, max_tokens, params, stop))
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_model("llama", seed=0)
-
-
-@pytest.fixture(scope="module")
-def reference(target):
-    return plain(target)
-
 
 @pytest.mark.parametrize("k", range(1, 9))
 def test_full_acceptance_when_the_draft_is_the_target(target, reference, k):

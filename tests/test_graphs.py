@@ -7,14 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import PROMPT as SHORT, tiny_model
 from outrider.runtime.graphs import DraftLoop, StaticRunner
 from outrider.runtime.model import ForwardBatch
 from outrider.scheduler.drafters import ModelDrafter
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.graphed import GraphDrafter, GraphTarget
 from outrider.scheduler.policy import FixedK
-from test_engine import PROMPT as SHORT
 
 PROMPT = SHORT + [40, 41, 9, 17, 5]  # 15 tokens: a full 8-row chunk and more
 

@@ -7,29 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import PROMPT, plain, tiny_model
 from fakes import OracleDrafter
 from outrider.scheduler.drafters import ModelDrafter
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.pearl import Overlapped
 from outrider.scheduler.policy import FixedK
 from outrider.scheduler.target import LocalTarget
-from test_engine import PROMPT, plain
 from test_engine_sampling import chi_square_p, exact_two_token_distribution, sampled_counts, small_vocab_model
 
 
 def pearl(target, drafter, k: int, slots: int = 1) -> Engine:
     return Engine(LocalTarget(target, num_slots=slots, capacity=256), drafter, lambda: FixedK(k), Overlapped())
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_model("llama", seed=0)
-
-
-@pytest.fixture(scope="module")
-def reference(target):
-    return plain(target)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 7])

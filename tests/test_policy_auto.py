@@ -9,7 +9,7 @@ import pytest
 import ray
 from pydantic import ValidationError
 
-from conftest import tiny_model
+from conftest import PROMPT, plain, tiny_model
 from outrider.profile import Profile
 from outrider.runtime.loading import load_model
 from outrider.scheduler.drafters import Draft, DraftRequest, ModelDrafter
@@ -20,15 +20,9 @@ from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.strategies import StrategyContext, get_strategy
 from outrider.scheduler.target import LocalTarget
 from outrider.service import Service
-from test_engine import PROMPT, plain
 from tiny_folders import write_tiny_pair
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_model("llama", seed=0)
 
 
 @pytest.fixture(scope="module")

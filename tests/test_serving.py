@@ -20,11 +20,6 @@ CAPACITY = 128
 
 
 @pytest.fixture(scope="module")
-def target():
-    return tiny_model("llama", seed=0)
-
-
-@pytest.fixture(scope="module")
 def draft():
     return tiny_model("llama", seed=3, batch_invariant=False)
 
