@@ -1,0 +1,65 @@
+"""Our C++ CPU kernels (`csrc/`): built once per source version with torch's extension builder, loaded as torch ops.
+
+`make venv` builds them at install time (`python -m outrider.kernels.native`); a process that finds them missing
+builds them on first use (about a minute on 2 cores) under a file lock, so parallel workers build once.
+The build dir lives in $OUTRIDER_HOME/kernels, keyed by a hash of the sources and the torch version.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCES = [Path(__file__).with_name("csrc") / "gguf_mm.cpp"]
+# Zen 4/5 and Ice Lake+ have all of these; `cpu_supported` checks before anything is built or run.
+ISA_FLAGS = ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi", "f16c", "fma"]
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mf16c",
+          "-mfma", "-fno-math-errno"]
+
+
+def missing_cpu_features() -> list[str]:
+    """CPU flags the kernels need that this machine lacks (empty when it can run them)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ISA_FLAGS
+    m = re.search(r"^flags\s*:(.*)$", text, re.M)
+    have = set(m.group(1).split()) if m else set()
+    return [f for f in ISA_FLAGS if f not in have]
+
+
+def _build_name() -> str:
+    h = hashlib.sha256(torch.__version__.encode())
+    for src in SOURCES:
+        h.update(src.read_bytes())
+    h.update(" ".join(CFLAGS).encode())
+    return f"outrider_kernels_{h.hexdigest()[:12]}"
+
+
+@lru_cache(maxsize=1)
+def load() -> None:
+    """Build (if needed) and load the kernels; afterwards `torch.ops.outrider_gguf.mm` exists."""
+    missing = missing_cpu_features()
+    if missing:
+        raise RuntimeError(f"--weights gguf needs a CPU with {', '.join(missing)} (AVX512-VNNI class: Zen 4+, "
+                           "Ice Lake+); use --weights int4 or int8 on this machine")
+    from torch.utils.cpp_extension import load as build
+
+    from outrider.hub import home
+
+    name = _build_name()
+    directory = home() / "kernels" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    build(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, build_directory=str(directory),
+          is_python_module=False, verbose=False)
+    log.info("loaded native kernels %s", directory)
+
+
+if __name__ == "__main__":
+    load()
+    print(f"native kernels ready: {_build_name()}")
