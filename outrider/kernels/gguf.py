@@ -116,7 +116,7 @@ def dequantize(raw: torch.Tensor, qtype: str) -> torch.Tensor:
 
 # ---- our layout ---------------------------------------------------------------------------------------------
 
-def _nibble_pairs(c: torch.Tensor) -> torch.Tensor:  # [..., 64] codes -> [..., 32] bytes: low = c[i], high = c[32+i]
+def _nibble_pairs(c: torch.Tensor) -> torch.Tensor:  # [..., 64] codes -> [..., 32] bytes: low c[i], high c[32+i]
     return ((c[..., :32] & 0x0F) | ((c[..., 32:] & 0x0F) << 4)).to(torch.uint8)
 
 
@@ -130,13 +130,13 @@ def pack(blocks: Blocks) -> torch.Tensor:
     n, nb, _ = blocks.codes.shape
     f16 = lambda t: t.to(torch.float16).contiguous().view(torch.uint8).reshape(*t.shape, 2)  # noqa: E731
     if blocks.qtype in K_QUANTS:
-        lane = blocks.codes[..., LANE_ORDER].reshape(n, nb, 4, 64)
-        low = _nibble_pairs(lane).reshape(n, nb, 128)
+        lane = blocks.codes[..., LANE_ORDER].reshape(n, nb, 4, 64)  # chunk c of 64 codes
+        # vector h: chunk 2h in the low nibbles, chunk 2h + 1 in the high ones
+        low = ((lane[:, :, 0::2] & 0x0F) | ((lane[:, :, 1::2] & 0x0F) << 4)).to(torch.uint8).reshape(n, nb, 128)
         if blocks.qtype == "Q4_K":
             parts = [blocks.raw_header, low]
-        else:
-            hi = ((lane >> 4) & 3).reshape(n, nb, 4, 4, 16)  # chunk, quarter, byte
-            hi = sum(hi[..., q, :] << (2 * q) for q in range(4)).to(torch.uint8).reshape(n, nb, 64)
+        else:  # byte p, bits 2c and 2c + 1: the top two bits of chunk c's code p
+            hi = sum(((lane[:, :, c] >> 4) & 3) << (2 * c) for c in range(4)).to(torch.uint8)
             parts = [f16(blocks.d), blocks.sub.view(torch.uint8), low, hi]
         return torch.cat(parts, -1).reshape(n, -1).contiguous()
     if nb % 2:
@@ -158,11 +158,11 @@ def unpack_packed(packed: torch.Tensor, qtype: str, in_features: int) -> Blocks:
     b = packed.reshape(n, nb // (UNIT[qtype] // per), -1)
     if qtype in K_QUANTS:
         header = 16 if qtype == "Q4_K" else 18
-        low = b[..., header:header + 128].reshape(n, nb, 4, 32).to(torch.int16)
-        lane = torch.cat([low & 0x0F, low >> 4], -1)
+        low = b[..., header:header + 128].reshape(n, nb, 2, 1, 64).to(torch.int16)
+        lane = torch.cat([low & 0x0F, low >> 4], 3).reshape(n, nb, 4, 64)
         if qtype == "Q6_K":
-            hi = b[..., 146:210].reshape(n, nb, 4, 1, 16).to(torch.int16)
-            lane = lane | (torch.cat([(hi >> (2 * q)) & 3 for q in range(4)], 3).reshape(n, nb, 4, 64) << 4)
+            hi = b[..., 146:210].reshape(n, nb, 1, 64).to(torch.int16)
+            lane = lane | (torch.cat([(hi >> (2 * c)) & 3 for c in range(4)], 2) << 4)
         codes = lane.reshape(n, nb, 256)[..., NATURAL_ORDER]
         if qtype == "Q4_K":
             sc, m = q4k_scale_min(b[..., 4:16])

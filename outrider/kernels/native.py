@@ -19,7 +19,7 @@ SOURCES = [Path(__file__).with_name("csrc") / "gguf_mm.cpp"]
 # Zen 4/5 and Ice Lake+ have all of these; `cpu_supported` checks before anything is built or run.
 ISA_FLAGS = ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi", "f16c", "fma"]
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mf16c",
-          "-mfma", "-fno-math-errno"]
+          "-mfma", "-fno-math-errno", "-fopenmp"]  # -fopenmp: at::parallel_for is inline; without it, one thread
 
 
 def missing_cpu_features() -> list[str]:
@@ -55,7 +55,7 @@ def load() -> None:
     name = _build_name()
     directory = home() / "kernels" / name
     directory.mkdir(parents=True, exist_ok=True)
-    build(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, build_directory=str(directory),
+    build(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
           is_python_module=False, verbose=False)
     log.info("loaded native kernels %s", directory)
 

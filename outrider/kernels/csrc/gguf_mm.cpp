@@ -68,17 +68,22 @@ inline float quantize_block(const float* x, int n, int8_t* q) {
   return d;
 }
 
-// K-quant activations of one row: per 256 block, codes in lane order (chunk c, lane l, byte t <- element
-// 16 l + 4 c + t), the scale, and per 16-element group l: 32 * sum (for Q6_K's -32 offset) and d * sum (Q4_K's mins).
+// Activations are stored block-major ([block][row][...]): the rows a kernel call scores sit at fixed offsets from
+// one pointer per block, so eight rows do not need eight live pointers.
+//
+// K-quants, per 256 block and row: codes in lane order (chunk c, lane l, byte t <- element 16 l + 4 c + t), the
+// scale, and per 16-element group l: 32 * sum (Q6_K's -32 offset) and d * sum (Q4_K's mins).
 struct KActs {
-  std::vector<int8_t> q;        // [M, K]
-  std::vector<float> d;         // [M, K / 256]
-  std::vector<int32_t> sum32;   // [M, K / 256, 16]
-  std::vector<float> dsum;      // [M, K / 256, 16]
+  int64_t M = 0;
+  std::vector<int8_t> q;        // [K / 256, M, 256]
+  std::vector<float> d;         // [K / 256, M]
+  std::vector<int32_t> sum32;   // [K / 256, M, 16]
+  std::vector<float> dsum;      // [K / 256, M, 16]
 };
 
 void quantize_k(const float* x, int64_t M, int64_t K, KActs& a) {
   const int64_t nb = K / 256;
+  a.M = M;
   a.q.resize(M * K);
   a.d.resize(M * nb);
   a.sum32.resize(M * nb * 16);
@@ -86,9 +91,10 @@ void quantize_k(const float* x, int64_t M, int64_t K, KActs& a) {
   at::parallel_for(0, M * nb, 16, [&](int64_t begin, int64_t end) {
     alignas(64) int8_t natural[256];
     for (int64_t i = begin; i < end; ++i) {
-      const float d = quantize_block(x + i * 256, 256, natural);
-      a.d[i] = d;
-      int8_t* out = a.q.data() + i * 256;
+      const int64_t m = i / nb, b = i % nb, j = b * M + m;
+      const float d = quantize_block(x + m * K + b * 256, 256, natural);
+      a.d[j] = d;
+      int8_t* out = a.q.data() + j * 256;
       for (int l = 0; l < 16; ++l) {
         int32_t s = 0;
         for (int c = 0; c < 4; ++c)
@@ -97,143 +103,189 @@ void quantize_k(const float* x, int64_t M, int64_t K, KActs& a) {
             out[64 * c + 4 * l + t] = v;
             s += v;
           }
-        a.sum32[i * 16 + l] = 32 * s;
-        a.dsum[i * 16 + l] = d * static_cast<float>(s);
+        a.sum32[j * 16 + l] = 32 * s;
+        a.dsum[j * 16 + l] = d * static_cast<float>(s);
       }
     }
   });
 }
 
-// 32-element activations of one row: natural order, one scale per 32 expanded to the 8 lanes that block fills.
+// 32-element types, per unit of two blocks (64 weights) and row: codes in natural order, and each block's scale
+// repeated over the 8 lanes it fills.
 struct Acts32 {
-  std::vector<int8_t> q;   // [M, K]
-  std::vector<float> d;    // [M, K / 64, 16]
+  int64_t M = 0;
+  std::vector<int8_t> q;     // [K / 64, M, 64]
+  std::vector<float> d;      // [K / 64, M, 16]
+  std::vector<int32_t> off;  // [K / 64, M, 16] lane sums times the weight code offset (16 for Q5_0, 128 for Q8_0)
 };
 
-void quantize_32(const float* x, int64_t M, int64_t K, Acts32& a) {
-  const int64_t nb = K / 32;
+void quantize_32(const float* x, int64_t M, int64_t K, int32_t offset, Acts32& a) {
+  const int64_t nu = K / 64;
+  a.M = M;
   a.q.resize(M * K);
-  a.d.resize(M * nb * 8);
-  at::parallel_for(0, M * nb, 64, [&](int64_t begin, int64_t end) {
+  a.d.resize(M * nu * 16);
+  a.off.resize(M * nu * 16);
+  at::parallel_for(0, M * nu, 32, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float d = quantize_block(x + i * 32, 32, a.q.data() + i * 32);
-      for (int l = 0; l < 8; ++l) a.d[i * 8 + l] = d;
+      const int64_t m = i / nu, u = i % nu, j = u * M + m;
+      for (int half = 0; half < 2; ++half) {
+        const float d = quantize_block(x + m * K + u * 64 + 32 * half, 32, a.q.data() + j * 64 + 32 * half);
+        for (int l = 0; l < 8; ++l) a.d[j * 16 + 8 * half + l] = d;
+      }
+      const int8_t* q = a.q.data() + j * 64;
+      for (int l = 0; l < 16; ++l) a.off[j * 16 + l] = offset * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
     }
   });
 }
 
 // ---- weights: per unit, unpack once (shared by all rows), then a few instructions per activation row -------
+//
+// Repacked K-quant block (`gguf.py` `pack`): codes of the 4 lane-order chunks as nibbles of two 64-byte vectors
+// (chunk 2h in the low nibbles of vector h, chunk 2h + 1 in the high ones), so unpacking is one mask or one
+// shift-and-mask per chunk; Q6_K's top two bits of chunk c sit at bits 2c, 2c + 1 of a third 64-byte vector.
 
-inline void q4k_scales(const uint8_t* s, uint8_t sc[8], uint8_t mn[8]) {
-  for (int j = 0; j < 4; ++j) {
-    sc[j] = s[j] & 63;
-    mn[j] = s[j + 4] & 63;
-    sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
-    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-  }
+// Q4_K's 12 packed bytes -> bytes 0..7 the 8 sub-scales, bytes 8..15 the 8 mins (six bits each), with word ops.
+inline __m128i q4k_scales(const uint8_t* s) {
+  uint32_t u0, u1, u2;
+  std::memcpy(&u0, s, 4);
+  std::memcpy(&u1, s + 4, 4);
+  std::memcpy(&u2, s + 8, 4);
+  const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+  const uint32_t sc03 = u0 & k1, mn03 = u1 & k1;
+  const uint32_t sc47 = (u2 & k2) | (((u0 >> 6) & k3) << 4);        // low nibbles + top bits of bytes 0..3
+  const uint32_t mn47 = ((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4);  // high nibbles + top bits of bytes 4..7
+  return _mm_set_epi32(static_cast<int>(mn47), static_cast<int>(mn03), static_cast<int>(sc47),
+                       static_cast<int>(sc03));
 }
 
-// 16 lanes, lane l = v[l / 2] (a Q4_K sub-block of 32 is two 16-element groups)
-inline __m512 pairs_to_lanes(const uint8_t v[8], float scale) {
-  const __m128i b = _mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v)),
-                                      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v)));
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), _mm512_set1_ps(scale));
+// 16 fp32 lanes from 16 bytes times a scale
+inline __m512 bytes_to_lanes(__m128i b, __m512 scale) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), scale);
 }
 
-inline __m512i nibbles(const uint8_t* p) {  // 32 bytes -> 64 codes: low nibbles, then high nibbles
-  const __m512i z = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_and_si512(_mm512_mask_blend_epi64(0xF0, z, _mm512_srli_epi16(z, 4)), _mm512_set1_epi8(0x0F));
-}
+inline __m512i load64(const void* p) { return _mm512_loadu_si512(p); }
 
-template <int64_t T>
-void dot_rows_k(const uint8_t* w, int64_t nb, const KActs& a, int64_t K, int64_t m0, int64_t rows, float* out) {
-  __m512 acc[ROWS];
-  for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
-  const __m512i hi_shift = _mm512_set_epi64(6 * 0x0001000100010001LL, 6 * 0x0001000100010001LL,
-                                            4 * 0x0001000100010001LL, 4 * 0x0001000100010001LL,
-                                            2 * 0x0001000100010001LL, 2 * 0x0001000100010001LL, 0, 0);
-  for (int64_t b = 0; b < nb; ++b, w += unit_bytes(T)) {
-    __m512i codes[4];
-    __m512 vscale, vmin = _mm512_setzero_ps();
-    if constexpr (T == Q4_K) {
-      uint8_t sc[8], mn[8];
-      q4k_scales(w + 4, sc, mn);
-      vscale = pairs_to_lanes(sc, f16(w));
-      vmin = pairs_to_lanes(mn, f16(w + 2));
-      for (int c = 0; c < 4; ++c) codes[c] = nibbles(w + 16 + 32 * c);
-    } else {  // Q6_K: [d][16 int8 scales][128 bytes low nibbles][64 bytes of 2-bit highs]
-      vscale = _mm512_mul_ps(
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2)))),
-          _mm512_set1_ps(f16(w)));
-      for (int c = 0; c < 4; ++c) {
-        __m512i h = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 146 + 16 * c)));
-        h = _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi16(h, hi_shift), 4), _mm512_set1_epi8(0x30));
-        codes[c] = _mm512_or_si512(nibbles(w + 18 + 32 * c), h);
+template <int64_t T, int R>
+void rows_k(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t nb, const KActs& a, int64_t m0,
+            float* y, int64_t y_stride) {
+  const int64_t M = a.M;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30);
+  for (int64_t n = 0; n < n_rows; ++n, w += row_bytes, y += y_stride) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    const uint8_t* blk = w;
+    for (int64_t b = 0; b < nb; ++b, blk += unit_bytes(T)) {
+      __m512i codes[4];
+      __m512 vscale, vmin = _mm512_setzero_ps();
+      const uint8_t* lo;
+      if constexpr (T == Q4_K) {  // [d][dmin][12 bytes scales and mins][128 bytes nibbles]
+        const __m128i sm = q4k_scales(blk + 4);
+        const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(blk)));
+        vscale = bytes_to_lanes(_mm_unpacklo_epi8(sm, sm), _mm512_broadcastss_ps(dd));  // lane l: sub-block l / 2
+        vmin = bytes_to_lanes(_mm_unpackhi_epi8(sm, sm), _mm512_broadcastss_ps(_mm_movehdup_ps(dd)));
+        lo = blk + 16;
+      } else {  // Q6_K: [d][16 int8 scales][128 bytes low nibbles][64 bytes of top bits]
+        vscale = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)))),
+            _mm512_set1_ps(f16(blk)));
+        lo = blk + 18;
+      }
+      const __m512i z0 = load64(lo), z1 = load64(lo + 64);
+      codes[0] = _mm512_and_si512(z0, low4);
+      codes[1] = _mm512_and_si512(_mm512_srli_epi16(z0, 4), low4);
+      codes[2] = _mm512_and_si512(z1, low4);
+      codes[3] = _mm512_and_si512(_mm512_srli_epi16(z1, 4), low4);
+      if constexpr (T == Q6_K) {
+        const __m512i h = load64(lo + 128);
+        codes[0] = _mm512_or_si512(codes[0], _mm512_and_si512(_mm512_slli_epi16(h, 4), top2));
+        codes[1] = _mm512_or_si512(codes[1], _mm512_and_si512(_mm512_slli_epi16(h, 2), top2));
+        codes[2] = _mm512_or_si512(codes[2], _mm512_and_si512(h, top2));
+        codes[3] = _mm512_or_si512(codes[3], _mm512_and_si512(_mm512_srli_epi16(h, 2), top2));
+      }
+      const int64_t j = b * M + m0;  // this block of row m0; row m0 + r follows at fixed offsets
+      const int8_t* qb = a.q.data() + j * 256;
+      const float* db = a.d.data() + j;
+      const int32_t* sb = a.sum32.data() + j * 16;
+      const float* mb = a.dsum.data() + j * 16;
+      for (int r = 0; r < R; ++r) {
+        __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[0], load64(qb + 256 * r));
+        for (int c = 1; c < 4; ++c) isum = _mm512_dpbusd_epi32(isum, codes[c], load64(qb + 256 * r + 64 * c));
+        if constexpr (T == Q6_K) isum = _mm512_sub_epi32(isum, load64(sb + 16 * r));
+        const __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(db[r]));
+        acc[r] = _mm512_fmadd_ps(s, vscale, acc[r]);
+        if constexpr (T == Q4_K) acc[r] = _mm512_fnmadd_ps(vmin, _mm512_loadu_ps(mb + 16 * r), acc[r]);
       }
     }
-    for (int r = 0; r < rows; ++r) {
-      const int64_t m = m0 + r;
-      const int8_t* q = a.q.data() + m * K + b * 256;
-      __m512i isum = _mm512_setzero_si512();
-      for (int c = 0; c < 4; ++c) isum = _mm512_dpbusd_epi32(isum, codes[c], _mm512_loadu_si512(q + 64 * c));
-      const int64_t i = m * nb + b;
-      if constexpr (T == Q6_K) isum = _mm512_sub_epi32(isum, _mm512_loadu_si512(a.sum32.data() + i * 16));
-      const __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(a.d[i]));
-      acc[r] = _mm512_fmadd_ps(s, vscale, acc[r]);
-      if constexpr (T == Q4_K) acc[r] = _mm512_fnmadd_ps(vmin, _mm512_loadu_ps(a.dsum.data() + i * 16), acc[r]);
-    }
+    for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
   }
-  for (int r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-template <int64_t T>
-void dot_rows_32(const uint8_t* w, int64_t nu, const Acts32& a, int64_t K, int64_t m0, int64_t rows, float* out) {
-  __m512 acc[ROWS];
-  for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t u = 0; u < nu; ++u, w += unit_bytes(T)) {
-    // two blocks of 32: signed codes as |w| (unsigned) and a sign mask moved onto the activations
-    __m512i sw;
-    if constexpr (T == Q5_0) {  // [d0][d1][u64 fifth bits][32 bytes nibbles]
-      uint64_t fifth;
-      std::memcpy(&fifth, w + 4, 8);
-      const __m512i c = _mm512_or_si512(nibbles(w + 12), _mm512_maskz_mov_epi8(fifth, _mm512_set1_epi8(0x10)));
-      sw = _mm512_sub_epi8(c, _mm512_set1_epi8(16));
-    } else {  // Q8_0: [d0][d1][64 int8]
-      sw = _mm512_loadu_si512(w + 4);
+// Two 32-weight blocks per unit: Q5_0 [d0][d1][u64 fifth bits][32 bytes: low nibble code p, high code 32 + p];
+// Q8_0 [d0][d1][64 int8]. Codes enter VPDPBUSD unsigned (Q5_0 as stored, Q8_0 + 128) and the offset comes off
+// through the activations' lane sums.
+template <int64_t T, int R>
+void rows_32(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t nu, const Acts32& a, int64_t m0,
+             float* y, int64_t y_stride) {
+  const int64_t M = a.M;
+  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int64_t n = 0; n < n_rows; ++n, w += row_bytes, y += y_stride) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    const uint8_t* unit = w;
+    for (int64_t u = 0; u < nu; ++u, unit += unit_bytes(T)) {
+      __m512i codes;
+      if constexpr (T == Q5_0) {
+        uint64_t fifth;
+        std::memcpy(&fifth, unit + 4, 8);
+        const __m512i z = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit + 12)));
+        const __m512i nib = _mm512_and_si512(_mm512_mask_blend_epi64(0xF0, z, _mm512_srli_epi16(z, 4)),
+                                             _mm512_set1_epi8(0x0F));
+        codes = _mm512_or_si512(nib, _mm512_maskz_mov_epi8(fifth, _mm512_set1_epi8(0x10)));
+      } else {
+        codes = _mm512_xor_si512(load64(unit + 4), _mm512_set1_epi8(static_cast<char>(0x80)));
+      }
+      const __m128 d01 = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(unit)));
+      const __m512 vdw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d01));
+      const int64_t j = u * M + m0;
+      const int8_t* qu = a.q.data() + j * 64;
+      const float* du = a.d.data() + j * 16;
+      const int32_t* ou = a.off.data() + j * 16;
+      for (int r = 0; r < R; ++r) {
+        const __m512i isum = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, load64(qu + 64 * r)),
+                                              load64(ou + 16 * r));
+        const __m512 vd = _mm512_mul_ps(vdw, _mm512_loadu_ps(du + 16 * r));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), vd, acc[r]);
+      }
     }
-    const __m512i aw = _mm512_abs_epi8(sw);
-    const __mmask64 neg = _mm512_movepi8_mask(sw);
-    const __m512 vdw = _mm512_castsi512_ps(_mm512_inserti64x4(
-        _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(f16(w)))),
-        _mm256_castps_si256(_mm256_set1_ps(f16(w + 2))), 1));
-    for (int r = 0; r < rows; ++r) {
-      const int64_t m = m0 + r;
-      const __m512i q = _mm512_loadu_si512(a.q.data() + m * K + u * 64);
-      const __m512i qs = _mm512_mask_sub_epi8(q, neg, _mm512_setzero_si512(), q);
-      const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, qs);
-      const __m512 vd = _mm512_mul_ps(vdw, _mm512_loadu_ps(a.d.data() + (m * nu + u) * 16));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), vd, acc[r]);
-    }
+    for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
   }
-  for (int r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-using RowFn = void (*)(const uint8_t*, int64_t, const void*, int64_t, int64_t, int64_t, float*);
+// One part's output rows [n0, n0 + n_rows) for activation rows m0 .. m0 + R - 1.
+using RowsFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, const void*, int64_t, float*, int64_t);
 
-template <int64_t T>
-void row_fn(const uint8_t* w, int64_t n_units, const void* acts, int64_t K, int64_t m0, int64_t rows, float* out) {
+template <int64_t T, int R>
+void rows_fn(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t units, const void* acts, int64_t m0,
+             float* y, int64_t y_stride) {
   if constexpr (T == Q4_K || T == Q6_K)
-    dot_rows_k<T>(w, n_units, *static_cast<const KActs*>(acts), K, m0, rows, out);
+    rows_k<T, R>(w, row_bytes, n_rows, units, *static_cast<const KActs*>(acts), m0, y, y_stride);
   else
-    dot_rows_32<T>(w, n_units, *static_cast<const Acts32*>(acts), K, m0, rows, out);
+    rows_32<T, R>(w, row_bytes, n_rows, units, *static_cast<const Acts32*>(acts), m0, y, y_stride);
 }
 
-RowFn row_fn_for(int64_t t) {
+template <int64_t T>
+RowsFn rows_fn_for_rows(int64_t rows) {  // the row count is a template argument: the accumulators stay in registers
+  static constexpr RowsFn table[ROWS] = {rows_fn<T, 1>, rows_fn<T, 2>, rows_fn<T, 3>, rows_fn<T, 4>,
+                                         rows_fn<T, 5>, rows_fn<T, 6>, rows_fn<T, 7>, rows_fn<T, 8>};
+  return table[rows - 1];
+}
+
+RowsFn rows_fn_for(int64_t t, int64_t rows) {
   switch (t) {
-    case Q4_K: return row_fn<Q4_K>;
-    case Q6_K: return row_fn<Q6_K>;
-    case Q5_0: return row_fn<Q5_0>;
-    case Q8_0: return row_fn<Q8_0>;
+    case Q4_K: return rows_fn_for_rows<Q4_K>(rows);
+    case Q6_K: return rows_fn_for_rows<Q6_K>(rows);
+    case Q5_0: return rows_fn_for_rows<Q5_0>(rows);
+    case Q8_0: return rows_fn_for_rows<Q8_0>(rows);
   }
   TORCH_CHECK(false, "gguf_mm: unsupported GGML type ", t);
 }
@@ -259,22 +311,29 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
   }
   const int64_t N = offsets.back();
   KActs ka;
-  Acts32 a32;
-  if (M > 0 && need_k) quantize_k(x.data_ptr<float>(), M, K, ka);
-  if (M > 0 && need_32) quantize_32(x.data_ptr<float>(), M, K, a32);
+  Acts32 a5, a8;  // Q5_0 and Q8_0 differ only in the code offset the lane sums carry
+  const float* xp = x.data_ptr<float>();
+  for (const int64_t t : qtypes) {
+    if (M == 0) break;
+    if (k_family(t) && ka.M == 0) quantize_k(xp, M, K, ka);
+    if (t == Q5_0 && a5.M == 0) quantize_32(xp, M, K, 16, a5);
+    if (t == Q8_0 && a8.M == 0) quantize_32(xp, M, K, 128, a8);
+  }
   at::Tensor y32 = at::empty({N, M}, x.options());  // transposed: each thread writes whole output rows
   float* yp = y32.data_ptr<float>();
   // Thread split over output features only: it never changes what one output computes.
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    size_t part = 0;
-    for (int64_t n = begin; n < end; ++n) {
-      while (n >= offsets[part + 1]) ++part;
-      const int64_t t = qtypes[part];
-      const uint8_t* row = weights[part].data_ptr<uint8_t>() + (n - offsets[part]) * weights[part].size(1);
-      const void* acts = k_family(t) ? static_cast<const void*>(&ka) : static_cast<const void*>(&a32);
-      const RowFn fn = row_fn_for(t);
-      for (int64_t m0 = 0; m0 < M; m0 += ROWS)
-        fn(row, K / unit_elems(t), acts, K, m0, std::min<int64_t>(ROWS, M - m0), yp + n * M + m0);
+    for (size_t part = 0; part < weights.size(); ++part) {
+      const int64_t lo = std::max(begin, offsets[part]), hi = std::min(end, offsets[part + 1]);
+      if (lo >= hi) continue;
+      const int64_t t = qtypes[part], row_bytes = weights[part].size(1);
+      const uint8_t* rows = weights[part].data_ptr<uint8_t>() + (lo - offsets[part]) * row_bytes;
+      const void* acts = k_family(t) ? static_cast<const void*>(&ka)
+                                     : (t == Q5_0 ? static_cast<const void*>(&a5) : static_cast<const void*>(&a8));
+      for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+        const int64_t r = std::min<int64_t>(ROWS, M - m0);
+        rows_fn_for(t, r)(rows, row_bytes, hi - lo, K / unit_elems(t), acts, m0, yp + lo * M + m0, M);
+      }
     }
   });
   return y32.t().to(x_in.scalar_type()).contiguous();
