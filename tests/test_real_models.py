@@ -93,3 +93,16 @@ def test_default_pair_with_a_dovetail_head_equals_plain(default_pair):
     seq = engine.generate(Request(ids, 24))
     assert seq.generated == plain
     assert seq.stats.draft_tokens > 0
+
+
+def test_default_pair_at_gguf_weights_speculative_equals_plain():
+    """At `--weights gguf` the target runs the file's own Q4_K/Q6_K blocks through our int8-activation kernel and
+    the draft its Q5_0/Q8_0/Q4_K/Q6_K blocks; verification stays bitwise the plain decode's."""
+    pipe = Pipeline.load(ModelOptions(target=require(hub.DEFAULT_TARGET), draft=require(hub.DEFAULT_DRAFT),
+                                      target_weights="gguf", draft_weights="gguf", k=4, max_seq_len=1024))
+    for text in PROMPTS[:2]:
+        ids = pipe.encode(text, chat=True)
+        plain = pipe.generate(ids, "autoregressive", 32, ignore_eos=True)
+        spec = pipe.generate(ids, "vanilla", 32, ignore_eos=True)
+        assert spec.token_ids == plain.token_ids
+        assert spec.stats.mean_acceptance_length > 1.5

@@ -49,8 +49,7 @@ def run_kernel_bench(args: argparse.Namespace) -> int:
 
 def _time_format(fmt: str, dtype: torch.dtype, rows: list[int], iters: int) -> dict:
     g = torch.Generator().manual_seed(0)
-    kernels = [make_linear(fmt, torch.randn(*shape, generator=g) * 0.02, None, dtype, torch.device("cpu"))
-               for shape in SHAPES.values()]
+    kernels = [_kernel(fmt, shape, dtype, g) for shape in SHAPES.values()]
     inputs = {name: shape[1] for name, shape in SHAPES.items()}
     ms = []
     for m in rows:
@@ -59,6 +58,15 @@ def _time_format(fmt: str, dtype: torch.dtype, rows: list[int], iters: int) -> d
     nbytes = sum(k.nbytes for k in kernels)
     return {"format": fmt, "dtype": str(dtype).removeprefix("torch."), "rows": rows, "ms": ms,
             "ratio": [t / ms[0] for t in ms], "bytes": nbytes, "gbps_m1": nbytes / ms[0] / 1e6}
+
+
+def _kernel(fmt: str, shape: tuple[int, int], dtype: torch.dtype, g: torch.Generator):
+    if fmt == "gguf":  # the Q4_K_M target's own layout: Q4_K blocks, Q6_K for the down projection
+        from outrider.kernels.gguf import GGUFLinear, pack, random_blocks
+
+        qtype = "Q6_K" if shape == SHAPES["down"] else "Q4_K"
+        return GGUFLinear([pack(random_blocks(qtype, *shape, g))], [qtype], shape[1])
+    return make_linear(fmt, torch.randn(*shape, generator=g) * 0.02, None, dtype, torch.device("cpu"))
 
 
 def _median_ms(fn, iters: int) -> float:

@@ -249,3 +249,77 @@ def random_blocks(qtype: str, n: int, k: int, generator: torch.Generator | None 
     if qtype == "Q5_0":
         return Blocks(qtype, ints(0, 32, n, nb, 32), d)
     return Blocks(qtype, ints(-128, 128, n, nb, 32), d)
+
+
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """fp32 [N, K] -> Q8_0 blocks in the file's layout (gguf-py's quantizer, llama.cpp's rounding)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    if w.shape[1] % UNIT["Q8_0"]:
+        raise ValueError(f"--weights gguf needs in_features % 64 == 0, got {w.shape[1]}; use int8 or dense")
+    return torch.from_numpy(quantize(w.float().numpy(), GGMLQuantizationType.Q8_0))
+
+
+# ---- the linear kernel --------------------------------------------------------------------------------------
+
+@dataclass
+class GGUFLinear:
+    """A linear layer whose weight rows stay in GGUF blocks; fused layers (q/k/v, gate/up) are several parts, one
+    per run of rows of one type (Q4_K_M stores some v projections as Q6_K next to Q4_K q and k)."""
+
+    parts: list[torch.Tensor]  # packed uint8 [rows_i, row bytes]
+    qtypes: list[str]
+    in_features: int
+    bias: torch.Tensor | None = None
+
+    @classmethod
+    def from_raw(cls, raws: list[tuple[str, torch.Tensor]], bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> "GGUFLinear":
+        """Rows in the file's bytes, each (type, uint8 [rows, bytes]); consecutive parts of one type merge."""
+        merged: list[tuple[str, list[torch.Tensor]]] = []
+        for qtype, raw in raws:
+            if merged and merged[-1][0] == qtype:
+                merged[-1][1].append(raw)
+            else:
+                merged.append((qtype, [raw]))
+        parts = [repack(torch.cat(rows) if len(rows) > 1 else rows[0], qtype) for qtype, rows in merged]
+        qtypes = [qtype for qtype, _ in merged]
+        k = parts[0].shape[1] // BLOCK[qtypes[0]][1] * BLOCK[qtypes[0]][0]
+        return cls(parts, qtypes, k, None if bias is None else bias.to(dtype))
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "GGUFLinear":
+        """A weight that is not stored in a kernel's block type (an HF checkpoint, an F16 or Q4_1 tensor) is
+        quantized to Q8_0, as llama.cpp's converter does for its 8-bit files."""
+        return cls.from_raw([("Q8_0", quantize_q8_0(w))], bias, dtype)
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.shape[0] for p in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return sum(p.numel() for p in self.parts) + bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = gguf_mm(x, self.parts, self.qtypes)
+        return y if self.bias is None else y + self.bias
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        y = reference_mm(x, self.parts, self.qtypes)
+        return y if self.bias is None else y + self.bias.float()
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([dequantize_packed(p, q, self.in_features) for p, q in zip(self.parts, self.qtypes)])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        s = {f"part{i}": p for i, p in enumerate(self.parts)}
+        s["meta"] = torch.tensor([self.in_features] + [TYPE_IDS[q] for q in self.qtypes])
+        return s | ({} if self.bias is None else {"bias": self.bias})
+
+    @classmethod
+    def from_state(cls, s: dict[str, torch.Tensor]) -> "GGUFLinear":
+        k, *ids = s["meta"].tolist()
+        return cls([s[f"part{i}"] for i in range(len(ids))], [TYPE_NAMES[i] for i in ids], k, s.get("bias"))

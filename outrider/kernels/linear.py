@@ -10,6 +10,8 @@ scored inside a (k+1)-row verify pass gets exactly the logits plain decoding giv
 - `Int8Linear` (`aten._weight_int8pack_mm`, per-output-channel scales): each output is accumulated in its
   own register in fixed k order: invariant for any row count by construction (tested bitwise).
 - `Int4Linear` (`aten._weight_int4pack_mm_for_cpu`, group-wise asymmetric "tinygemm" codes): same argument.
+- `GGUFLinear` (`kernels/gguf.py`, our C++ op): the GGUF file's own Q4_K / Q6_K / Q5_0 / Q8_0 blocks with int8
+  activations; one output is one fixed instruction sequence over its weight row and activation row: invariant.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 ROW_BLOCK = 8  # rows per F.linear call; also the widest verify (k + 1 <= 8) that costs one block
 INT4_GROUP = 32
-WEIGHT_FORMATS = ("dense", "int8", "int4")
+WEIGHT_FORMATS = ("dense", "int8", "int4", "gguf")
 
 
 class LinearKernel(Protocol):
@@ -187,24 +189,27 @@ class Int4Linear:
         return cls(packed, sz, None if bias is None else bias.to(dtype), k)
 
 
-KERNELS: dict[str, type] = {"dense": DenseLinear, "int8": Int8Linear, "int4": Int4Linear}
+def _kernels() -> dict[str, type]:
+    from outrider.kernels.gguf import GGUFLinear
+
+    return {"dense": DenseLinear, "int8": Int8Linear, "int4": Int4Linear, "gguf": GGUFLinear}
 
 
 def make_linear(fmt: str, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                 device: torch.device) -> LinearKernel:
     """Quantize an fp32 [out, in] weight into the named format."""
-    if fmt not in KERNELS:
+    if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
     if fmt != "dense" and device.type != "cpu":
         raise ValueError(f"weight format {fmt!r} runs on the CPU only; use --target-weights dense "
                          f"--draft-weights dense on {device}")
     if fmt == "int8" and dtype == torch.float16:
         raise ValueError("int8 weights need bf16 or fp32 activations")
-    kernel = KERNELS[fmt].quantize(w, bias, dtype)
+    kernel = _kernels()[fmt].quantize(w, bias, dtype)
     if device.type != "cpu":
         kernel = DenseLinear(kernel.weight.to(device), None if kernel.bias is None else kernel.bias.to(device))
     return kernel
 
 
 def linear_from_state(fmt: str, state: dict[str, torch.Tensor]) -> LinearKernel:
-    return KERNELS[fmt].from_state(state)
+    return _kernels()[fmt].from_state(state)

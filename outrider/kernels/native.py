@@ -61,5 +61,8 @@ def load() -> None:
 
 
 if __name__ == "__main__":
-    load()
-    print(f"native kernels ready: {_build_name()}")
+    if missing_cpu_features():  # install still succeeds; only --weights gguf is unavailable on this CPU
+        print(f"native kernels skipped: this CPU lacks {', '.join(missing_cpu_features())}")
+    else:
+        load()
+        print(f"native kernels ready: {_build_name()}")

@@ -125,6 +125,9 @@ class _DeferredGGUFTensors:
     def storage_type(self, name: str) -> str:
         return self._opened().storage_type(name)
 
+    def raw(self, name: str) -> tuple[str, torch.Tensor]:
+        return self._opened().raw(name)
+
 
 def _load_hf_folder(folder: Path) -> Checkpoint:
     config = _hf_config(folder)

@@ -183,6 +183,16 @@ class GGUFTensorSource:
             raise KeyError(f"{self._gf.path}: no tensor {name!r}")
         return t
 
+    def raw(self, name: str) -> tuple[str, torch.Tensor]:
+        """The tensor's blocks as the file stores them: (type name, uint8 [out_features, row bytes]), rows in the
+        order `get` returns them (llama's q/k row permutation undone)."""
+        t = self._tensor(name)
+        data = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True)).reshape(_torch_shape(t)[0], -1)
+        if self._permuted and name.split(".")[-2] in ("q_proj", "k_proj"):
+            heads = self._config.num_heads if ".q_proj." in name else self._config.num_kv_heads
+            data = _undo_rope_permute(data, heads)
+        return t.tensor_type.name, data
+
     def get(self, name: str) -> torch.Tensor:
         t = self._tensor(name)
         try:

@@ -16,14 +16,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from outrider.kernels.linear import WEIGHT_FORMATS, linear_from_state, make_linear
+from outrider.kernels.linear import WEIGHT_FORMATS, LinearKernel, linear_from_state, make_linear
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.model import LayerWeights, ModelWeights, Transformer
 from outrider.runtime.tokenizer import Tokenizer
 from outrider.runtime.warm import read_config, write_meta
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 1  # per format: a changed layout gets a new format name or version
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 LINEARS = ("qkv", "o", "gate_up", "down")
@@ -37,30 +37,51 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+RawGetter = Callable[[str], "tuple[str, torch.Tensor]"]
+
+
 def build_weights(config: ModelConfig, get: Callable[[str], torch.Tensor], dtype: torch.dtype,
-                  fmt: str, device: torch.device) -> ModelWeights:
-    """Fuse q/k/v and gate/up, then quantize every linear into `fmt`. `get` returns fp32 HF-named tensors."""
+                  fmt: str, device: torch.device, raw: RawGetter | None = None) -> ModelWeights:
+    """Fuse q/k/v and gate/up, then quantize every linear into `fmt`. `get` returns fp32 HF-named tensors; `raw`
+    (GGUF files) returns a tensor's blocks as stored, which `gguf` keeps instead of requantizing."""
     def norm(name: str) -> torch.Tensor:
         return get(name).to(dtype).to(device)
 
+    def linear(names: list[str], bias: torch.Tensor | None = None) -> LinearKernel:
+        if fmt == "gguf":
+            return _gguf_linear(names, bias, get, raw, dtype)
+        w = torch.cat([get(n) for n in names]) if len(names) > 1 else get(names[0])
+        return make_linear(fmt, w, bias, dtype, device)
+
+    if fmt == "gguf" and device.type != "cpu":
+        raise ValueError(f"weight format 'gguf' runs on the CPU only; use dense weights on {device}")
     layers = []
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
-        attn = [get(f"{p}self_attn.{n}_proj.weight") for n in "qkv"]
         bias = torch.cat([get(f"{p}self_attn.{n}_proj.bias") for n in "qkv"]) if config.qkv_bias else None
-        gate_up = torch.cat([get(f"{p}mlp.gate_proj.weight"), get(f"{p}mlp.up_proj.weight")])
         layers.append(LayerWeights(
             input_norm=norm(f"{p}input_layernorm.weight"),
-            qkv=make_linear(fmt, torch.cat(attn), bias, dtype, device),
-            o=make_linear(fmt, get(f"{p}self_attn.o_proj.weight"), None, dtype, device),
+            qkv=linear([f"{p}self_attn.{n}_proj.weight" for n in "qkv"], bias),
+            o=linear([f"{p}self_attn.o_proj.weight"]),
             post_norm=norm(f"{p}post_attention_layernorm.weight"),
-            gate_up=make_linear(fmt, gate_up, None, dtype, device),
-            down=make_linear(fmt, get(f"{p}mlp.down_proj.weight"), None, dtype, device),
+            gate_up=linear([f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"]),
+            down=linear([f"{p}mlp.down_proj.weight"]),
         ))
     embed = get("model.embed_tokens.weight")
-    head = embed if config.tie_embeddings else get("lm_head.weight")
-    return ModelWeights(embed.to(dtype).to(device), layers, norm("model.norm.weight"),
-                        make_linear(fmt, head, None, dtype, device))
+    head = "model.embed_tokens.weight" if config.tie_embeddings else "lm_head.weight"
+    return ModelWeights(embed.to(dtype).to(device), layers, norm("model.norm.weight"), linear([head]))
+
+
+def _gguf_linear(names: list[str], bias: torch.Tensor | None, get: Callable[[str], torch.Tensor],
+                 raw: RawGetter | None, dtype: torch.dtype) -> LinearKernel:
+    """The file's blocks where a kernel runs their type; any other tensor (F16, Q4_1, an HF checkpoint) as Q8_0."""
+    from outrider.kernels.gguf import BLOCK, GGUFLinear, quantize_q8_0
+
+    parts = []
+    for name in names:
+        stored = raw(name) if raw is not None else None
+        parts.append(stored if stored is not None and stored[0] in BLOCK else ("Q8_0", quantize_q8_0(get(name))))
+    return GGUFLinear.from_raw(parts, bias, dtype)
 
 
 def weights_state(w: ModelWeights) -> dict[str, torch.Tensor]:
@@ -115,7 +136,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", weights:
         w = weights_from_state(ckpt.config, weights, _load_aligned(cached))
         log.info("mapped converted weights %s in %.1fs", cached, time.perf_counter() - t0)
     else:
-        w = build_weights(ckpt.config, ckpt.tensors.get, dtype, weights, dev)
+        w = build_weights(ckpt.config, ckpt.tensors.get, dtype, weights, dev, getattr(ckpt.tensors, "raw", None))
         log.info("converted %s to %s/%s in %.1fs", ckpt.path, weights, dtype, time.perf_counter() - t0)
         if use_cache and cached is not None and dev.type == "cpu":
             _save_atomic(weights_state(w), cached, ckpt)

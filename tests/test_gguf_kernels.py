@@ -1,0 +1,131 @@
+"""Our GGUF kernels (`outrider/kernels/gguf.py`, `csrc/gguf_mm.cpp`): the file's blocks are kept exact, the C++
+kernel computes what its plain-torch reference computes, and a row's output is bitwise the same whatever else is
+in the call — the property that makes verification at `--weights gguf` lossless."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_py_dequantize
+
+from outrider import hub
+from outrider.kernels import gguf as G
+from outrider.runtime.gguf_file import GGUFTensorSource, open_gguf
+from outrider.runtime.loading import load_model
+
+TYPES = ["Q4_K", "Q6_K", "Q5_0", "Q8_0"]
+
+
+def random_linear(qtype: str, n: int, k: int, seed: int = 0) -> G.GGUFLinear:
+    g = torch.Generator().manual_seed(seed)
+    return G.GGUFLinear([G.pack(G.random_blocks(qtype, n, k, g))], [qtype], k)
+
+
+def real_tensors() -> dict[str, tuple[str, torch.Tensor]]:
+    """One tensor of each kernel type from the default pair's files (the draft holds Q5_0 and Q8_0)."""
+    found: dict[str, tuple[str, torch.Tensor]] = {}
+    for name in (hub.DEFAULT_DRAFT, hub.DEFAULT_TARGET):
+        path = hub.model_path(name)
+        assert path.exists(), f"run `outrider models pull {name}` (make test does)"
+        gf = open_gguf(path)
+        for t in gf.tensors.values():
+            qtype = t.tensor_type.name
+            if qtype in G.BLOCK and qtype not in found:
+                found[qtype] = (t.name, torch.from_numpy(np.array(t.data[:48], dtype=np.uint8)))
+    assert set(found) == set(TYPES), found.keys()
+    return found
+
+
+@pytest.fixture(scope="module")
+def tensors():
+    return real_tensors()
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_blocks_from_the_file_dequantize_bit_for_bit_like_gguf_py(tensors, qtype):
+    name, raw = tensors[qtype]
+    expected = torch.from_numpy(gguf_py_dequantize(raw.numpy(), GGMLQuantizationType[qtype])).float()
+    ours = G.dequantize(raw, qtype)
+    assert torch.equal(ours, expected.reshape(ours.shape)), name
+    # the kernel's layout holds the same values in as many bytes
+    packed = G.repack(raw, qtype)
+    assert packed.shape == raw.shape
+    assert torch.equal(G.dequantize_packed(packed, qtype, ours.shape[1]), ours)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("m", [1, 3, 8, 13])
+def test_kernel_matches_its_reference(qtype, m):
+    k = 512
+    lin = random_linear(qtype, 40, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    y, ref = lin(x), lin.reference(x)
+    assert y.dtype == torch.float32 and y.shape == (m, 40)
+    assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_real_blocks_through_the_kernel_match_the_reference(tensors, qtype):
+    _, raw = tensors[qtype]
+    lin = G.GGUFLinear.from_raw([(qtype, raw)], None, torch.bfloat16)
+    x = torch.randn(4, lin.in_features, generator=torch.Generator().manual_seed(1))
+    ref = lin.reference(x)
+    assert ((lin(x) - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    # and the int8 activations stay close to the exact fp32 product
+    exact = x.double() @ lin.dequantize().double().T
+    assert ((ref.double() - exact).norm() / exact.norm()).item() < 0.02
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_are_bitwise_invariant_to_count_neighbours_and_threads(qtype, dtype):
+    lin = random_linear(qtype, 72, 256 if qtype in G.K_QUANTS else 192, seed=3)
+    x = torch.randn(11, lin.in_features, generator=torch.Generator().manual_seed(4)).to(dtype)
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(11)])
+    threads = torch.get_num_threads()
+    try:
+        for m in range(1, 12):
+            assert torch.equal(lin(x[:m]), alone[:m]), m
+        torch.set_num_threads(1)
+        assert torch.equal(lin(x), alone)
+    finally:
+        torch.set_num_threads(threads)
+    others = torch.randn(5, lin.in_features, generator=torch.Generator().manual_seed(5)).to(dtype)
+    assert torch.equal(lin(torch.cat([others, x[2:3]]))[-1], alone[2])
+
+
+def test_fused_parts_of_different_types_concatenate():
+    """Q4_K_M stores some v projections as Q6_K beside Q4_K q and k: one call runs both, in order."""
+    g = torch.Generator().manual_seed(0)
+    q, v = G.random_blocks("Q4_K", 32, 512, g), G.random_blocks("Q6_K", 16, 512, g)
+    fused = G.GGUFLinear([G.pack(q), G.pack(v)], ["Q4_K", "Q6_K"], 512, bias=torch.randn(48))
+    x = torch.randn(3, 512)
+    y = fused(x)
+    assert torch.equal(y[:, :32], G.GGUFLinear([G.pack(q)], ["Q4_K"], 512)(x) + fused.bias[:32])
+    assert torch.allclose(y, fused.reference(x), rtol=0, atol=1e-4 * fused.reference(x).abs().max().item())
+
+
+def test_state_round_trip_and_q8_0_for_other_tensors():
+    w = torch.randn(64, 128)
+    lin = G.GGUFLinear.quantize(w, torch.randn(64), torch.bfloat16)
+    assert lin.qtypes == ["Q8_0"] and lin.nbytes == 64 * 2 * 68 + 64 * 2
+    again = G.GGUFLinear.from_state(lin.state())
+    x = torch.randn(2, 128)
+    assert torch.equal(again(x), lin(x))
+    assert ((lin.dequantize() - w).abs().max() / w.abs().max()).item() < 0.01
+    with pytest.raises(ValueError, match="in_features % 64"):
+        G.GGUFLinear.quantize(torch.randn(8, 96), None, torch.float32)
+
+
+def test_loading_a_gguf_keeps_its_blocks(tmp_path):
+    """The target at `--weights gguf` runs the file's own Q4_K/Q6_K bytes: every linear's rows equal the file's."""
+    path = hub.model_path(hub.DEFAULT_TARGET)
+    model, ckpt = load_model(hub.DEFAULT_TARGET, "bfloat16", "gguf")
+    source = GGUFTensorSource(open_gguf(path), ckpt.config)
+    layer = model.weights.layers[0]
+    for kernel, names in ((layer.down, ["model.layers.0.mlp.down_proj.weight"]),
+                          (layer.qkv, [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"])):
+        raws = [source.raw(n) for n in names]
+        assert kernel.qtypes == [q for i, (q, _) in enumerate(raws) if i == 0 or raws[i - 1][0] != q]
+        assert torch.equal(kernel.dequantize(), torch.cat([G.dequantize(r, q) for q, r in raws]))
