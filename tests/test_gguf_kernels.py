@@ -118,7 +118,7 @@ def test_state_round_trip_and_q8_0_for_other_tensors():
         G.GGUFLinear.quantize(torch.randn(8, 96), None, torch.float32)
 
 
-def test_loading_a_gguf_keeps_its_blocks(tmp_path):
+def test_loading_a_gguf_keeps_its_blocks():
     """The target at `--weights gguf` runs the file's own Q4_K/Q6_K bytes: every linear's rows equal the file's."""
     path = hub.model_path(hub.DEFAULT_TARGET)
     model, ckpt = load_model(hub.DEFAULT_TARGET, "bfloat16", "gguf")
