@@ -120,7 +120,7 @@ def test_negative_limit(tmp_path):
 
 def test_wrong_literal_and_empty_section(tmp_path):
     msg = problems(write(tmp_path, "models:\n  target: {model: x, weights: int3}\n  draft: {model: x}\nserver:\n"))
-    assert "models.target.weights: 'int3' is not allowed; use one of 'dense', 'int8' or 'int4'" in msg
+    assert "models.target.weights: 'int3' is not allowed; use one of 'dense', 'int8', 'int4' or 'gguf'" in msg
     assert "line 4: server: the section is empty" in msg
     assert "2 problems" in msg
 
