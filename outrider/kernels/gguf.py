@@ -66,6 +66,12 @@ def q4k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, m
 
 
+def _q4k_blocks(header: torch.Tensor, codes: torch.Tensor) -> Blocks:
+    """Q4_K's 16 header bytes (d, dmin, packed sub-scales and mins; the same in the file and our layout)."""
+    sc, m = q4k_scale_min(header[..., 4:16])
+    return Blocks("Q4_K", codes, _f16(header[..., 0:2]), sc, _f16(header[..., 2:4]), m, header.clone())
+
+
 def unpack_raw(raw: torch.Tensor, qtype: str) -> Blocks:
     """The file's bytes [N, blocks * block bytes] -> codes and parameters."""
     n, nb = _check(raw, qtype)
@@ -73,8 +79,7 @@ def unpack_raw(raw: torch.Tensor, qtype: str) -> Blocks:
     if qtype == "Q4_K":
         qs = b[..., 16:144].reshape(n, nb, 4, 32).to(torch.int16)
         codes = torch.cat([qs & 0x0F, qs >> 4], -1).reshape(n, nb, 256)  # chunk of 64: low nibbles, then high
-        sc, m = q4k_scale_min(b[..., 4:16])
-        return Blocks(qtype, codes, _f16(b[..., 0:2]), sc, _f16(b[..., 2:4]), m, b[..., 0:16].clone())
+        return _q4k_blocks(b[..., 0:16], codes)
     if qtype == "Q6_K":
         ql = b[..., 0:128].reshape(n, nb, 2, 2, 32).to(torch.int16)  # half, which 32 of the 64, byte
         qh = b[..., 128:192].reshape(n, nb, 2, 1, 32).to(torch.int16)
@@ -165,8 +170,7 @@ def unpack_packed(packed: torch.Tensor, qtype: str, in_features: int) -> Blocks:
             lane = lane | (torch.cat([(hi >> (2 * c)) & 3 for c in range(4)], 2) << 4)
         codes = lane.reshape(n, nb, 256)[..., NATURAL_ORDER]
         if qtype == "Q4_K":
-            sc, m = q4k_scale_min(b[..., 4:16])
-            return Blocks(qtype, codes, _f16(b[..., 0:2]), sc, _f16(b[..., 2:4]), m, b[..., 0:16].clone())
+            return _q4k_blocks(b[..., 0:16], codes)
         return Blocks(qtype, codes, _f16(b[..., 0:2]), b[..., 2:18].contiguous().view(torch.int8))
     d = _f16(b[..., 0:4].reshape(n, nb // 2, 2, 2)).reshape(n, nb)
     if qtype == "Q8_0":

@@ -61,8 +61,9 @@ def load() -> None:
 
 
 if __name__ == "__main__":
-    if missing_cpu_features():  # install still succeeds; only --weights gguf is unavailable on this CPU
-        print(f"native kernels skipped: this CPU lacks {', '.join(missing_cpu_features())}")
+    lacking = missing_cpu_features()
+    if lacking:  # install still succeeds; only --weights gguf is unavailable on this CPU
+        print(f"native kernels skipped: this CPU lacks {', '.join(lacking)}")
     else:
         load()
         print(f"native kernels ready: {_build_name()}")

@@ -188,10 +188,14 @@ class GGUFTensorSource:
         order `get` returns them (llama's q/k row permutation undone)."""
         t = self._tensor(name)
         data = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True)).reshape(_torch_shape(t)[0], -1)
+        return t.tensor_type.name, self._hf_row_order(name, data)
+
+    def _hf_row_order(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Undo llama.cpp's q/k row permutation (llama only) on a tensor's rows, values or raw blocks alike."""
         if self._permuted and name.split(".")[-2] in ("q_proj", "k_proj"):
             heads = self._config.num_heads if ".q_proj." in name else self._config.num_kv_heads
-            data = _undo_rope_permute(data, heads)
-        return t.tensor_type.name, data
+            return _undo_rope_permute(rows, heads)
+        return rows
 
     def get(self, name: str) -> torch.Tensor:
         t = self._tensor(name)
@@ -203,11 +207,7 @@ class GGUFTensorSource:
                              ) from exc
         # F32 comes back as a read-only view of the memory map; copy so torch owns writable memory.
         arr = data.astype(np.float32) if (data.dtype != np.float32 or not data.flags.writeable) else data
-        w = torch.from_numpy(arr).reshape(_torch_shape(t))
-        if self._permuted and name.split(".")[-2] in ("q_proj", "k_proj"):
-            heads = self._config.num_heads if ".q_proj." in name else self._config.num_kv_heads
-            w = _undo_rope_permute(w, heads)
-        return w
+        return self._hf_row_order(name, torch.from_numpy(arr).reshape(_torch_shape(t)))
 
 
 def gguf_model_config(gf: GGUFFile) -> ModelConfig:
