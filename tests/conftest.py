@@ -51,12 +51,12 @@ def random_state(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
 
 
 def tiny_model(name: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
-               weights: str = "dense", batch_invariant: bool = True) -> Transformer:
+               weights: str = "dense", batch_invariant: bool = True, native: bool | None = None) -> Transformer:
     cfg = tiny_config(name)
     state = random_state(cfg, seed)
     config = ModelConfig.from_hf(cfg)
     w = build_weights(config, state.__getitem__, dtype, weights, torch.device("cpu"))
-    return Transformer(config, w, dtype, batch_invariant=batch_invariant)
+    return Transformer(config, w, dtype, batch_invariant=batch_invariant, native=native)
 
 
 def hf_model(name: str, seed: int = 0):

@@ -11,6 +11,8 @@ from outrider.runtime.model import ForwardBatch
 ARCHS = ["llama", "qwen2", "mistral", "llama3_rope"]
 FORMATS = [(torch.float32, "dense"), (torch.bfloat16, "dense"), (torch.float32, "int8"),
            (torch.bfloat16, "int8"), (torch.float32, "int4"), (torch.bfloat16, "int4")]
+# native: our C++ attention and small ops (what a CPU serves with); torch: the fallback a GPU or another CPU uses
+PATHS = pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 
 
 def prompt(n: int, seed: int = 1) -> list[int]:
@@ -22,10 +24,11 @@ def run(model, cache, slot: int, tokens: list[int]) -> torch.Tensor:
     return model.forward(batch, cache).logits
 
 
-@pytest.mark.parametrize("batch_invariant", [True, False], ids=["tiled", "exact"])
+@pytest.mark.parametrize("native,batch_invariant", [(True, True), (False, True), (False, False)],
+                         ids=["native", "tiled", "exact"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_logits_equal_hf_transformers(arch, batch_invariant):
-    ours, theirs = tiny_model(arch, batch_invariant=batch_invariant), hf_model(arch)
+def test_logits_equal_hf_transformers(arch, native, batch_invariant):
+    ours, theirs = tiny_model(arch, batch_invariant=batch_invariant, native=native), hf_model(arch)
     ids = prompt(40)  # > mistral's sliding window of 16
     logits = run(ours, ours.new_cache(1, 128), 0, ids)
     expected = theirs(torch.tensor([ids])).logits[0]
@@ -53,11 +56,12 @@ def expected_logits(hf, ids: list[int]) -> torch.Tensor:
     return hf(torch.tensor([ids])).logits[0]
 
 
+@PATHS
 @pytest.mark.parametrize("dtype,weights", FORMATS)
-def test_verify_rows_bitwise_equal_plain_decoding(dtype, weights):
+def test_verify_rows_bitwise_equal_plain_decoding(dtype, weights, native):
     """T2: decode k+1 tokens one by one, then score the same k+1 tokens in one verify pass: every row of the
     verify logits must equal, bit for bit, the logits plain decoding produced for that prefix."""
-    model = tiny_model("qwen2", dtype=dtype, weights=weights)
+    model = tiny_model("qwen2", dtype=dtype, weights=weights, native=native)
     ids, tail = prompt(30), prompt(9, seed=2)
     plain_cache, verify_cache = model.new_cache(1, 128), model.new_cache(1, 128)
     run(model, plain_cache, 0, ids)
@@ -69,10 +73,11 @@ def test_verify_rows_bitwise_equal_plain_decoding(dtype, weights):
         assert torch.equal(together, plain[:width]), f"width {width}: verify rows differ from plain decoding"
 
 
+@PATHS
 @pytest.mark.parametrize("dtype,weights", FORMATS)
-def test_rows_do_not_depend_on_other_requests_in_the_call(dtype, weights):
+def test_rows_do_not_depend_on_other_requests_in_the_call(dtype, weights, native):
     """Several requests verified in one call get the same bits as each verified alone."""
-    model = tiny_model("llama", dtype=dtype, weights=weights)
+    model = tiny_model("llama", dtype=dtype, weights=weights, native=native)
     prompts = [prompt(n, seed=n) for n in (5, 17, 33)]
     drafts = [prompt(k, seed=10 + k) for k in (1, 4, 8)]
     alone = []
@@ -89,9 +94,10 @@ def test_rows_do_not_depend_on_other_requests_in_the_call(dtype, weights):
         assert torch.equal(a, t)
 
 
-def test_prefill_chunking_is_exact():
+@PATHS
+def test_prefill_chunking_is_exact(native):
     """The prompt's K/V is the same whether it is prefilled at once, in chunks, or token by token."""
-    model = tiny_model("llama", dtype=torch.bfloat16, weights="int8")
+    model = tiny_model("llama", dtype=torch.bfloat16, weights="int8", native=native)
     ids = prompt(21)
     one, chunked, single = (model.new_cache(1, 64) for _ in range(3))
     run(model, one, 0, ids)
@@ -102,9 +108,12 @@ def test_prefill_chunking_is_exact():
         assert torch.equal(a[:, :, :21], b[:, :, :21]) and torch.equal(a[:, :, :21], c[:, :, :21])
 
 
-def test_tree_mask_matches_separate_chains():
-    """A tree scored in one pass gives each node the logits of its root-to-node chain."""
-    model = tiny_model("llama")
+@PATHS
+def test_tree_mask_matches_separate_chains(native):
+    """A tree scored in one pass gives each node the logits of its root-to-node chain (bit for bit on the native
+    path: a node reads its ancestors' keys in the order the chain holds them, though at other cache positions)."""
+    model = tiny_model("llama", native=native)
+    same = torch.testing.assert_close if not native else lambda a, b, **_: torch.testing.assert_close(a, b, atol=0, rtol=0)
     ids = prompt(10)
     # nodes: 0 (root child), 1 (child of 0), 2 (root child), 3 (child of 2)
     tokens, parents = [50, 60, 70, 80], [-1, 0, -1, 2]
@@ -120,19 +129,21 @@ def test_tree_mask_matches_separate_chains():
     for node, chain in ((1, [50, 60]), (3, [70, 80])):
         c = model.new_cache(1, 64)
         run(model, c, 0, ids)
-        torch.testing.assert_close(tree[node], run(model, c, 0, chain)[-1], atol=1e-5, rtol=1e-5)
+        same(tree[node], run(model, c, 0, chain)[-1], atol=1e-5, rtol=1e-5)
     # Keeping the path [2, 3] compacts their K/V to positions 10, 11: the next token then sees 70, 80.
     cache.compact(0, 10, [2, 3])
     nxt = run(model, cache, 0, [90])
     c = model.new_cache(1, 64)
     run(model, c, 0, ids + [70, 80])
-    torch.testing.assert_close(nxt, run(model, c, 0, [90]), atol=1e-5, rtol=1e-5)
+    same(nxt, run(model, c, 0, [90]), atol=1e-5, rtol=1e-5)
 
 
+@PATHS
 @pytest.mark.parametrize("dtype,weights", [(torch.float32, "dense"), (torch.bfloat16, "int8")])
-def test_invariance_holds_across_key_buckets(dtype, weights):
-    """Decode and verify rows straddling a KEY_BUCKET boundary (attention over 512 vs 1024 keys) agree."""
-    model = tiny_model("llama", dtype=dtype, weights=weights)
+def test_invariance_holds_across_key_buckets(dtype, weights, native):
+    """Decode and verify rows straddling a KEY_BUCKET boundary (the torch path attends over 512 vs 1024 keys)
+    agree."""
+    model = tiny_model("llama", dtype=dtype, weights=weights, native=native)
     ids, tail = prompt(KEY_BUCKET - 4, seed=5), prompt(8, seed=6)
     plain_cache, verify_cache = model.new_cache(1, 3 * KEY_BUCKET), model.new_cache(1, 3 * KEY_BUCKET)
     run(model, plain_cache, 0, ids)
@@ -144,7 +155,7 @@ def test_invariance_holds_across_key_buckets(dtype, weights):
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_exact_plan_decodes_like_hf(arch):
     """The drafter's cheaper attention plan, step by step over a prompt longer than Mistral's window."""
-    ours, theirs = tiny_model(arch, batch_invariant=False), hf_model(arch)
+    ours, theirs = tiny_model(arch, batch_invariant=False, native=False), hf_model(arch)
     ids = prompt(30)
     cache = ours.new_cache(1, 64)
     run(ours, cache, 0, ids[:10])

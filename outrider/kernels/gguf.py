@@ -218,12 +218,14 @@ def reference_mm(x: torch.Tensor, parts: list[torch.Tensor], qtypes: list[str]) 
     return torch.cat(outs, -1).float()
 
 
-def gguf_mm(x: torch.Tensor, parts: list[torch.Tensor], qtypes: list[str]) -> torch.Tensor:
-    """x [M, K] (fp32/bf16) times the packed parts' rows, outputs concatenated; [M, sum N] in x's dtype."""
+def gguf_mm(x: torch.Tensor, parts: list[torch.Tensor], qtypes: list[str],
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (fp32/bf16) times the packed parts' rows, outputs concatenated, plus the bias (added in fp32 before
+    the one rounding to x's dtype); [M, sum N] in x's dtype."""
     from outrider.kernels.native import load
 
     load()
-    return torch.ops.outrider_gguf.mm(x, parts, [TYPE_IDS[t] for t in qtypes])
+    return torch.ops.outrider.gguf_mm(x, parts, [TYPE_IDS[t] for t in qtypes], bias)
 
 
 def random_blocks(qtype: str, n: int, k: int, generator: torch.Generator | None = None) -> Blocks:
@@ -308,8 +310,7 @@ class GGUFLinear:
         return sum(p.numel() for p in self.parts) + bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = gguf_mm(x, self.parts, self.qtypes)
-        return y if self.bias is None else y + self.bias
+        return gguf_mm(x, self.parts, self.qtypes, self.bias)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         y = reference_mm(x, self.parts, self.qtypes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -15,7 +16,9 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name("csrc") / "gguf_mm.cpp"]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = sorted(CSRC.glob("*.cpp"))
+HEADERS = sorted(CSRC.glob("*.h"))
 # Zen 4/5 and Ice Lake+ have all of these; `cpu_supported` checks before anything is built or run.
 ISA_FLAGS = ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi", "f16c", "fma"]
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mf16c",
@@ -35,7 +38,7 @@ def missing_cpu_features() -> list[str]:
 
 def _build_name() -> str:
     h = hashlib.sha256(torch.__version__.encode())
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     h.update(" ".join(CFLAGS).encode())
     return f"outrider_kernels_{h.hexdigest()[:12]}"
@@ -43,7 +46,7 @@ def _build_name() -> str:
 
 @lru_cache(maxsize=1)
 def load() -> None:
-    """Build (if needed) and load the kernels; afterwards `torch.ops.outrider_gguf.mm` exists."""
+    """Build (if needed) and load the kernels; afterwards `torch.ops.outrider.*` (gguf_mm, attention, ...) exist."""
     missing = missing_cpu_features()
     if missing:
         raise RuntimeError(f"--weights gguf needs a CPU with {', '.join(missing)} (AVX512-VNNI class: Zen 4+, "
@@ -58,6 +61,20 @@ def load() -> None:
     build(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
           is_python_module=False, verbose=False)
     log.info("loaded native kernels %s", directory)
+
+
+@lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether the CPU kernels run here. The model's attention and small ops use them when they do and fall back to
+    plain torch when they do not (another CPU, no compiler, or OUTRIDER_NATIVE=0 to compare the two)."""
+    if os.environ.get("OUTRIDER_NATIVE", "1") == "0" or missing_cpu_features():
+        return False
+    try:
+        load()
+    except Exception as e:  # noqa: BLE001 - a failed build costs speed, not correctness; say so once
+        log.warning("native CPU kernels unavailable, using the torch path: %s", e)
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """Attention plans: how one forward's rows meet their sequences' cached keys.
 
-`TiledPlan` is what a target uses: fixed tiles of QUERY_TILE rows and bucketed key lengths, so a row's result is
-bitwise independent of how many rows are scored with it. `ExactPlan` is for drafters, whose numerics never change
-the output: each sequence attends with its exact row and key counts, which is cheaper for single-token steps.
+On the CPU, `NativePlan` serves targets and drafters alike: one C++ call (`kernels/csrc/attention.cpp`) in which each
+row reads exactly the keys it may see, batch-invariant by construction and with no padding.
+
+Where that kernel is not available (a GPU, a CPU without AVX512, OUTRIDER_NATIVE=0): `TiledPlan` is what a target
+uses: fixed tiles of QUERY_TILE rows and bucketed key lengths, so a row's result is bitwise independent of how many
+rows are scored with it. `ExactPlan` is for drafters, whose numerics never change the output: each sequence attends
+with its exact row and key counts, which is cheaper for single-token steps.
 """
 from __future__ import annotations
 
@@ -32,6 +36,49 @@ def sequence_mask(start: int, rows: int, tree: torch.Tensor | None, window: int 
     if window is not None:  # Mistral: a query sees at most `window` keys back
         m &= (torch.arange(start, start + rows)[:, None] - torch.arange(keys)[None]) < window
     return m
+
+
+@dataclass(frozen=True)
+class NativePlan:
+    """Per row: its cache slot, its committed keys [lo, prefix_end), where its sequence's new rows start in the
+    cache, and which of those new rows it sees (causal for a chain, ancestors for a tree, a window for Mistral)."""
+
+    slot: torch.Tensor  # [N] int64
+    lo: torch.Tensor  # [N] int64 first committed key in the window (0 without one)
+    prefix_end: torch.Tensor  # [N] int64 the sequence's cache length before this forward: its new rows start there
+    write_pos: torch.Tensor  # [N] int64 where the row's own K/V go: prefix_end + its index among the new rows
+    mask: torch.Tensor  # [N, R] bool over the new rows of the row's own sequence (R = most rows of a sequence)
+
+    @staticmethod
+    def supports(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
+        from outrider.kernels.native import available
+
+        return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and head_dim <= 128 and available()
+
+    @classmethod
+    def build(cls, batch: "ForwardBatch", starts: list[int], window: int | None, capacity: int,
+              device: torch.device) -> "NativePlan":
+        widest = max(batch.num_rows)
+        masks, slot, first, write = [], [], [], []
+        for b_slot, start, rows, tree in zip(batch.slots, starts, batch.num_rows, batch.tree_masks):
+            m = torch.zeros(rows, widest, dtype=torch.bool)
+            m[:, :rows] = torch.ones(rows, rows, dtype=torch.bool).tril() if tree is None else tree.cpu()
+            i = torch.arange(rows)
+            if window is not None:  # a query sees at most `window` keys back, new rows included
+                m[:, :rows] &= (i[:, None] - i[None]) < window
+                first.append((start + i - window + 1).clamp(min=0, max=start))
+            else:
+                first.append(torch.zeros(rows, dtype=torch.long))
+            masks.append(m)
+            slot += [b_slot] * rows
+            write.append(start + i)
+        starts_per_row = torch.tensor([s for s, n in zip(starts, batch.num_rows) for _ in range(n)], dtype=torch.long)
+        return cls(torch.tensor(slot, dtype=torch.long), torch.cat(first), starts_per_row, torch.cat(write),
+                   torch.cat(masks))
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        return torch.ops.outrider.attention(q.contiguous(), k_cache, v_cache, self.slot, self.lo, self.prefix_end,
+                                            self.prefix_end, self.mask, scale)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@
 #include <cstring>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
 constexpr int64_t Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14;  // GGML type ids
@@ -167,10 +169,10 @@ inline __m512i load64(const void* p) { return _mm512_loadu_si512(p); }
 
 template <int64_t T, int R>
 void rows_k(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t nb, const KActs& a, int64_t m0,
-            float* y, int64_t y_stride) {
+            float* y, int64_t y_row) {
   const int64_t M = a.M;
   const __m512i low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30);
-  for (int64_t n = 0; n < n_rows; ++n, w += row_bytes, y += y_stride) {
+  for (int64_t n = 0; n < n_rows; ++n, w += row_bytes, ++y) {
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     const uint8_t* blk = w;
@@ -216,7 +218,7 @@ void rows_k(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t nb, con
         if constexpr (T == Q4_K) acc[r] = _mm512_fnmadd_ps(vmin, _mm512_loadu_ps(mb + 16 * r), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < R; ++r) y[r * y_row] = _mm512_reduce_add_ps(acc[r]);
   }
 }
 
@@ -225,10 +227,10 @@ void rows_k(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t nb, con
 // through the activations' lane sums.
 template <int64_t T, int R>
 void rows_32(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t nu, const Acts32& a, int64_t m0,
-             float* y, int64_t y_stride) {
+             float* y, int64_t y_row) {
   const int64_t M = a.M;
   const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  for (int64_t n = 0; n < n_rows; ++n, w += row_bytes, y += y_stride) {
+  for (int64_t n = 0; n < n_rows; ++n, w += row_bytes, ++y) {
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     const uint8_t* unit = w;
@@ -257,7 +259,7 @@ void rows_32(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t nu, co
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), vd, acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < R; ++r) y[r * y_row] = _mm512_reduce_add_ps(acc[r]);
   }
 }
 
@@ -266,11 +268,11 @@ using RowsFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, const void*, 
 
 template <int64_t T, int R>
 void rows_fn(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t units, const void* acts, int64_t m0,
-             float* y, int64_t y_stride) {
+             float* y, int64_t y_row) {
   if constexpr (T == Q4_K || T == Q6_K)
-    rows_k<T, R>(w, row_bytes, n_rows, units, *static_cast<const KActs*>(acts), m0, y, y_stride);
+    rows_k<T, R>(w, row_bytes, n_rows, units, *static_cast<const KActs*>(acts), m0, y, y_row);
   else
-    rows_32<T, R>(w, row_bytes, n_rows, units, *static_cast<const Acts32*>(acts), m0, y, y_stride);
+    rows_32<T, R>(w, row_bytes, n_rows, units, *static_cast<const Acts32*>(acts), m0, y, y_row);
 }
 
 template <int64_t T>
@@ -291,10 +293,12 @@ RowsFn rows_fn_for(int64_t t, int64_t rows) {
 }
 
 // x [M, K] (fp32 or bf16); weights: one uint8 [N_i, units * unit_bytes] per part, all with K inputs; the parts'
-// outputs are concatenated: y [M, sum N_i] in x's dtype.
-at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef qtypes) {
+// outputs are concatenated, plus the bias [sum N_i] if given: y [M, sum N_i] in x's dtype.
+at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef qtypes,
+                   const c10::optional<at::Tensor>& bias_in) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "gguf_mm: x must be a 2-D CPU tensor");
   TORCH_CHECK(weights.size() == qtypes.size() && !weights.empty(), "gguf_mm: one qtype per weight part");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "gguf_mm: x must be fp32 or bf16");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   std::vector<int64_t> offsets{0};
@@ -310,6 +314,11 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
     offsets.push_back(offsets.back() + w.size(0));
   }
   const int64_t N = offsets.back();
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias.numel() == N, "gguf_mm: bias has ", bias.numel(), " entries for ", N, " outputs");
+  }
   KActs ka;
   Acts32 a5, a8;  // Q5_0 and Q8_0 differ only in the code offset the lane sums carry
   const float* xp = x.data_ptr<float>();
@@ -319,8 +328,10 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
     if (t == Q5_0 && a5.M == 0) quantize_32(xp, M, K, 16, a5);
     if (t == Q8_0 && a8.M == 0) quantize_32(xp, M, K, 128, a8);
   }
-  at::Tensor y32 = at::empty({N, M}, x.options());  // transposed: each thread writes whole output rows
+  at::Tensor y32 = at::empty({M, N}, x.options());
+  at::Tensor y = x_in.scalar_type() == at::kFloat ? y32 : at::empty({M, N}, x_in.options());
   float* yp = y32.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   // Thread split over output features only: it never changes what one output computes.
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (size_t part = 0; part < weights.size(); ++part) {
@@ -332,14 +343,27 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
                                      : (t == Q5_0 ? static_cast<const void*>(&a5) : static_cast<const void*>(&a8));
       for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
         const int64_t r = std::min<int64_t>(ROWS, M - m0);
-        rows_fn_for(t, r)(rows, row_bytes, hi - lo, K / unit_elems(t), acts, m0, yp + lo * M + m0, M);
+        rows_fn_for(t, r)(rows, row_bytes, hi - lo, K / unit_elems(t), acts, m0, yp + m0 * N + lo, N);
+      }
+    }
+    // this thread's outputs: the bias, then the one rounding to x's dtype
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = yp + m * N;
+      if (bp)
+        for (int64_t n = begin; n < end; ++n) row[n] += bp[n];
+      if (x_in.scalar_type() == at::kBFloat16) {
+        c10::BFloat16* out = y.data_ptr<c10::BFloat16>() + m * N;
+        for (int64_t n = begin; n < end; n += 16) {
+          const __mmask16 tail = outrider::tail_mask(end - n);
+          outrider::store16(out + n, _mm512_maskz_loadu_ps(tail, row + n), tail);
+        }
       }
     }
   });
-  return y32.t().to(x_in.scalar_type()).contiguous();
+  return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(outrider_gguf, m) { m.def("mm(Tensor x, Tensor[] weights, int[] qtypes) -> Tensor"); }
-TORCH_LIBRARY_IMPL(outrider_gguf, CPU, m) { m.impl("mm", gguf_mm); }
+TORCH_LIBRARY_FRAGMENT(outrider, m) { m.def("gguf_mm(Tensor x, Tensor[] weights, int[] qtypes, Tensor? bias=None) -> Tensor"); }
+TORCH_LIBRARY_IMPL(outrider, CPU, m) { m.impl("gguf_mm", gguf_mm); }

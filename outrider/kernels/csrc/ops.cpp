@@ -1,0 +1,173 @@
+// The small per-token ops of a decoder layer, each one call instead of the several torch ops (and their dispatch,
+// about 3 us apiece) it replaces: RMSNorm, RoPE with the K/V cache write, and SiLU(gate) * up.
+//
+// All of them work row by row with fp32 math and one rounding to the output dtype, so a row's result never depends
+// on the other rows in the call (batch invariance) or on the thread that computes it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "vec.h"
+
+namespace {
+
+using namespace outrider;
+
+// y = x / sqrt(mean(x^2) + eps) * w, the sum of squares taken in 16 lanes over the row, then one fixed reduction.
+template <typename T, typename W>
+void rms_norm_rows(const T* x, const W* w, T* y, int64_t rows, int64_t n, float eps) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * n;
+      __m512 ss = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; i += 16) {
+        const __m512 v = load16(xr + i, tail_mask(n - i));
+        ss = _mm512_fmadd_ps(v, v, ss);
+      }
+      const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(n) + eps);
+      const __m512 vinv = _mm512_set1_ps(inv);
+      for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        store16(y + r * n + i, _mm512_mul_ps(_mm512_mul_ps(load16(xr + i, m), vinv), load16(w + i, m)), m);
+      }
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.size(-1) == w_in.numel(), "rms_norm: x [..., n] and w [n] on the CPU");
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  at::Tensor y = at::empty_like(x);
+  const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
+  const auto run = [&](auto* xp, auto* yp) {
+    if (w.scalar_type() == at::kFloat)
+      rms_norm_rows(xp, w.data_ptr<float>(), yp, rows, n, static_cast<float>(eps));
+    else if (w.scalar_type() == at::kBFloat16)
+      rms_norm_rows(xp, w.data_ptr<c10::BFloat16>(), yp, rows, n, static_cast<float>(eps));
+    else
+      TORCH_CHECK(false, "rms_norm: weight must be fp32 or bf16");
+  };
+  if (x.scalar_type() == at::kFloat)
+    run(x.data_ptr<float>(), y.data_ptr<float>());
+  else if (x.scalar_type() == at::kBFloat16)
+    run(x.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>());
+  else
+    TORCH_CHECK(false, "rms_norm: x must be fp32 or bf16");
+  return y;
+}
+
+// HF's rotate_half RoPE on one head: out[d] = x[d] cos[d] - x[d + D/2] sin[d] for d < D/2 and
+// x[d] cos[d] + x[d - D/2] sin[d] above, in fp32.
+template <typename T>
+void rope_head(const T* x, const float* cos, const float* sin, int64_t D, T* out) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < half; d += 16) {
+    const __mmask16 m = tail_mask(half - d);
+    const __m512 a = load16(x + d, m), b = load16(x + half + d, m);
+    store16(out + d, _mm512_fnmadd_ps(b, _mm512_maskz_loadu_ps(m, sin + d), _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, cos + d))), m);
+    store16(out + half + d, _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m, sin + half + d),
+                                            _mm512_mul_ps(b, _mm512_maskz_loadu_ps(m, cos + half + d))), m);
+  }
+}
+
+// qkv [N, (H + 2 KVH) D] (q heads, then k heads, then v heads): rotates q and k by the rows' cos/sin [N, D] (fp32),
+// stores k and v at cache[slot[i], :, pos[i]] and returns the rotated q [N, H, D]. Writing before attending is
+// what lets every query read all its keys, its own row's included, from the cache.
+template <typename T>
+void rope_store_rows(const T* qkv, const float* cos, const float* sin, T* kc, T* vc, const int64_t* slot,
+                     const int64_t* pos, int64_t N, int64_t H, int64_t KVH, int64_t D, int64_t C, T* q) {
+  const int64_t width = (H + 2 * KVH) * D;
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* row = qkv + i * width;
+      const float *c = cos + i * D, *s = sin + i * D;
+      for (int64_t h = 0; h < H; ++h) rope_head(row + h * D, c, s, D, q + (i * H + h) * D);
+      for (int64_t g = 0; g < KVH; ++g) {
+        const int64_t at = ((slot[i] * KVH + g) * C + pos[i]) * D;
+        rope_head(row + (H + g) * D, c, s, D, kc + at);
+        std::memcpy(vc + at, row + (H + KVH + g) * D, D * sizeof(T));
+      }
+    }
+  });
+}
+
+at::Tensor rope_store(const at::Tensor& qkv_in, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, const at::Tensor& slot, const at::Tensor& pos, int64_t heads) {
+  const at::Tensor qkv = qkv_in.contiguous();
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == qkv.scalar_type() &&
+                  v_cache.scalar_type() == qkv.scalar_type(),
+              "rope_store: caches must be contiguous [slots, kv_heads, capacity, head_dim] in qkv's dtype");
+  const int64_t N = qkv.size(0), KVH = k_cache.size(1), C = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(D % 2 == 0 && qkv.dim() == 2 && qkv.size(1) == (heads + 2 * KVH) * D, "rope_store: qkv must be [N, (",
+              heads, " + 2 * ", KVH, ") * ", D, "]");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.numel() == N * D && sin.numel() == N * D,
+              "rope_store: cos and sin must be contiguous fp32 [N, head_dim]");
+  TORCH_CHECK(slot.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && slot.numel() == N &&
+                  pos.numel() == N && slot.is_contiguous() && pos.is_contiguous(),
+              "rope_store: slot and pos must be contiguous int64 [N]");
+  const int64_t *sp = slot.data_ptr<int64_t>(), *pp = pos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i)
+    TORCH_CHECK(sp[i] >= 0 && sp[i] < k_cache.size(0) && pp[i] >= 0 && pp[i] < C, "rope_store: row ", i,
+                " writes outside the cache (slot ", sp[i], ", position ", pp[i], ")");
+  at::Tensor q = at::empty({N, heads, D}, qkv.options());
+  if (qkv.scalar_type() == at::kFloat)
+    rope_store_rows(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), k_cache.data_ptr<float>(),
+                    v_cache.data_ptr<float>(), sp, pp, N, heads, KVH, D, C, q.data_ptr<float>());
+  else if (qkv.scalar_type() == at::kBFloat16)
+    rope_store_rows(qkv.data_ptr<c10::BFloat16>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                    k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), sp, pp, N, heads, KVH, D, C,
+                    q.data_ptr<c10::BFloat16>());
+  else
+    TORCH_CHECK(false, "rope_store: fp32 or bf16 only");
+  return q;
+}
+
+// gate_up [N, 2 I] (gate, then up) -> SiLU(gate) * up [N, I]; SiLU(g) = g / (1 + e^-g).
+template <typename T>
+void silu_mul_rows(const T* gu, T* out, int64_t N, int64_t I) {
+  at::parallel_for(0, N * ((I + 1023) / 1024), 1, [&](int64_t begin, int64_t end) {
+    const int64_t per_row = (I + 1023) / 1024;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / per_row, lo = (task % per_row) * 1024, hi = std::min<int64_t>(I, lo + 1024);
+      for (int64_t i = lo; i < hi; i += 16) {
+        const __mmask16 m = tail_mask(hi - i);
+        const __m512 g = load16(gu + r * 2 * I + i, m), u = load16(gu + r * 2 * I + I + i, m);
+        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        store16(out + r * I + i, _mm512_mul_ps(silu, u), m);
+      }
+    }
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& gu_in) {
+  const at::Tensor gu = gu_in.contiguous();
+  TORCH_CHECK(gu.dim() == 2 && gu.size(1) % 2 == 0, "silu_mul: gate_up must be [N, 2 I]");
+  const int64_t N = gu.size(0), I = gu.size(1) / 2;
+  at::Tensor out = at::empty({N, I}, gu.options());
+  if (gu.scalar_type() == at::kFloat)
+    silu_mul_rows(gu.data_ptr<float>(), out.data_ptr<float>(), N, I);
+  else if (gu.scalar_type() == at::kBFloat16)
+    silu_mul_rows(gu.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), N, I);
+  else
+    TORCH_CHECK(false, "silu_mul: fp32 or bf16 only");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(outrider, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot, "
+        "Tensor pos, int heads) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(outrider, CPU, m) {
+  m.impl("rms_norm", rms_norm);
+  m.impl("rope_store", rope_store);
+  m.impl("silu_mul", silu_mul);
+}
