@@ -58,3 +58,18 @@ def test_kept_set_is_the_most_frequent_then_lowest_ids_in_multiples_of_16(tmp_pa
         TrimmedVocab.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="draft vocabulary file is for 2048 tokens but the draft model has 256"):
         trim_head(tiny_model("llama"), vocab)
+
+
+def test_a_gguf_head_keeps_its_stored_rows():
+    """At --draft-weights gguf the kept rows are the file's own blocks, across parts of different types."""
+    from outrider.kernels import gguf as G
+
+    g = torch.Generator().manual_seed(0)
+    head = G.GGUFLinear([G.pack(G.random_blocks("Q4_K", 48, 256, g)), G.pack(G.random_blocks("Q8_0", 32, 256, g))],
+                        ["Q4_K", "Q8_0"], 256)
+    model = tiny_model("llama", weights="gguf")
+    model.weights.head = head
+    kept = torch.tensor(list(range(0, 16)) + list(range(40, 72)))  # spans both parts
+    trim_head(model, TrimmedVocab(kept, model.config.vocab_size))
+    assert model.weights.head.qtypes == ["Q4_K", "Q8_0"]
+    assert torch.equal(model.weights.head.dequantize(), head.dequantize()[kept])

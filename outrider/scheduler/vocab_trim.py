@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from outrider.kernels.gguf import GGUFLinear
 from outrider.kernels.linear import DenseLinear, Int4Linear, Int8Linear, LinearKernel, make_linear
 from outrider.runtime.model import Transformer
 
@@ -71,4 +72,13 @@ def _rows(kernel: LinearKernel, rows: torch.Tensor, dtype: torch.dtype) -> Linea
         return Int8Linear(kernel.qweight[rows].contiguous(), kernel.scales[rows].contiguous(), None)
     if isinstance(kernel, Int4Linear):  # the packed layout is opaque: requantize the kept rows
         return make_linear("int4", kernel.dequantize()[rows], None, dtype, torch.device("cpu"))
+    if isinstance(kernel, GGUFLinear):  # a packed row is a byte row: keep the rows as stored, part by part
+        parts, qtypes, start = [], [], 0
+        for part, qtype in zip(kernel.parts, kernel.qtypes):
+            kept = rows[(rows >= start) & (rows < start + part.shape[0])] - start
+            if kept.numel():
+                parts.append(part[kept].contiguous())
+                qtypes.append(qtype)
+            start += part.shape[0]
+        return GGUFLinear(parts, qtypes, kernel.in_features, None)
     raise TypeError(f"cannot trim a {type(kernel).__name__} head")
