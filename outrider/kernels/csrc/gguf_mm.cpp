@@ -146,18 +146,19 @@ void quantize_32(const float* x, int64_t M, int64_t K, int32_t offset, Acts32& a
 // (chunk 2h in the low nibbles of vector h, chunk 2h + 1 in the high ones), so unpacking is one mask or one
 // shift-and-mask per chunk; Q6_K's top two bits of chunk c sit at bits 2c, 2c + 1 of a third 64-byte vector.
 
-// Q4_K's 12 packed bytes -> bytes 0..7 the 8 sub-scales, bytes 8..15 the 8 mins (six bits each), with word ops.
+// Q4_K's 12 packed bytes -> bytes 0..7 the 8 sub-scales, bytes 8..15 the 8 mins (six bits each), in one xmm with
+// vector ops: scales 0..3 and mins 0..3 are the low six bits of bytes 0..3 and 4..7; scales 4..7 and mins 4..7 take
+// their low four bits from the low and high nibbles of bytes 8..11 and their top two from bits 6..7 of bytes 0..3
+// and 4..7. Reads 16 bytes (the
+// 4 after the 12 are the block's first codes, ignored).
 inline __m128i q4k_scales(const uint8_t* s) {
-  uint32_t u0, u1, u2;
-  std::memcpy(&u0, s, 4);
-  std::memcpy(&u1, s + 4, 4);
-  std::memcpy(&u2, s + 8, 4);
-  const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
-  const uint32_t sc03 = u0 & k1, mn03 = u1 & k1;
-  const uint32_t sc47 = (u2 & k2) | (((u0 >> 6) & k3) << 4);        // low nibbles + top bits of bytes 0..3
-  const uint32_t mn47 = ((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4);  // high nibbles + top bits of bytes 4..7
-  return _mm_set_epi32(static_cast<int>(mn47), static_cast<int>(mn03), static_cast<int>(sc47),
-                       static_cast<int>(sc03));
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+  const __m128i low = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+  const __m128i top = _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+  const __m128i lo_bits = _mm_and_si128(_mm_srlv_epi32(low, _mm_setr_epi32(0, 0, 0, 4)),
+                                        _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+  const __m128i hi_bits = _mm_and_si128(_mm_srli_epi16(top, 2), _mm_set1_epi8(0x30));  // bits 6..7 -> 4..5
+  return _mm_or_si128(lo_bits, hi_bits);
 }
 
 // 16 fp32 lanes from 16 bytes times a scale
@@ -181,7 +182,7 @@ void rows_k(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t nb, con
       __m512 vscale, vmin = _mm512_setzero_ps();
       const uint8_t* lo;
       if constexpr (T == Q4_K) {  // [d][dmin][12 bytes scales and mins][128 bytes nibbles]
-        const __m128i sm = q4k_scales(blk + 4);
+                const __m128i sm = q4k_scales(blk + 4);
         const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(blk)));
         vscale = bytes_to_lanes(_mm_unpacklo_epi8(sm, sm), _mm512_broadcastss_ps(dd));  // lane l: sub-block l / 2
         vmin = bytes_to_lanes(_mm_unpackhi_epi8(sm, sm), _mm512_broadcastss_ps(_mm_movehdup_ps(dd)));
