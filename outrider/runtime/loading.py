@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from outrider.kernels.linear import WEIGHT_FORMATS, LinearKernel, linear_from_state, make_linear
 from outrider.runtime.config import ModelConfig
+from outrider.runtime.memory import in_huge_pages
 from outrider.runtime.model import LayerWeights, ModelWeights, Transformer
 from outrider.runtime.tokenizer import Tokenizer
 from outrider.runtime.warm import read_config, write_meta
@@ -140,6 +141,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", weights:
         log.info("converted %s to %s/%s in %.1fs", ckpt.path, weights, dtype, time.perf_counter() - t0)
         if use_cache and cached is not None and dev.type == "cpu":
             _save_atomic(weights_state(w), cached, ckpt)
+        if dev.type == "cpu":
+            w = weights_from_state(ckpt.config, weights, in_huge_pages(weights_state(w)))
     if use_cache and cached is not None and read_config(ckpt.path) is None:
         write_meta(ckpt.path, ckpt.config, Tokenizer.load(ckpt.path))  # the next start skips the metadata parse
     return Transformer(ckpt.config, w, dtype, dev, max_positions, batch_invariant), ckpt
@@ -147,9 +150,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", weights:
 
 def _load_aligned(path: Path) -> dict[str, torch.Tensor]:
     """safetensors hands out tensors at arbitrary file offsets; the packed aten kernels use aligned vector loads
-    and crash on them (seen: a segfault in _weight_int8pack_mm), so each tensor is copied into fresh memory."""
+    and crash on them (seen: a segfault in _weight_int8pack_mm), so each tensor is copied into fresh, page-aligned
+    memory, in huge pages (`memory.py`)."""
     with safe_open(str(path), "pt") as f:
-        return {name: f.get_tensor(name).clone() for name in f.keys()}
+        return in_huge_pages({name: f.get_tensor(name) for name in f.keys()})
 
 
 def _save_atomic(state: dict[str, torch.Tensor], path: Path, ckpt) -> None:
