@@ -222,6 +222,8 @@ def _linear_bytes(out: int, inp: int, fmt: str, dt: int) -> int:
         return out * inp * dt
     if fmt == "int8":
         return out * inp + out * dt  # int8 codes + one scale per output row
+    if fmt == "q4_0":
+        return out * inp // 32 * 18  # an fp16 scale and 16 bytes of codes per 32 weights
     return out * inp // 2 + (inp // INT4_GROUP) * out * 2 * dt  # two codes a byte + (scale, zero) per group
 
 

@@ -31,7 +31,7 @@ class _Closed(BaseModel):
 
 class ModelSpec(_Closed):
     model: str = Field(description="built-in name (`outrider models list`), HF folder or .gguf file")
-    weights: Literal["dense", "int8", "int4", "gguf"] = "int4"
+    weights: Literal["dense", "int8", "int4", "gguf", "q4_0"] = "int4"
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
 
 

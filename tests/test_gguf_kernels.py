@@ -14,7 +14,8 @@ from outrider.kernels import gguf as G
 from outrider.runtime.gguf_file import GGUFTensorSource, open_gguf
 from outrider.runtime.loading import load_model
 
-TYPES = ["Q4_K", "Q6_K", "Q5_0", "Q8_0"]
+TYPES = ["Q4_K", "Q6_K", "Q5_0", "Q8_0"]  # the types the default pair's files store
+KERNEL_TYPES = TYPES + ["Q4_0"]  # Q4_0: --weights q4_0 requantizes to it
 
 
 def random_linear(qtype: str, n: int, k: int, seed: int = 0) -> G.GGUFLinear:
@@ -54,7 +55,7 @@ def test_blocks_from_the_file_dequantize_bit_for_bit_like_gguf_py(tensors, qtype
     assert torch.equal(G.dequantize_packed(packed, qtype, ours.shape[1]), ours)
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
 @pytest.mark.parametrize("m", [1, 3, 8, 13])
 def test_kernel_matches_its_reference(qtype, m):
     k = 512
@@ -77,7 +78,7 @@ def test_real_blocks_through_the_kernel_match_the_reference(tensors, qtype):
     assert ((ref.double() - exact).norm() / exact.norm()).item() < 0.02
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_are_bitwise_invariant_to_count_neighbours_and_threads(qtype, dtype):
     lin = random_linear(qtype, 72, 256 if qtype in G.K_QUANTS else 192, seed=3)
@@ -116,6 +117,22 @@ def test_state_round_trip_and_q8_0_for_other_tensors():
     assert ((lin.dequantize() - w).abs().max() / w.abs().max()).item() < 0.01
     with pytest.raises(ValueError, match="in_features % 64"):
         G.GGUFLinear.quantize(torch.randn(8, 96), None, torch.float32)
+
+
+def test_q4_0_requantizes_with_gguf_py_and_dequantizes_like_it():
+    """`--weights q4_0` (for drafts): gguf-py's Q4_0 blocks, read back bit for bit as gguf-py reads them, through
+    our layout and the kernel."""
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(4))
+    raw = G.quantize_blocks(w, "Q4_0")
+    expected = torch.from_numpy(gguf_py_dequantize(raw.numpy(), GGMLQuantizationType.Q4_0)).reshape(32, 256)
+    assert torch.equal(G.dequantize(raw, "Q4_0"), expected)
+    lin = G.Q4_0Linear.quantize(w, None, torch.float32)
+    assert lin.qtypes == ["Q4_0"] and lin.nbytes == 32 * 256 // 32 * 18
+    assert torch.equal(lin.dequantize(), expected)
+    assert ((expected - w).abs().max() / w.abs().max()).item() < 0.1
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(lin(x), lin.reference(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(G.GGUFLinear.from_state(lin.state())(x), lin(x))
 
 
 def test_loading_a_gguf_keeps_its_blocks():

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-TYPE_IDS = {"Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
+TYPE_IDS = {"Q4_0": 2, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 TYPE_NAMES = {v: k for k, v in TYPE_IDS.items()}
-BLOCK = {"Q4_K": (256, 144), "Q6_K": (256, 210), "Q5_0": (32, 22), "Q8_0": (32, 34)}  # weights, bytes in the file
-UNIT = {"Q4_K": 256, "Q6_K": 256, "Q5_0": 64, "Q8_0": 64}  # weights per kernel unit (two blocks for 32-weight types)
+BLOCK = {"Q4_K": (256, 144), "Q6_K": (256, 210), "Q4_0": (32, 18), "Q5_0": (32, 22),
+         "Q8_0": (32, 34)}  # weights, bytes in the file
+UNIT = {"Q4_K": 256, "Q6_K": 256, "Q4_0": 64, "Q5_0": 64,
+        "Q8_0": 64}  # weights per kernel unit (two blocks for 32-weight types)
 K_QUANTS = ("Q4_K", "Q6_K")
 
 # Lane order inside a 256 block: packed position 64 c + 4 l + t holds weight 16 l + 4 c + t.
@@ -87,6 +89,9 @@ def unpack_raw(raw: torch.Tensor, qtype: str) -> Blocks:
         high = torch.cat([(qh >> s) & 3 for s in (0, 2, 4, 6)], 3)  # [n, nb, half, quarter of 32, 32]
         codes = low | (high << 4)
         return Blocks(qtype, codes.reshape(n, nb, 256), _f16(b[..., 208:210]), b[..., 192:208].view(torch.int8))
+    if qtype == "Q4_0":
+        qs = b[..., 2:18].to(torch.int16)
+        return Blocks(qtype, torch.cat([qs & 0x0F, qs >> 4], -1), _f16(b[..., 0:2]))
     if qtype == "Q5_0":
         qs = b[..., 6:22].to(torch.int16)
         fifth = b[..., 2:6].to(torch.int64)
@@ -110,6 +115,8 @@ def values(blocks: Blocks) -> torch.Tensor:
         w = d * (q - 32).reshape(n, nb, 16, 16)
     elif blocks.qtype == "Q5_0":
         w = blocks.d[..., None] * (q - 16)
+    elif blocks.qtype == "Q4_0":
+        w = blocks.d[..., None] * (q - 8)
     else:
         w = blocks.d[..., None] * q
     return w.reshape(n, -1)
@@ -151,6 +158,8 @@ def pack(blocks: Blocks) -> torch.Tensor:
     codes = _pairs(blocks.codes).reshape(n, nb // 2, 64)
     if blocks.qtype == "Q8_0":
         return torch.cat([d, codes.to(torch.int8).view(torch.uint8)], -1).reshape(n, -1).contiguous()
+    if blocks.qtype == "Q4_0":  # [d0][d1][32 bytes: low nibble code p, high code 32 + p]
+        return torch.cat([d, _nibble_pairs(codes)], -1).reshape(n, -1).contiguous()
     fifth = ((codes >> 4) & 1).to(torch.int64) << torch.arange(64)
     fifth = fifth.sum(-1).contiguous().view(torch.uint8).reshape(n, nb // 2, 8)  # little-endian u64 (x86)
     return torch.cat([d, fifth, _nibble_pairs(codes)], -1).reshape(n, -1).contiguous()
@@ -175,6 +184,9 @@ def unpack_packed(packed: torch.Tensor, qtype: str, in_features: int) -> Blocks:
     d = _f16(b[..., 0:4].reshape(n, nb // 2, 2, 2)).reshape(n, nb)
     if qtype == "Q8_0":
         return Blocks(qtype, b[..., 4:68].contiguous().view(torch.int8).to(torch.int16).reshape(n, nb, 32), d)
+    if qtype == "Q4_0":
+        nib = b[..., 4:36].to(torch.int16)
+        return Blocks(qtype, torch.cat([nib & 0x0F, nib >> 4], -1).reshape(n, nb, 32), d)
     fifth = b[..., 4:12].contiguous().view(torch.int64)  # [n, pairs, 1]
     high = ((fifth >> torch.arange(64)) & 1).to(torch.int16)
     nib = b[..., 12:44].to(torch.int16)
@@ -254,17 +266,19 @@ def random_blocks(qtype: str, n: int, k: int, generator: torch.Generator | None 
         return Blocks(qtype, ints(0, 64, n, nb, 256), d, ints(-64, 64, n, nb, 16).to(torch.int8))
     if qtype == "Q5_0":
         return Blocks(qtype, ints(0, 32, n, nb, 32), d)
+    if qtype == "Q4_0":
+        return Blocks(qtype, ints(0, 16, n, nb, 32), d)
     return Blocks(qtype, ints(-128, 128, n, nb, 32), d)
 
 
-def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
-    """fp32 [N, K] -> Q8_0 blocks in the file's layout (gguf-py's quantizer, llama.cpp's rounding)."""
+def quantize_blocks(w: torch.Tensor, qtype: str = "Q8_0") -> torch.Tensor:
+    """fp32 [N, K] -> Q8_0 / Q5_0 / Q4_0 blocks in the file's layout (gguf-py's quantizer, llama.cpp's rounding)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
-    if w.shape[1] % UNIT["Q8_0"]:
-        raise ValueError(f"--weights gguf needs in_features % 64 == 0, got {w.shape[1]}; use int8 or dense")
-    return torch.from_numpy(quantize(w.float().numpy(), GGMLQuantizationType.Q8_0))
+    if w.shape[1] % UNIT[qtype]:
+        raise ValueError(f"{qtype} weights need in_features % 64 == 0, got {w.shape[1]}; use int8 or dense")
+    return torch.from_numpy(quantize(w.float().numpy(), GGMLQuantizationType[qtype]))
 
 
 # ---- the linear kernel --------------------------------------------------------------------------------------
@@ -298,7 +312,7 @@ class GGUFLinear:
     def quantize(cls, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "GGUFLinear":
         """A weight that is not stored in a kernel's block type (an HF checkpoint, an F16 or Q4_1 tensor) is
         quantized to Q8_0, as llama.cpp's converter does for its 8-bit files."""
-        return cls.from_raw([("Q8_0", quantize_q8_0(w))], bias, dtype)
+        return cls.from_raw([("Q8_0", quantize_blocks(w))], bias, dtype)
 
     @property
     def out_features(self) -> int:
@@ -328,3 +342,13 @@ class GGUFLinear:
     def from_state(cls, s: dict[str, torch.Tensor]) -> "GGUFLinear":
         k, *ids = s["meta"].tolist()
         return cls([s[f"part{i}"] for i in range(len(ids))], [TYPE_NAMES[i] for i in ids], k, s.get("bias"))
+
+
+class Q4_0Linear(GGUFLinear):
+    """`--weights q4_0`: every weight requantized to Q4_0 (4.5 bits per weight in 32-weight blocks) and run by the
+    GGUF kernel. Meant for drafts, whose precision never changes the output: the 0.5B draft's hidden size (896)
+    rules out the 256-weight K-quants, and its file stores Q5_0 layers and a Q8_0 head."""
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "Q4_0Linear":
+        return cls.from_raw([("Q4_0", quantize_blocks(w, "Q4_0"))], bias, dtype)

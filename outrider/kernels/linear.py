@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 ROW_BLOCK = 8  # rows per F.linear call; also the widest verify (k + 1 <= 8) that costs one block
 INT4_GROUP = 32
-WEIGHT_FORMATS = ("dense", "int8", "int4", "gguf")
+WEIGHT_FORMATS = ("dense", "int8", "int4", "gguf", "q4_0")
 
 
 class LinearKernel(Protocol):
@@ -190,9 +190,9 @@ class Int4Linear:
 
 
 def _kernels() -> dict[str, type]:
-    from outrider.kernels.gguf import GGUFLinear
+    from outrider.kernels.gguf import GGUFLinear, Q4_0Linear
 
-    return {"dense": DenseLinear, "int8": Int8Linear, "int4": Int4Linear, "gguf": GGUFLinear}
+    return {"dense": DenseLinear, "int8": Int8Linear, "int4": Int4Linear, "gguf": GGUFLinear, "q4_0": Q4_0Linear}
 
 
 def make_linear(fmt: str, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,

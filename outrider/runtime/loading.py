@@ -54,8 +54,8 @@ def build_weights(config: ModelConfig, get: Callable[[str], torch.Tensor], dtype
         w = torch.cat([get(n) for n in names]) if len(names) > 1 else get(names[0])
         return make_linear(fmt, w, bias, dtype, device)
 
-    if fmt == "gguf" and device.type != "cpu":
-        raise ValueError(f"weight format 'gguf' runs on the CPU only; use dense weights on {device}")
+    if fmt in ("gguf", "q4_0") and device.type != "cpu":
+        raise ValueError(f"weight format {fmt!r} runs on the CPU only; use dense weights on {device}")
     layers = []
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
@@ -76,12 +76,12 @@ def build_weights(config: ModelConfig, get: Callable[[str], torch.Tensor], dtype
 def _gguf_linear(names: list[str], bias: torch.Tensor | None, get: Callable[[str], torch.Tensor],
                  raw: RawGetter | None, dtype: torch.dtype) -> LinearKernel:
     """The file's blocks where a kernel runs their type; any other tensor (F16, Q4_1, an HF checkpoint) as Q8_0."""
-    from outrider.kernels.gguf import BLOCK, GGUFLinear, quantize_q8_0
+    from outrider.kernels.gguf import BLOCK, GGUFLinear, quantize_blocks
 
     parts = []
     for name in names:
         stored = raw(name) if raw is not None else None
-        parts.append(stored if stored is not None and stored[0] in BLOCK else ("Q8_0", quantize_q8_0(get(name))))
+        parts.append(stored if stored is not None and stored[0] in BLOCK else ("Q8_0", quantize_blocks(get(name))))
     return GGUFLinear.from_raw(parts, bias, dtype)
 
 

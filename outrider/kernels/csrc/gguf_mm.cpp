@@ -1,6 +1,6 @@
 // GGUF weight-only matmul with int8 activations (AVX512-VNNI), batch-invariant by construction.
 //
-// y[m, n] = sum_k x[m, k] * W[n, k] where W stays in its GGUF block format (Q4_K, Q6_K, Q5_0, Q8_0: exact codes,
+// y[m, n] = sum_k x[m, k] * W[n, k] where W stays in its GGUF block format (Q4_K, Q6_K, Q4_0, Q5_0, Q8_0: exact codes,
 // scales and mins, no requantization) in a repacked byte order (`outrider/kernels/gguf.py` `repack`: same bytes
 // per block, codes reordered so one VPDPBUSD lane always belongs to one sub-block).
 //
@@ -29,7 +29,7 @@
 
 namespace {
 
-constexpr int64_t Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14;  // GGML type ids
+constexpr int64_t Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14;  // GGML type ids
 constexpr int ROWS = 8;                                       // activation rows kept in registers at once
 
 inline float f16(const uint8_t* p) {
@@ -43,7 +43,8 @@ int64_t unit_bytes(int64_t t) {
   switch (t) {
     case Q4_K: return 144;
     case Q6_K: return 210;
-    case Q5_0: return 44;  // two 32-element blocks
+    case Q4_0: return 36;  // two 32-element blocks
+    case Q5_0: return 44;
     case Q8_0: return 68;
   }
   TORCH_CHECK(false, "gguf_mm: unsupported GGML type ", t);
@@ -118,7 +119,7 @@ struct Acts32 {
   int64_t M = 0;
   std::vector<int8_t> q;     // [K / 64, M, 64]
   std::vector<float> d;      // [K / 64, M, 16]
-  std::vector<int32_t> off;  // [K / 64, M, 16] lane sums times the weight code offset (16 for Q5_0, 128 for Q8_0)
+  std::vector<int32_t> off;  // [K / 64, M, 16] lane sums times the weight code offset (8 for Q4_0, 16 for Q5_0, 128 for Q8_0)
 };
 
 void quantize_32(const float* x, int64_t M, int64_t K, int32_t offset, Acts32& a) {
@@ -223,8 +224,9 @@ void rows_k(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t nb, con
   }
 }
 
-// Two 32-weight blocks per unit: Q5_0 [d0][d1][u64 fifth bits][32 bytes: low nibble code p, high code 32 + p];
-// Q8_0 [d0][d1][64 int8]. Codes enter VPDPBUSD unsigned (Q5_0 as stored, Q8_0 + 128) and the offset comes off
+// Two 32-weight blocks per unit: Q4_0 [d0][d1][32 bytes: low nibble code p, high code 32 + p]; Q5_0 the same with
+// [u64 fifth bits] before the nibbles; Q8_0 [d0][d1][64 int8]. Codes enter VPDPBUSD unsigned (Q4_0 and Q5_0 as
+// stored, Q8_0 + 128) and the offset comes off
 // through the activations' lane sums.
 template <int64_t T, int R>
 void rows_32(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t nu, const Acts32& a, int64_t m0,
@@ -237,13 +239,16 @@ void rows_32(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t nu, co
     const uint8_t* unit = w;
     for (int64_t u = 0; u < nu; ++u, unit += unit_bytes(T)) {
       __m512i codes;
-      if constexpr (T == Q5_0) {
-        uint64_t fifth;
-        std::memcpy(&fifth, unit + 4, 8);
-        const __m512i z = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit + 12)));
-        const __m512i nib = _mm512_and_si512(_mm512_mask_blend_epi64(0xF0, z, _mm512_srli_epi16(z, 4)),
-                                             _mm512_set1_epi8(0x0F));
-        codes = _mm512_or_si512(nib, _mm512_maskz_mov_epi8(fifth, _mm512_set1_epi8(0x10)));
+      if constexpr (T == Q4_0 || T == Q5_0) {
+        // the 32 nibble bytes in both halves; the upper half shifted down: codes 0..31 low, 32..63 high nibbles
+        const __m512i z = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit + (T == Q5_0 ? 12 : 4))));
+        codes = _mm512_and_si512(_mm512_mask_srli_epi16(z, 0xFFFF0000u, z, 4), _mm512_set1_epi8(0x0F));
+        if constexpr (T == Q5_0) {
+          uint64_t fifth;
+          std::memcpy(&fifth, unit + 4, 8);
+          codes = _mm512_mask_add_epi8(codes, fifth, codes, _mm512_set1_epi8(0x10));
+        }
       } else {
         codes = _mm512_xor_si512(load64(unit + 4), _mm512_set1_epi8(static_cast<char>(0x80)));
       }
@@ -287,6 +292,7 @@ RowsFn rows_fn_for(int64_t t, int64_t rows) {
   switch (t) {
     case Q4_K: return rows_fn_for_rows<Q4_K>(rows);
     case Q6_K: return rows_fn_for_rows<Q6_K>(rows);
+    case Q4_0: return rows_fn_for_rows<Q4_0>(rows);
     case Q5_0: return rows_fn_for_rows<Q5_0>(rows);
     case Q8_0: return rows_fn_for_rows<Q8_0>(rows);
   }
@@ -321,11 +327,12 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
     TORCH_CHECK(bias.numel() == N, "gguf_mm: bias has ", bias.numel(), " entries for ", N, " outputs");
   }
   KActs ka;
-  Acts32 a5, a8;  // Q5_0 and Q8_0 differ only in the code offset the lane sums carry
+  Acts32 a4, a5, a8;  // the 32-weight types differ only in the code offset the lane sums carry
   const float* xp = x.data_ptr<float>();
   for (const int64_t t : qtypes) {
     if (M == 0) break;
     if (k_family(t) && ka.M == 0) quantize_k(xp, M, K, ka);
+    if (t == Q4_0 && a4.M == 0) quantize_32(xp, M, K, 8, a4);
     if (t == Q5_0 && a5.M == 0) quantize_32(xp, M, K, 16, a5);
     if (t == Q8_0 && a8.M == 0) quantize_32(xp, M, K, 128, a8);
   }
@@ -341,7 +348,8 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
       const int64_t t = qtypes[part], row_bytes = weights[part].size(1);
       const uint8_t* rows = weights[part].data_ptr<uint8_t>() + (lo - offsets[part]) * row_bytes;
       const void* acts = k_family(t) ? static_cast<const void*>(&ka)
-                                     : (t == Q5_0 ? static_cast<const void*>(&a5) : static_cast<const void*>(&a8));
+                         : t == Q4_0 ? static_cast<const void*>(&a4)
+                         : t == Q5_0 ? static_cast<const void*>(&a5) : static_cast<const void*>(&a8);
       for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
         const int64_t r = std::min<int64_t>(ROWS, M - m0);
         rows_fn_for(t, r)(rows, row_bytes, hi - lo, K / unit_elems(t), acts, m0, yp + m0 * N + lo, N);
