@@ -350,9 +350,16 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
       const void* acts = k_family(t) ? static_cast<const void*>(&ka)
                          : t == Q4_0 ? static_cast<const void*>(&a4)
                          : t == Q5_0 ? static_cast<const void*>(&a5) : static_cast<const void*>(&a8);
-      for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
-        const int64_t r = std::min<int64_t>(ROWS, M - m0);
-        rows_fn_for(t, r)(rows, row_bytes, hi - lo, K / unit_elems(t), acts, m0, yp + m0 * N + lo, N);
+      // Past 8 activation rows (prefill), a tile of weight rows that fits in L2 meets every group of 8 rows
+      // before the next tile is read, so the weights stream from memory once, not once per group.
+      const int64_t tile = M <= ROWS ? hi - lo : std::max<int64_t>(1, (256 << 10) / row_bytes);
+      for (int64_t n0 = lo; n0 < hi; n0 += tile) {
+        const int64_t nt = std::min(tile, hi - n0);
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+          const int64_t r = std::min<int64_t>(ROWS, M - m0);
+          rows_fn_for(t, r)(rows + (n0 - lo) * row_bytes, row_bytes, nt, K / unit_elems(t), acts, m0,
+                            yp + m0 * N + n0, N);
+        }
       }
     }
     // this thread's outputs: the bias, then the one rounding to x's dtype
