@@ -7,7 +7,7 @@ import logging
 import sys
 
 from outrider.hub import BUILTINS, DEFAULT_DRAFT, DEFAULT_TARGET
-from outrider.kernels.linear import WEIGHT_FORMATS
+from outrider.kernels.linear import WEIGHT_CHOICES
 from outrider.scheduler.strategies import STRATEGIES
 
 
@@ -15,9 +15,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help="built-in name, HF folder or .gguf file")
     p.add_argument("--draft", default=DEFAULT_DRAFT, help="built-in name, HF folder or .gguf file")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--target-weights", default="int4", choices=WEIGHT_FORMATS,
-                   help="served format of the target (greedy output is identical to plain decoding at it)")
-    p.add_argument("--draft-weights", default="int4", choices=WEIGHT_FORMATS)
+    p.add_argument("--target-weights", default="auto", choices=WEIGHT_CHOICES,
+                   help="served format of the target (greedy output is identical to plain decoding at it); auto: "
+                        "a GGUF file's own blocks through our kernel on an AVX512-VNNI CPU, else int4 (dense on a GPU)")
+    p.add_argument("--draft-weights", default="auto", choices=WEIGHT_CHOICES,
+                   help="the draft's format (it never changes the output); q4_0 requantizes it for cheaper drafting")
     p.add_argument("--draft-k", type=int, default=3, help="draft tokens per round (upper bound with --adaptive)")
     p.add_argument("--adaptive", action="store_true", help="choose k per round from measured acceptance and cost")
     p.add_argument("--auto-k", action="store_true",

@@ -109,12 +109,12 @@ def train(head: DGFHead, samples: list[Sample], config: TrainConfig) -> list[flo
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     from outrider.hub import DEFAULT_TARGET
-    from outrider.kernels.linear import WEIGHT_FORMATS
+    from outrider.kernels.linear import WEIGHT_CHOICES
 
     t = sub.add_parser("train-dgf", help="train a Dovetail DGF draft head on the target's own generations")
     t.add_argument("--target", default=DEFAULT_TARGET, help="built-in name, HF folder or .gguf file")
     t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    t.add_argument("--target-weights", default="int4", choices=WEIGHT_FORMATS,
+    t.add_argument("--target-weights", default="auto", choices=WEIGHT_CHOICES,
                    help="the target's format while generating the data (train on the format you serve)")
     t.add_argument("--max-seq-len", type=int, default=4096)
     t.add_argument("--prompts", default="code", help="prompt set (or file) the target generates on")

@@ -30,8 +30,8 @@ class ModelOptions:
     dtype: str = "bfloat16"
     # Served format of the target, the one "lossless" is measured against. int4 decodes fastest here
     # (measured: 62.7 ms/token vs ~100 for int8 on the 1.5B); see README for the trade-off.
-    target_weights: str = "int4"
-    draft_weights: str = "int4"  # the draft's precision never changes the output
+    target_weights: str = "auto"  # runtime/loading.py resolve_format
+    draft_weights: str = "auto"  # the draft's precision never changes the output
     max_seq_len: int = 4096
     device: str = "cpu"
     k: int = 3  # k + 1 = 4 verify rows: one attention tile, and below the int4/int8 kernels' 5-row cliff

@@ -31,7 +31,7 @@ class _Closed(BaseModel):
 
 class ModelSpec(_Closed):
     model: str = Field(description="built-in name (`outrider models list`), HF folder or .gguf file")
-    weights: Literal["dense", "int8", "int4", "gguf", "q4_0"] = "int4"
+    weights: Literal["auto", "dense", "int8", "int4", "gguf", "q4_0"] = "auto"
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
 
 
@@ -213,7 +213,7 @@ class Profile(_Closed):
         # The int8/int4 kernels are CPU-only (kernels/linear.py make_linear): refuse now, not at model load.
         for role, spec, stages in self.roles():
             gpu = next((i for i, s in enumerate(stages) if s.device.startswith("cuda")), None)
-            if spec.weights != "dense" and gpu is not None:
+            if spec.weights not in ("dense", "auto") and gpu is not None:
                 raise ValueError(f"models.{role}.weights: {spec.weights} runs on the CPU only, but "
                                  f"placement.{role}[{gpu}].device is {stages[gpu].device}; set weights: dense, "
                                  "or device: cpu")

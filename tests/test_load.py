@@ -126,3 +126,4 @@ def test_cli_refuses_bad_options_before_any_request(argv, says, capsys):
 
     assert main(["bench", "load", *argv]) == 2
     assert says in capsys.readouterr().err
+

@@ -216,3 +216,19 @@ def test_corrupt_safetensors_and_missing_path(model_case, tmp_path):
     assert str(tmp_path / "model.safetensors") in str(err.value)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_checkpoint(tmp_path / "nowhere")
+
+
+def test_auto_weights_serve_a_gguf_files_own_blocks_on_this_cpu():
+    """`auto`, the default: GGUF blocks through our kernel where the CPU runs it, int4 for other checkpoints on a
+    CPU, dense on a GPU; a named format is taken as given."""
+    from pathlib import Path
+
+    from outrider.kernels.native import missing_cpu_features
+    from outrider.runtime.loading import resolve_format
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not missing_cpu_features(), "this project's machines run the native kernels"
+    assert resolve_format("auto", Path("m.gguf"), cpu) == "gguf"
+    assert resolve_format("auto", Path("folder"), cpu) == "int4"
+    assert resolve_format("auto", Path("m.gguf"), gpu) == "dense"
+    assert resolve_format("int8", Path("m.gguf"), cpu) == "int8"

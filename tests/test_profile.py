@@ -56,8 +56,8 @@ def test_every_shipped_file_is_tested():
 
 def test_default_profile_is_the_cpu_pair():
     p = load_profile(DEFAULT_PROFILE)
-    assert (p.models.target.model, p.models.target.weights) == ("qwen2.5-coder-1.5b-instruct", "int4")
-    assert (p.models.draft.model, p.models.draft.weights) == ("qwen2.5-coder-0.5b-instruct", "int4")
+    assert (p.models.target.model, p.models.target.weights) == ("qwen2.5-coder-1.5b-instruct", "auto")
+    assert (p.models.draft.model, p.models.draft.weights) == ("qwen2.5-coder-0.5b-instruct", "auto")
     assert p.placement.mode == "ray" and [s.device for s in p.placement.target + p.placement.draft] == ["cpu"] * 2
     assert (p.strategy.name, p.strategy.k) == ("vanilla", 3)
     assert (p.scheduler.max_running, p.scheduler.max_queued, p.scheduler.max_tokens,
@@ -120,14 +120,18 @@ def test_negative_limit(tmp_path):
 
 def test_wrong_literal_and_empty_section(tmp_path):
     msg = problems(write(tmp_path, "models:\n  target: {model: x, weights: int3}\n  draft: {model: x}\nserver:\n"))
-    assert "models.target.weights: 'int3' is not allowed; use one of 'dense', 'int8', 'int4' or 'gguf'" in msg
+    assert ("models.target.weights: 'int3' is not allowed; use one of 'auto', 'dense', 'int8', 'int4', 'gguf' or "
+            "'q4_0'") in msg
     assert "line 4: server: the section is empty" in msg
     assert "2 problems" in msg
 
 
 def test_quantized_weights_on_gpu_are_rejected(tmp_path):
-    msg = problems(write(tmp_path, MINIMAL + "placement:\n  draft: [{device: 'cuda:0'}]\n"))
+    text = "models:\n  target: {model: x}\n  draft: {model: x, weights: int4}\nplacement:\n  draft: [{device: 'cuda:0'}]\n"
+    msg = problems(write(tmp_path, text))
     assert "models.draft.weights: int4 runs on the CPU only" in msg and "set weights: dense" in msg
+    # auto (the default) resolves to dense on a GPU, so the same placement without a format is fine
+    assert load_profile(write(tmp_path, MINIMAL + "placement:\n  draft: [{device: 'cuda:0'}]\n")).models.draft
 
 
 def test_nccl_is_refused_until_it_is_built(tmp_path):
@@ -296,7 +300,7 @@ def run_cli(*argv: str) -> int:
 def test_profile_check_ok_prints_a_summary(capsys):
     assert run_cli("profile", "check", str(DEFAULT_PROFILE)) == 0
     out = capsys.readouterr().out
-    assert f"{DEFAULT_PROFILE}: ok" in out and "qwen2.5-coder-1.5b-instruct (int4, bfloat16)" in out
+    assert f"{DEFAULT_PROFILE}: ok" in out and "qwen2.5-coder-1.5b-instruct (auto, bfloat16)" in out
     assert "mode ray" in out and "vanilla, k 3" in out and "max_running 16" in out and "127.0.0.1:8000" in out
 
 

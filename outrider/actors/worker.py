@@ -51,7 +51,7 @@ class ModelSource:
 
     model: str  # built-in name, HF folder or .gguf
     dtype: str = "bfloat16"
-    weights: str = "int4"
+    weights: str = "auto"
     device: str = "cpu"
     max_positions: int | None = None
     batch_invariant: bool = True

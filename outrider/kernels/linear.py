@@ -24,6 +24,8 @@ import torch.nn.functional as F
 ROW_BLOCK = 8  # rows per F.linear call; also the widest verify (k + 1 <= 8) that costs one block
 INT4_GROUP = 32
 WEIGHT_FORMATS = ("dense", "int8", "int4", "gguf", "q4_0")
+# `auto` (the default) is resolved per model where it is loaded (runtime/loading.py `resolve_format`)
+WEIGHT_CHOICES = ("auto",) + WEIGHT_FORMATS
 
 
 class LinearKernel(Protocol):

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from outrider.kernels.linear import WEIGHT_FORMATS, LinearKernel, linear_from_state, make_linear
+from outrider.kernels.linear import WEIGHT_CHOICES, WEIGHT_FORMATS, LinearKernel, linear_from_state, make_linear
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.memory import in_huge_pages
 from outrider.runtime.model import LayerWeights, ModelWeights, Transformer
@@ -120,6 +120,18 @@ def converted_cache_path(source: Path, dtype: torch.dtype, fmt: str) -> Path:
     return source.with_name(f"{source.name}.outrider-{tag}.safetensors")
 
 
+def resolve_format(fmt: str, source: Path, device: torch.device) -> str:
+    """`auto`: a GGUF file's own blocks through our kernel where the CPU runs it (the fastest format measured
+    here, and exact), else int4 on a CPU and dense on a GPU. Any other name is taken as given."""
+    if fmt != "auto":
+        return fmt
+    if device.type != "cpu":
+        return "dense"
+    from outrider.kernels.native import missing_cpu_features
+
+    return "gguf" if source.suffix == ".gguf" and not missing_cpu_features() else "int4"
+
+
 def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", weights: str = "dense",
                device: str = "cpu", max_positions: int | None = None, use_cache: bool = True,
                batch_invariant: bool = True):
@@ -127,10 +139,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", weights:
     from outrider.hub import resolve
     from outrider.runtime.checkpoint import load_checkpoint
 
-    if weights not in WEIGHT_FORMATS:
-        raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_CHOICES)}")
     dtype, dev = parse_dtype(dtype), torch.device(device)
     ckpt = load_checkpoint(resolve(str(path)))
+    weights = resolve_format(weights, ckpt.path, dev)
     cached = converted_cache_path(ckpt.path, dtype, weights) if ckpt.path.is_file() else None
     t0 = time.perf_counter()
     if use_cache and cached is not None and cached.exists() and dev.type == "cpu":
