@@ -109,7 +109,7 @@ def fake_run(strategy: str, prompt: int, tokens: list[int], seconds: float, roun
     return {"strategy": strategy, "prompt_index": prompt, "token_ids": tokens, "new_tokens": len(tokens),
             "seconds": seconds, "rounds": rounds, "draft_tokens": sum(drafted), "accepted_tokens": sum(accepted),
             "accepted_per_position": accepted, "drafted_per_position": drafted, "draft_seconds": 0.1 * sum(drafted),
-            "verify_seconds": 1.0 * rounds}
+            "verify_seconds": 1.0 * rounds, "prefill_seconds": 0.5}
 
 
 def test_summary_math_and_mismatch_alarm():
@@ -120,6 +120,7 @@ def test_summary_math_and_mismatch_alarm():
     assert mismatches == [{"prompt_index": 0, "first_difference": 2}]
     s = summarize("vanilla", True, runs[1:], k=2, baseline_tps=1.0, mismatches=mismatches).as_json()
     assert s["speedup"] == 2.0 and s["mean_acceptance_length"] == 2.0  # (2 accepted + 2 rounds) / 2 rounds
+    assert s["decode_tokens_per_s"] == pytest.approx(4 / 1.5, abs=1e-3)  # prefill excluded
     assert s["acceptance_per_position"] == [1.0, 0.0]
     assert s["alpha"] == pytest.approx(0.618, abs=1e-3)  # 1 + α + α² = 2: the golden ratio's conjugate
     assert s["c"] == pytest.approx(0.1) and s["bound"] == pytest.approx(2.0 / 1.2, abs=1e-4)

@@ -53,6 +53,7 @@ class StrategySummary:
     new_tokens: int
     seconds: float
     tokens_per_s: float
+    decode_tokens_per_s: float  # prefill excluded (llama.cpp's peer figure is its decode rate)
     speedup: float | None  # tokens/s over autoregressive's, same prompts, same session
     rounds: int
     draft_tokens: int
@@ -79,6 +80,8 @@ def summarize(strategy: str, lossless: bool, runs: list[dict], k: int, baseline_
     rounds = sum(r["rounds"] for r in runs)
     drafted, accepted = sum(r["draft_tokens"] for r in runs), sum(r["accepted_tokens"] for r in runs)
     tps = tokens / seconds if seconds else 0.0
+    decoding = seconds - sum(r["prefill_seconds"] for r in runs)
+    decode_tps = tokens / decoding if decoding > 0 else 0.0
     speedup = tps / baseline_tps if baseline_tps else None
     length = (accepted + rounds) / rounds if rounds else 0.0
     alpha = c = bound = efficiency = None
@@ -89,7 +92,7 @@ def summarize(strategy: str, lossless: bool, runs: list[dict], k: int, baseline_
         if c is not None:
             bound = speedup_bound(alpha, k, c)
             efficiency = speedup / bound if speedup is not None and bound else None
-    return StrategySummary(strategy, lossless, len(runs), tokens, seconds, tps, speedup, rounds, drafted, accepted,
+    return StrategySummary(strategy, lossless, len(runs), tokens, seconds, tps, decode_tps, speedup, rounds, drafted, accepted,
                            length, _per_position(runs), k, alpha, c, bound, efficiency,
                            None if mismatches is None else len(mismatches), mismatches or [])
 
@@ -124,9 +127,9 @@ def _rows_to_text(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def render_table(summary: dict[str, dict], peers: dict[str, dict], num_prompts: int) -> str:
     """The strategies, their losslessness check, then the peers, as fixed-width text."""
-    header = ["strategy", "tok/s", "speedup", "accept len", "alpha", "c", "bound", "efficiency", "greedy ==",
+    header = ["strategy", "tok/s", "decode tok/s", "speedup", "accept len", "alpha", "c", "bound", "efficiency", "greedy ==",
               "acceptance per position"]
-    rows = [[name, _fmt(s["tokens_per_s"], ".2f"), _fmt(s["speedup"], ".2f", "x"),
+    rows = [[name, _fmt(s["tokens_per_s"], ".2f"), _fmt(s["decode_tokens_per_s"], ".2f"), _fmt(s["speedup"], ".2f", "x"),
              _fmt(s["mean_acceptance_length"], ".2f"), _fmt(s["alpha"], ".3f"), _fmt(s["c"], ".3f"),
              _fmt(s["bound"], ".2f", "x"), _fmt(s["efficiency"], ".0%"), _equality_cell(s, num_prompts),
              " ".join(f"{p:.2f}" for p in s["acceptance_per_position"]) or "-"] for name, s in summary.items()]
