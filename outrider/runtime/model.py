@@ -182,7 +182,7 @@ class Transformer:
             kc, vc = ctx.cache.layer(index)
             q = torch.ops.outrider.rope_store(qkv, *ctx.rope, kc, vc, ctx.plan.slot, ctx.plan.write_pos, c.num_heads)
             return lw.o(ctx.plan.attend(q, kc, vc, self.scale).reshape(-1, q_size))
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        kv_size = c.num_kv_heads * c.head_dim
         # q and k heads sit side by side in the fused projection: rotate them in one go.
         qk = Rotary.apply(qkv[:, :q_size + kv_size].reshape(-1, c.num_heads + c.num_kv_heads, c.head_dim), *ctx.rope)
         q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]
