@@ -19,7 +19,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="served format of the target (greedy output is identical to plain decoding at it); auto: "
                         "a GGUF file's own blocks through our kernel on an AVX512-VNNI CPU, else int4 (dense on a GPU)")
     p.add_argument("--draft-weights", default="auto", choices=WEIGHT_CHOICES,
-                   help="the draft's format (it never changes the output); q4_0 requantizes it for cheaper drafting")
+                   help="the draft's format (it never changes the output); auto: q4_0 (every linear requantized to "
+                        "Q4_0, cheaper drafting) where the kernels run, else as for the target")
     p.add_argument("--draft-k", type=int, default=3, help="draft tokens per round (upper bound with --adaptive)")
     p.add_argument("--adaptive", action="store_true", help="choose k per round from measured acceptance and cost")
     p.add_argument("--auto-k", action="store_true",
@@ -79,6 +80,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     pipe = Pipeline.load(model_options(a), need_draft=strategy.needs_draft(a.draft_head is not None))
     ids = pipe.encode(a.chat if a.chat is not None else a.prompt, chat=a.chat is not None)
     params = sampling_params(a)
+    if a.compare_plain:  # first calls pay one-time costs (thread pools, first-touch pages): warm both sides alike
+        for name in {a.strategy, "autoregressive"}:
+            pipe.generate(ids, name, 2, params, a.ignore_eos)
     result = pipe.generate(ids, a.strategy, a.max_tokens, params, a.ignore_eos)
     out = result.as_json()
     if a.compare_plain and a.strategy != "autoregressive":

@@ -219,16 +219,19 @@ def test_corrupt_safetensors_and_missing_path(model_case, tmp_path):
 
 
 def test_auto_weights_serve_a_gguf_files_own_blocks_on_this_cpu():
-    """`auto`, the default: GGUF blocks through our kernel where the CPU runs it, int4 for other checkpoints on a
-    CPU, dense on a GPU; a named format is taken as given."""
-    from pathlib import Path
-
+    """`auto`, the default: GGUF blocks through our kernel where the CPU runs it (Q4_0 for a draft, whose numerics
+    never reach the output), int4 for other checkpoints on a CPU, dense on a GPU; a named format is taken as given."""
+    from conftest import tiny_config
     from outrider.kernels.native import missing_cpu_features
     from outrider.runtime.loading import resolve_format
 
+    config = ModelConfig.from_hf(tiny_config("llama"))  # hidden 64, intermediate 128: Q4_0-able
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert not missing_cpu_features(), "this project's machines run the native kernels"
-    assert resolve_format("auto", Path("m.gguf"), cpu) == "gguf"
-    assert resolve_format("auto", Path("folder"), cpu) == "int4"
-    assert resolve_format("auto", Path("m.gguf"), gpu) == "dense"
-    assert resolve_format("int8", Path("m.gguf"), cpu) == "int8"
+    assert resolve_format("auto", Path("m.gguf"), config, cpu) == "gguf"
+    assert resolve_format("auto", Path("folder"), config, cpu) == "int4"
+    assert resolve_format("auto", Path("m.gguf"), config, cpu, draft=True) == "q4_0"
+    odd = replace(config, intermediate_size=config.intermediate_size + 32)  # Q4_0 needs inputs in 64s
+    assert resolve_format("auto", Path("m.gguf"), odd, cpu, draft=True) == "gguf"
+    assert resolve_format("auto", Path("m.gguf"), config, gpu) == "dense"
+    assert resolve_format("int8", Path("m.gguf"), config, cpu, draft=True) == "int8"
