@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	# torch==2.13.0 resolves to the CPU wheel on disk here; never pull the CUDA build on a CPU machine.
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[test,peers]"
-	# our C++ kernels (--weights gguf), built once per source version into $$OUTRIDER_HOME/kernels
+	# our C++ CPU kernels (GGUF matmul, attention, small ops), built once per source version into $$OUTRIDER_HOME/kernels
 	$(BIN)/python -m outrider.kernels.native
 	touch $(STAMP)
 

@@ -113,7 +113,7 @@ def test_tree_mask_matches_separate_chains(native):
     """A tree scored in one pass gives each node the logits of its root-to-node chain (bit for bit on the native
     path: a node reads its ancestors' keys in the order the chain holds them, though at other cache positions)."""
     model = tiny_model("llama", native=native)
-    same = torch.testing.assert_close if not native else lambda a, b, **_: torch.testing.assert_close(a, b, atol=0, rtol=0)
+    exact = dict(atol=0, rtol=0) if native else dict(atol=1e-5, rtol=1e-5)
     ids = prompt(10)
     # nodes: 0 (root child), 1 (child of 0), 2 (root child), 3 (child of 2)
     tokens, parents = [50, 60, 70, 80], [-1, 0, -1, 2]
@@ -129,13 +129,13 @@ def test_tree_mask_matches_separate_chains(native):
     for node, chain in ((1, [50, 60]), (3, [70, 80])):
         c = model.new_cache(1, 64)
         run(model, c, 0, ids)
-        same(tree[node], run(model, c, 0, chain)[-1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tree[node], run(model, c, 0, chain)[-1], **exact)
     # Keeping the path [2, 3] compacts their K/V to positions 10, 11: the next token then sees 70, 80.
     cache.compact(0, 10, [2, 3])
     nxt = run(model, cache, 0, [90])
     c = model.new_cache(1, 64)
     run(model, c, 0, ids + [70, 80])
-    same(nxt, run(model, c, 0, [90]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nxt, run(model, c, 0, [90]), **exact)
 
 
 @PATHS

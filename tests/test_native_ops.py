@@ -19,7 +19,7 @@ def kernels():
 def attention(q, kc, vc, slot, lo, prefix_end, mask, scale):
     as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     return torch.ops.outrider.attention(q, kc, vc, as_long(slot), as_long(lo), as_long(prefix_end),
-                                        as_long(prefix_end), torch.tensor(mask, dtype=torch.bool), scale)
+                                        torch.tensor(mask, dtype=torch.bool), scale)
 
 
 def reference_attention(q, kc, vc, slot, lo, prefix_end, mask, scale):

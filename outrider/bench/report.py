@@ -92,8 +92,8 @@ def summarize(strategy: str, lossless: bool, runs: list[dict], k: int, baseline_
         if c is not None:
             bound = speedup_bound(alpha, k, c)
             efficiency = speedup / bound if speedup is not None and bound else None
-    return StrategySummary(strategy, lossless, len(runs), tokens, seconds, tps, decode_tps, speedup, rounds, drafted, accepted,
-                           length, _per_position(runs), k, alpha, c, bound, efficiency,
+    return StrategySummary(strategy, lossless, len(runs), tokens, seconds, tps, decode_tps, speedup, rounds, drafted,
+                           accepted, length, _per_position(runs), k, alpha, c, bound, efficiency,
                            None if mismatches is None else len(mismatches), mismatches or [])
 
 
@@ -127,11 +127,12 @@ def _rows_to_text(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def render_table(summary: dict[str, dict], peers: dict[str, dict], num_prompts: int) -> str:
     """The strategies, their losslessness check, then the peers, as fixed-width text."""
-    header = ["strategy", "tok/s", "decode tok/s", "speedup", "accept len", "alpha", "c", "bound", "efficiency", "greedy ==",
-              "acceptance per position"]
-    rows = [[name, _fmt(s["tokens_per_s"], ".2f"), _fmt(s["decode_tokens_per_s"], ".2f"), _fmt(s["speedup"], ".2f", "x"),
-             _fmt(s["mean_acceptance_length"], ".2f"), _fmt(s["alpha"], ".3f"), _fmt(s["c"], ".3f"),
-             _fmt(s["bound"], ".2f", "x"), _fmt(s["efficiency"], ".0%"), _equality_cell(s, num_prompts),
+    header = ["strategy", "tok/s", "decode tok/s", "speedup", "accept len", "alpha", "c", "bound", "efficiency",
+              "greedy ==", "acceptance per position"]
+    rows = [[name, _fmt(s["tokens_per_s"], ".2f"), _fmt(s["decode_tokens_per_s"], ".2f"),
+             _fmt(s["speedup"], ".2f", "x"), _fmt(s["mean_acceptance_length"], ".2f"), _fmt(s["alpha"], ".3f"),
+             _fmt(s["c"], ".3f"), _fmt(s["bound"], ".2f", "x"), _fmt(s["efficiency"], ".0%"),
+             _equality_cell(s, num_prompts),
              " ".join(f"{p:.2f}" for p in s["acceptance_per_position"]) or "-"] for name, s in summary.items()]
     lines = _rows_to_text(header, rows)
     lines += _mismatch_alarms(summary)

@@ -58,8 +58,8 @@ def load() -> None:
     name = _build_name()
     directory = home() / "kernels" / name
     directory.mkdir(parents=True, exist_ok=True)
-    build(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
-          is_python_module=False, verbose=False)
+    build(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+          build_directory=str(directory), is_python_module=False, verbose=False)
     log.info("loaded native kernels %s", directory)
 
 

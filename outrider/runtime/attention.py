@@ -78,7 +78,7 @@ class NativePlan:
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         return torch.ops.outrider.attention(q.contiguous(), k_cache, v_cache, self.slot, self.lo, self.prefix_end,
-                                            self.prefix_end, self.mask, scale)
+                                            self.mask, scale)
 
 
 @dataclass(frozen=True)

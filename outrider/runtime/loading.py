@@ -54,8 +54,8 @@ def build_weights(config: ModelConfig, get: Callable[[str], torch.Tensor], dtype
         w = torch.cat([get(n) for n in names]) if len(names) > 1 else get(names[0])
         return make_linear(fmt, w, bias, dtype, device)
 
-    if fmt in ("gguf", "q4_0") and device.type != "cpu":
-        raise ValueError(f"weight format {fmt!r} runs on the CPU only; use dense weights on {device}")
+    if fmt == "gguf" and device.type != "cpu":  # the other formats go through make_linear, which checks this
+        raise ValueError(f"weight format 'gguf' runs on the CPU only; use dense weights on {device}")
     layers = []
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
@@ -159,10 +159,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", weights:
     else:
         w = build_weights(ckpt.config, ckpt.tensors.get, dtype, weights, dev, getattr(ckpt.tensors, "raw", None))
         log.info("converted %s to %s/%s in %.1fs", ckpt.path, weights, dtype, time.perf_counter() - t0)
-        if use_cache and cached is not None and dev.type == "cpu":
-            _save_atomic(weights_state(w), cached, ckpt)
         if dev.type == "cpu":
-            w = weights_from_state(ckpt.config, weights, in_huge_pages(weights_state(w)))
+            state = weights_state(w)
+            if use_cache and cached is not None:
+                _save_atomic(state, cached, ckpt)
+            w = weights_from_state(ckpt.config, weights, in_huge_pages(state))
     if use_cache and cached is not None and read_config(ckpt.path) is None:
         write_meta(ckpt.path, ckpt.config, Tokenizer.load(ckpt.path))  # the next start skips the metadata parse
     return Transformer(ckpt.config, w, dtype, dev, max_positions, batch_invariant), ckpt

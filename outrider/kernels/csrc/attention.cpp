@@ -2,7 +2,7 @@
 // construction.
 //
 // Row i of q attends over an ordered list of cache positions: its sequence's committed keys [lo, prefix_end), then
-// the new rows j of its sequence (at new_start + j) that mask[i, j] allows (causal order for a chain, ancestors for
+// the new rows j of its sequence (at prefix_end + j) that mask[i, j] allows (causal order for a chain, ancestors for
 // a tree, a window for Mistral). Everything about the row is computed from that list alone:
 //   s_t = scale * (q . k_t)            one fixed 16-lane dot product per key
 //   p_t = exp(s_t - max_t s_t)         lane-wise, a function of s_t only
@@ -27,12 +27,12 @@ namespace {
 using namespace outrider;
 
 // The visible cache positions of row i, in the order every sum over them is taken.
-void visible_keys(int64_t i, const int64_t* lo, const int64_t* prefix_end, const int64_t* new_start,
+void visible_keys(int64_t i, const int64_t* lo, const int64_t* prefix_end,
                   const bool* mask, int64_t mask_cols, std::vector<int64_t>& keys) {
   keys.clear();
   for (int64_t t = lo[i]; t < prefix_end[i]; ++t) keys.push_back(t);
   for (int64_t j = 0; j < mask_cols; ++j)
-    if (mask[i * mask_cols + j]) keys.push_back(new_start[i] + j);
+    if (mask[i * mask_cols + j]) keys.push_back(prefix_end[i] + j);
 }
 
 // One (row, kv head) task: its G query heads over the L visible keys. CH = head_dim / 16 rounded up; HP heads
@@ -97,8 +97,8 @@ void attend_task(const float* qf, int64_t G, int64_t D, const T* kbase, const T*
 
 template <typename T, int CH>
 void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* slot,
-                 const int64_t* lo, const int64_t* prefix_end, const int64_t* new_start, const bool* mask,
-                 int64_t mask_cols, double scale, float* out) {
+                 const int64_t* lo, const int64_t* prefix_end, const bool* mask, int64_t mask_cols, double scale,
+                 float* out) {
   const int64_t N = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t KVH = k_cache.size(1), C = k_cache.size(2), G = H / KVH;
   const T* qp = q.data_ptr<T>();
@@ -110,7 +110,7 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
     std::vector<float> s, qf(G * CH * 16);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / KVH, g = task % KVH;
-      visible_keys(i, lo, prefix_end, new_start, mask, mask_cols, keys);
+      visible_keys(i, lo, prefix_end, mask, mask_cols, keys);
       const int64_t L = static_cast<int64_t>(keys.size());
       s.resize(G * ((L + 15) / 16 * 16));
       for (int64_t h = 0; h < G; ++h)  // the query heads in fp32, zero past head_dim
@@ -126,28 +126,28 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
 
 template <typename T>
 void attend_rows_d(int64_t D, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* slot,
-                   const int64_t* lo, const int64_t* pe, const int64_t* ns, const bool* mask, int64_t R, double scale,
-                   float* out) {
+                   const int64_t* lo, const int64_t* pe, const bool* mask, int64_t R, double scale, float* out) {
   switch ((D + 15) / 16) {
-    case 1: return attend_rows<T, 1>(q, k, v, slot, lo, pe, ns, mask, R, scale, out);
-    case 2: return attend_rows<T, 2>(q, k, v, slot, lo, pe, ns, mask, R, scale, out);
-    case 3: return attend_rows<T, 3>(q, k, v, slot, lo, pe, ns, mask, R, scale, out);
-    case 4: return attend_rows<T, 4>(q, k, v, slot, lo, pe, ns, mask, R, scale, out);
-    case 5: return attend_rows<T, 5>(q, k, v, slot, lo, pe, ns, mask, R, scale, out);
-    case 6: return attend_rows<T, 6>(q, k, v, slot, lo, pe, ns, mask, R, scale, out);
-    case 7: return attend_rows<T, 7>(q, k, v, slot, lo, pe, ns, mask, R, scale, out);
-    case 8: return attend_rows<T, 8>(q, k, v, slot, lo, pe, ns, mask, R, scale, out);
+    case 1: return attend_rows<T, 1>(q, k, v, slot, lo, pe, mask, R, scale, out);
+    case 2: return attend_rows<T, 2>(q, k, v, slot, lo, pe, mask, R, scale, out);
+    case 3: return attend_rows<T, 3>(q, k, v, slot, lo, pe, mask, R, scale, out);
+    case 4: return attend_rows<T, 4>(q, k, v, slot, lo, pe, mask, R, scale, out);
+    case 5: return attend_rows<T, 5>(q, k, v, slot, lo, pe, mask, R, scale, out);
+    case 6: return attend_rows<T, 6>(q, k, v, slot, lo, pe, mask, R, scale, out);
+    case 7: return attend_rows<T, 7>(q, k, v, slot, lo, pe, mask, R, scale, out);
+    case 8: return attend_rows<T, 8>(q, k, v, slot, lo, pe, mask, R, scale, out);
   }
   TORCH_CHECK(false, "attention: head_dim up to 128, got ", D);
 }
 
 // q [N, H, D]; k_cache, v_cache [slots, KVH, capacity, D] in q's dtype (fp32 or bf16); per row: its slot, its
-// committed keys [lo, prefix_end), the cache position of its sequence's first new row, and mask [N, R] bool over
-// those new rows. Returns [N, H, D] in q's dtype.
+// committed keys [lo, prefix_end), and mask [N, R] bool over its sequence's new rows, which sit at prefix_end + j
+// (written there before attending). Returns [N, H, D] in q's dtype.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& slot, const at::Tensor& lo, const at::Tensor& prefix_end,
-                     const at::Tensor& new_start, const at::Tensor& mask, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.device().is_cpu(), "attention: q must be a contiguous CPU [N, H, D]");
+                     const at::Tensor& mask, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.device().is_cpu(),
+              "attention: q must be a contiguous CPU [N, H, D]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == q.size(2),
               "attention: caches must be contiguous [slots, kv_heads, capacity, head_dim] matching q");
@@ -155,29 +155,28 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
               "attention: q and the caches must share a dtype");
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "attention: heads must be a multiple of kv heads");
   const int64_t N = q.size(0);
-  for (const auto* t : {&slot, &lo, &prefix_end, &new_start})
+  for (const auto* t : {&slot, &lo, &prefix_end})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->numel() == N && t->is_contiguous(),
                 "attention: per-row index tensors must be contiguous int64 [N]");
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == N && mask.is_contiguous(),
               "attention: mask must be a contiguous bool [N, R]");
   const int64_t S = k_cache.size(0), C = k_cache.size(2), R = mask.size(1);
-  const int64_t *sp = slot.data_ptr<int64_t>(), *lp = lo.data_ptr<int64_t>(), *pp = prefix_end.data_ptr<int64_t>(),
-                *np = new_start.data_ptr<int64_t>();
+  const int64_t *sp = slot.data_ptr<int64_t>(), *lp = lo.data_ptr<int64_t>(), *pp = prefix_end.data_ptr<int64_t>();
   const bool* mp = mask.data_ptr<bool>();
   for (int64_t i = 0; i < N; ++i) {
     int64_t last = -1;  // the furthest new row this row sees
     for (int64_t j = 0; j < R; ++j)
       if (mp[i * R + j]) last = j;
-    TORCH_CHECK(sp[i] >= 0 && sp[i] < S && lp[i] >= 0 && lp[i] <= pp[i] && pp[i] <= C && np[i] >= 0 &&
-                    np[i] + last < C && (pp[i] > lp[i] || last >= 0),
+    TORCH_CHECK(sp[i] >= 0 && sp[i] < S && lp[i] >= 0 && lp[i] <= pp[i] && pp[i] + last < C &&
+                    (pp[i] > lp[i] || last >= 0),
                 "attention: row ", i, " reads outside the cache or sees no key");
   }
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   const int64_t D = q.size(2);
   if (q.scalar_type() == at::kFloat)
-    attend_rows_d<float>(D, q, k_cache, v_cache, sp, lp, pp, np, mp, R, scale, out.data_ptr<float>());
+    attend_rows_d<float>(D, q, k_cache, v_cache, sp, lp, pp, mp, R, scale, out.data_ptr<float>());
   else if (q.scalar_type() == at::kBFloat16)
-    attend_rows_d<c10::BFloat16>(D, q, k_cache, v_cache, sp, lp, pp, np, mp, R, scale, out.data_ptr<float>());
+    attend_rows_d<c10::BFloat16>(D, q, k_cache, v_cache, sp, lp, pp, mp, R, scale, out.data_ptr<float>());
   else
     TORCH_CHECK(false, "attention: fp32 or bf16 only, got ", q.scalar_type());
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
@@ -187,6 +186,6 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
 
 TORCH_LIBRARY_FRAGMENT(outrider, m) {
   m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slot, Tensor lo, Tensor prefix_end, "
-        "Tensor new_start, Tensor mask, float scale) -> Tensor");
+        "Tensor mask, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(outrider, CPU, m) { m.impl("attention", attention); }
