@@ -20,7 +20,7 @@ KERNEL_TYPES = TYPES + ["Q4_0"]  # Q4_0: --weights q4_0 requantizes to it
 
 def random_linear(qtype: str, n: int, k: int, seed: int = 0) -> G.GGUFLinear:
     g = torch.Generator().manual_seed(seed)
-    return G.GGUFLinear([G.pack(G.random_blocks(qtype, n, k, g))], [qtype], k)
+    return G.GGUFLinear.from_blocks([G.random_blocks(qtype, n, k, g)], None, torch.float32)
 
 
 def real_tensors() -> dict[str, tuple[str, torch.Tensor]]:
@@ -49,10 +49,12 @@ def test_blocks_from_the_file_dequantize_bit_for_bit_like_gguf_py(tensors, qtype
     expected = torch.from_numpy(gguf_py_dequantize(raw.numpy(), GGMLQuantizationType[qtype])).float()
     ours = G.dequantize(raw, qtype)
     assert torch.equal(ours, expected.reshape(ours.shape)), name
-    # the kernel's layout holds the same values in as many bytes
+    # the kernel's layout holds the same values in as many bytes (48 rows: three full groups of 16)
     packed = G.repack(raw, qtype)
-    assert packed.shape == raw.shape
-    assert torch.equal(G.dequantize_packed(packed, qtype, ours.shape[1]), ours)
+    assert packed.numel() == raw.numel()
+    assert torch.equal(G.dequantize_packed(packed, qtype, ours.shape[1], raw.shape[0]), ours)
+    # a partial last group is padded with zero rows and gives back only the real ones
+    assert torch.equal(G.dequantize_packed(G.repack(raw[:21], qtype), qtype, ours.shape[1], 21), ours[:21])
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES)
@@ -100,10 +102,10 @@ def test_fused_parts_of_different_types_concatenate():
     """Q4_K_M stores some v projections as Q6_K beside Q4_K q and k: one call runs both, in order."""
     g = torch.Generator().manual_seed(0)
     q, v = G.random_blocks("Q4_K", 32, 512, g), G.random_blocks("Q6_K", 16, 512, g)
-    fused = G.GGUFLinear([G.pack(q), G.pack(v)], ["Q4_K", "Q6_K"], 512, bias=torch.randn(48))
+    fused = G.GGUFLinear.from_blocks([q, v], torch.randn(48), torch.float32)
     x = torch.randn(3, 512)
     y = fused(x)
-    assert torch.equal(y[:, :32], G.GGUFLinear([G.pack(q)], ["Q4_K"], 512)(x) + fused.bias[:32])
+    assert torch.equal(y[:, :32], G.GGUFLinear.from_blocks([q], None, torch.float32)(x) + fused.bias[:32])
     assert torch.allclose(y, fused.reference(x), rtol=0, atol=1e-4 * fused.reference(x).abs().max().item())
 
 
@@ -115,8 +117,8 @@ def test_state_round_trip_and_q8_0_for_other_tensors():
     x = torch.randn(2, 128)
     assert torch.equal(again(x), lin(x))
     assert ((lin.dequantize() - w).abs().max() / w.abs().max()).item() < 0.01
-    with pytest.raises(ValueError, match="in_features % 64"):
-        G.GGUFLinear.quantize(torch.randn(8, 96), None, torch.float32)
+    with pytest.raises(ValueError, match="in_features % 32"):
+        G.GGUFLinear.quantize(torch.randn(8, 80), None, torch.float32)
 
 
 def test_q4_0_requantizes_with_gguf_py_and_dequantizes_like_it():

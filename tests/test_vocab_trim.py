@@ -65,11 +65,11 @@ def test_a_gguf_head_keeps_its_stored_rows():
     from outrider.kernels import gguf as G
 
     g = torch.Generator().manual_seed(0)
-    head = G.GGUFLinear([G.pack(G.random_blocks("Q4_K", 48, 256, g)), G.pack(G.random_blocks("Q8_0", 32, 256, g))],
-                        ["Q4_K", "Q8_0"], 256)
+    head = G.GGUFLinear.from_blocks([G.random_blocks("Q4_K", 48, 256, g), G.random_blocks("Q8_0", 32, 256, g)],
+                                    None, torch.float32)
     model = tiny_model("llama", weights="gguf")
     model.weights.head = head
-    kept = torch.tensor(list(range(0, 16)) + list(range(40, 72)))  # spans both parts
+    kept = torch.tensor(list(range(0, 16)) + list(range(40, 71)))  # spans both parts; 31 rows: a partial group
     trim_head(model, TrimmedVocab(kept, model.config.vocab_size))
     assert model.weights.head.qtypes == ["Q4_K", "Q8_0"]
     assert torch.equal(model.weights.head.dequantize(), head.dequantize()[kept])

@@ -62,10 +62,10 @@ def _time_format(fmt: str, dtype: torch.dtype, rows: list[int], iters: int) -> d
 
 def _kernel(fmt: str, shape: tuple[int, int], dtype: torch.dtype, g: torch.Generator):
     if fmt == "gguf":  # the Q4_K_M target's own layout: Q4_K blocks, Q6_K for the down projection
-        from outrider.kernels.gguf import GGUFLinear, pack, random_blocks
+        from outrider.kernels.gguf import GGUFLinear, random_blocks
 
         qtype = "Q6_K" if shape == SHAPES["down"] else "Q4_K"
-        return GGUFLinear([pack(random_blocks(qtype, *shape, g))], [qtype], shape[1])
+        return GGUFLinear.from_blocks([random_blocks(qtype, *shape, g)], None, dtype)
     return make_linear(fmt, torch.randn(*shape, generator=g) * 0.02, None, dtype, torch.device("cpu"))
 
 

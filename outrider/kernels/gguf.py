@@ -23,14 +23,7 @@ TYPE_IDS = {"Q4_0": 2, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 TYPE_NAMES = {v: k for k, v in TYPE_IDS.items()}
 BLOCK = {"Q4_K": (256, 144), "Q6_K": (256, 210), "Q4_0": (32, 18), "Q5_0": (32, 22),
          "Q8_0": (32, 34)}  # weights, bytes in the file
-UNIT = {"Q4_K": 256, "Q6_K": 256, "Q4_0": 64, "Q5_0": 64,
-        "Q8_0": 64}  # weights per kernel unit (two blocks for 32-weight types)
 K_QUANTS = ("Q4_K", "Q6_K")
-
-# Lane order inside a 256 block: packed position 64 c + 4 l + t holds weight 16 l + 4 c + t.
-_p = torch.arange(256)
-LANE_ORDER = 16 * ((_p % 64) // 4) + 4 * (_p // 64) + _p % 4
-NATURAL_ORDER = torch.argsort(LANE_ORDER)
 
 
 @dataclass
@@ -127,79 +120,140 @@ def dequantize(raw: torch.Tensor, qtype: str) -> torch.Tensor:
 
 
 # ---- our layout ---------------------------------------------------------------------------------------------
+#
+# Output rows go in groups of 16 (a part's last group padded with zero rows): one VPDPBUSD lane belongs to one
+# output row, so a block's scales are decoded once for 16 rows and shared by every activation row, and a lane's
+# sum needs no horizontal reduction. Per group and file block, the same bytes as 16 of the file's blocks:
+# - a "step" is 64 bytes: lane i's 4 bytes are row i's codes for 4 consecutive inputs (what one VPDPBUSD takes);
+# - Q4_0 [16 fp16 d][4 x 64 nibble bytes: vector v holds step v low, step v + 4 high];
+#   Q5_0 the same plus [8 x u64: bit 4 i + j of u64 t is the fifth bit of step t's byte 4 i + j];
+#   Q8_0 [16 fp16 d][8 steps of code + 128];
+# - Q4_K [16 d][16 dmin][128 bytes: sub-scale s of row i low nibble of byte 16 s + i, its min's in the high
+#   nibble][64 bytes: the top two bits, byte 16 q + i = sc(2q), min(2q), sc(2q+1), min(2q+1) two bits each]
+#   [per sub-block of 32: 4 nibble vectors as Q4_0];
+# - Q6_K [16 d][256 int8 sub-scales: byte 16 s + i][per sub-block of 16: steps 0, 1, 2 as bytes with the six
+#   bits of step 3 in their top two bits, two bits each].
 
-def _nibble_pairs(c: torch.Tensor) -> torch.Tensor:  # [..., 64] codes -> [..., 32] bytes: low c[i], high c[32+i]
-    return ((c[..., :32] & 0x0F) | ((c[..., 32:] & 0x0F) << 4)).to(torch.uint8)
+LANES = 16
+GROUP_BYTES = {q: LANES * b for q, (_, b) in BLOCK.items()}  # per group of 16 rows and file block
 
 
-def _pairs(x: torch.Tensor) -> torch.Tensor:  # [N, blocks, ...] -> [N, blocks / 2, 2, ...]
-    n, nb = x.shape[:2]
-    return x.reshape(n, nb // 2, 2, *x.shape[2:])
+def groups(rows: int) -> int:
+    return -(-rows // LANES)
+
+
+def _f16_bytes(t: torch.Tensor) -> torch.Tensor:  # [...] fp32 -> [..., 2] uint8
+    return t.to(torch.float16).contiguous().view(torch.uint8).reshape(*t.shape, 2)
+
+
+def _by_group(t: torch.Tensor) -> torch.Tensor:
+    """[N, blocks, ...] -> [G, blocks, 16, ...] with zero rows padding the last group."""
+    n = t.shape[0]
+    pad = groups(n) * LANES - n
+    if pad:
+        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+    return t.reshape(-1, LANES, *t.shape[1:]).transpose(1, 2)
+
+
+def _from_group(t: torch.Tensor, rows: int) -> torch.Tensor:  # inverse of _by_group
+    return t.transpose(1, 2).reshape(-1, *t.shape[1:2], *t.shape[3:])[:rows]
+
+
+def _steps(codes: torch.Tensor) -> torch.Tensor:  # [G, nb, 16, per] -> [G, nb, per / 4 steps, 16, 4]
+    g, nb, _, per = codes.shape
+    return codes.reshape(g, nb, LANES, per // 4, 4).transpose(2, 3)
+
+
+def _unsteps(steps: torch.Tensor) -> torch.Tensor:  # inverse of _steps
+    g, nb, s = steps.shape[:3]
+    return steps.transpose(2, 3).reshape(g, nb, LANES, 4 * s)
+
+
+def _nibbles(steps: torch.Tensor) -> torch.Tensor:  # [G, nb, S, 16, 4] -> [G, nb, S / 8 * 256] bytes
+    g, nb, s = steps.shape[:3]
+    pairs = steps.reshape(g, nb, s // 8, 2, 4 * 64)  # per 8 steps: vector v holds step v low, v + 4 high
+    return ((pairs[:, :, :, 0] & 0x0F) | ((pairs[:, :, :, 1] & 0x0F) << 4)).to(torch.uint8).reshape(g, nb, -1)
+
+
+def _unnibbles(b: torch.Tensor, steps: int) -> torch.Tensor:  # inverse of _nibbles, int16 steps
+    g, nb = b.shape[:2]
+    v = b.reshape(g, nb, steps // 8, 1, 256).to(torch.int16)
+    return torch.cat([v & 0x0F, v >> 4], 3).reshape(g, nb, steps, LANES, 4)
 
 
 def pack(blocks: Blocks) -> torch.Tensor:
-    """Codes and parameters -> the kernel's bytes [N, row bytes] (as many bytes as the file's)."""
-    n, nb, _ = blocks.codes.shape
-    f16 = lambda t: t.to(torch.float16).contiguous().view(torch.uint8).reshape(*t.shape, 2)  # noqa: E731
-    if blocks.qtype in K_QUANTS:
-        lane = blocks.codes[..., LANE_ORDER].reshape(n, nb, 4, 64)  # chunk c of 64 codes
-        # vector h: chunk 2h in the low nibbles, chunk 2h + 1 in the high ones
-        low = ((lane[:, :, 0::2] & 0x0F) | ((lane[:, :, 1::2] & 0x0F) << 4)).to(torch.uint8).reshape(n, nb, 128)
-        if blocks.qtype == "Q4_K":
-            parts = [blocks.raw_header, low]
-        else:  # byte p, bits 2c and 2c + 1: the top two bits of chunk c's code p
-            hi = sum(((lane[:, :, c] >> 4) & 3) << (2 * c) for c in range(4)).to(torch.uint8)
-            parts = [f16(blocks.d), blocks.sub.view(torch.uint8), low, hi]
-        return torch.cat(parts, -1).reshape(n, -1).contiguous()
-    if nb % 2:
-        raise ValueError(f"{blocks.qtype} rows need an even number of 32-weight blocks (in_features % 64 == 0), "
-                         f"got {nb * 32}")
-    d = f16(_pairs(blocks.d)).reshape(n, nb // 2, 4)
-    codes = _pairs(blocks.codes).reshape(n, nb // 2, 64)
-    if blocks.qtype == "Q8_0":
-        return torch.cat([d, codes.to(torch.int8).view(torch.uint8)], -1).reshape(n, -1).contiguous()
-    if blocks.qtype == "Q4_0":  # [d0][d1][32 bytes: low nibble code p, high code 32 + p]
-        return torch.cat([d, _nibble_pairs(codes)], -1).reshape(n, -1).contiguous()
-    fifth = ((codes >> 4) & 1).to(torch.int64) << torch.arange(64)
-    fifth = fifth.sum(-1).contiguous().view(torch.uint8).reshape(n, nb // 2, 8)  # little-endian u64 (x86)
-    return torch.cat([d, fifth, _nibble_pairs(codes)], -1).reshape(n, -1).contiguous()
+    """Codes and parameters -> the kernel's bytes [groups, blocks * 16 * block bytes] (the file's bytes, padded)."""
+    q = blocks.qtype
+    steps = _steps(_by_group(blocks.codes))
+    d = _f16_bytes(_by_group(blocks.d)).flatten(2)  # [G, nb, 32]
+    g, nb = d.shape[:2]
+    if q == "Q4_K":
+        sc, mn = _by_group(blocks.sub).transpose(2, 3), _by_group(blocks.mins).transpose(2, 3)  # [G, nb, 8, 16]
+        low = ((sc & 0x0F) | ((mn & 0x0F) << 4)).reshape(g, nb, 128)
+        top = ((sc[:, :, 0::2] >> 4) | ((mn[:, :, 0::2] >> 4) << 2) | ((sc[:, :, 1::2] >> 4) << 4)
+               | ((mn[:, :, 1::2] >> 4) << 6)).reshape(g, nb, 64)
+        dmin = _f16_bytes(_by_group(blocks.dmin)).flatten(2)
+        parts = [d, dmin, low.to(torch.uint8), top.to(torch.uint8), _nibbles(steps)]
+    elif q == "Q6_K":
+        sc = _by_group(blocks.sub).transpose(2, 3).contiguous().view(torch.uint8).reshape(g, nb, 256)
+        s = steps.reshape(g, nb, 16, 4, LANES * 4)  # sub-block of 16: 4 steps
+        three = torch.stack([s[:, :, :, c] | (((s[:, :, :, 3] >> (2 * c)) & 3) << 6) for c in range(3)], 3)
+        parts = [d, sc, three.to(torch.uint8).reshape(g, nb, 3072)]
+    elif q == "Q8_0":
+        parts = [d, (steps + 128).to(torch.uint8).reshape(g, nb, 512)]
+    elif q == "Q4_0":
+        parts = [d, _nibbles(steps)]
+    else:  # Q5_0
+        bit = ((steps >> 4) & 1).reshape(g, nb, 8, 64).to(torch.int64) << torch.arange(64)
+        fifth = bit.sum(-1).contiguous().view(torch.uint8).reshape(g, nb, 64)  # little-endian u64 (x86)
+        parts = [d, _nibbles(steps), fifth]
+    return torch.cat(parts, -1).reshape(g, -1).contiguous()
 
 
-def unpack_packed(packed: torch.Tensor, qtype: str, in_features: int) -> Blocks:
-    """The kernel's bytes -> codes and parameters (inverse of `pack`)."""
+def unpack_packed(packed: torch.Tensor, qtype: str, in_features: int, rows: int) -> Blocks:
+    """The kernel's bytes -> codes and parameters of the `rows` real rows (inverse of `pack`)."""
     per = BLOCK[qtype][0]
-    n, nb = packed.shape[0], in_features // per
-    b = packed.reshape(n, nb // (UNIT[qtype] // per), -1)
-    if qtype in K_QUANTS:
-        header = 16 if qtype == "Q4_K" else 18
-        low = b[..., header:header + 128].reshape(n, nb, 2, 1, 64).to(torch.int16)
-        lane = torch.cat([low & 0x0F, low >> 4], 3).reshape(n, nb, 4, 64)
-        if qtype == "Q6_K":
-            hi = b[..., 146:210].reshape(n, nb, 1, 64).to(torch.int16)
-            lane = lane | (torch.cat([(hi >> (2 * c)) & 3 for c in range(4)], 2) << 4)
-        codes = lane.reshape(n, nb, 256)[..., NATURAL_ORDER]
-        if qtype == "Q4_K":
-            return _q4k_blocks(b[..., 0:16], codes)
-        return Blocks(qtype, codes, _f16(b[..., 0:2]), b[..., 2:18].contiguous().view(torch.int8))
-    d = _f16(b[..., 0:4].reshape(n, nb // 2, 2, 2)).reshape(n, nb)
+    nb = in_features // per
+    b = packed.reshape(packed.shape[0], nb, GROUP_BYTES[qtype])
+    g = b.shape[0]
+    d = _from_group(_f16(b[..., 0:32].reshape(g, nb, LANES, 2)), rows)
+    if qtype == "Q4_K":
+        low = b[..., 64:192].reshape(g, nb, 8, LANES).to(torch.int32)
+        top = b[..., 192:256].reshape(g, nb, 4, LANES).to(torch.int32)
+        top2 = torch.stack([top, top >> 4], 3).reshape(g, nb, 8, LANES)  # sub-block s: bits 0-3 of its byte
+        sc = (low & 0x0F) | ((top2 & 3) << 4)
+        mn = (low >> 4) | (((top2 >> 2) & 3) << 4)
+        codes = _unsteps(_unnibbles(b[..., 256:], 64))
+        header = torch.zeros(g, nb, LANES, 16, dtype=torch.uint8)  # the file's 16 header bytes, rebuilt
+        header[..., 0:4] = torch.cat([b[..., 0:32], b[..., 32:64]], -1).reshape(g, nb, 2, LANES, 2) \
+            .transpose(2, 3).reshape(g, nb, LANES, 4)
+        sc, mn = sc.transpose(2, 3), mn.transpose(2, 3)  # [G, nb, 16, 8]
+        packed_sm = torch.cat([(sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6), (mn[..., :4] & 63) | ((mn[..., 4:] >> 4) << 6),
+                               (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4)], -1)
+        header[..., 4:16] = packed_sm.to(torch.uint8)
+        return _q4k_blocks(_from_group(header, rows), _from_group(codes, rows))
+    if qtype == "Q6_K":
+        sc = b[..., 32:288].contiguous().view(torch.int8).reshape(g, nb, 16, LANES).transpose(2, 3)
+        three = b[..., 288:].reshape(g, nb, 16, 3, LANES * 4).to(torch.int16)
+        last = sum(((three[:, :, :, c] >> 6) & 3) << (2 * c) for c in range(3))
+        steps = torch.cat([three & 63, last[:, :, :, None]], 3).reshape(g, nb, 64, LANES, 4)
+        return Blocks(qtype, _from_group(_unsteps(steps), rows), d, _from_group(sc, rows))
     if qtype == "Q8_0":
-        return Blocks(qtype, b[..., 4:68].contiguous().view(torch.int8).to(torch.int16).reshape(n, nb, 32), d)
-    if qtype == "Q4_0":
-        nib = b[..., 4:36].to(torch.int16)
-        return Blocks(qtype, torch.cat([nib & 0x0F, nib >> 4], -1).reshape(n, nb, 32), d)
-    fifth = b[..., 4:12].contiguous().view(torch.int64)  # [n, pairs, 1]
-    high = ((fifth >> torch.arange(64)) & 1).to(torch.int16)
-    nib = b[..., 12:44].to(torch.int16)
-    codes = torch.cat([nib & 0x0F, nib >> 4], -1) | (high << 4)
-    return Blocks(qtype, codes.reshape(n, nb, 32), d)
+        steps = b[..., 32:].reshape(g, nb, 8, LANES, 4).to(torch.int16) - 128
+    else:
+        steps = _unnibbles(b[..., 32:288], 8)
+        if qtype == "Q5_0":
+            fifth = b[..., 288:352].contiguous().view(torch.int64).reshape(g, nb, 8, 1)
+            steps = steps | (((fifth >> torch.arange(64)) & 1).to(torch.int16) << 4).reshape(g, nb, 8, LANES, 4)
+    return Blocks(qtype, _from_group(_unsteps(steps), rows), d)
 
 
 def repack(raw: torch.Tensor, qtype: str) -> torch.Tensor:
     return pack(unpack_raw(raw, qtype))
 
 
-def dequantize_packed(packed: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
-    return values(unpack_packed(packed, qtype, in_features))
+def dequantize_packed(packed: torch.Tensor, qtype: str, in_features: int, rows: int) -> torch.Tensor:
+    return values(unpack_packed(packed, qtype, in_features, rows))
 
 
 # ---- activations and the reference matmul -------------------------------------------------------------------
@@ -218,26 +272,23 @@ def activation_block(qtype: str) -> int:
     return 256 if qtype in K_QUANTS else 32  # llama.cpp's Q8_K for K-quants, Q8_0 for the 32-weight types
 
 
-def reference_mm(x: torch.Tensor, parts: list[torch.Tensor], qtypes: list[str]) -> torch.Tensor:
-    """What the kernel computes, in float64: quantized activations times exactly dequantized weights."""
+def reference_mm(x: torch.Tensor, weights: list[torch.Tensor], qtypes: list[str]) -> torch.Tensor:
+    """What the kernel computes, in float64: quantized activations times the exact weights [N_i, K] of each part."""
     k = x.shape[1]
     outs = []
-    for packed, qtype in zip(parts, qtypes):
+    for w, qtype in zip(weights, qtypes):
         block = activation_block(qtype)
         codes, d = quantize_activations(x, block)
         xq = (codes.double().reshape(x.shape[0], -1, block) * d.double()[..., None]).reshape(x.shape[0], k)
-        outs.append(xq @ dequantize_packed(packed, qtype, k).double().T)
+        outs.append(xq @ w.double().T)
     return torch.cat(outs, -1).float()
 
 
-def gguf_mm(x: torch.Tensor, parts: list[torch.Tensor], qtypes: list[str],
+def gguf_mm(x: torch.Tensor, parts: list[torch.Tensor], qtypes: list[str], rows: list[int],
             bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (fp32/bf16) times the packed parts' rows, outputs concatenated, plus the bias (added in fp32 before
-    the one rounding to x's dtype); [M, sum N] in x's dtype."""
-    from outrider.kernels.native import load
-
-    load()
-    return torch.ops.outrider.gguf_mm(x, parts, [TYPE_IDS[t] for t in qtypes], bias)
+    """x [M, K] (fp32/bf16) times the packed parts' `rows` real rows, outputs concatenated, plus the bias (added in
+    fp32 before the one rounding to x's dtype); [M, sum rows] in x's dtype."""
+    return torch.ops.outrider.gguf_mm(x, parts, [TYPE_IDS[t] for t in qtypes], rows, bias)
 
 
 def random_blocks(qtype: str, n: int, k: int, generator: torch.Generator | None = None) -> Blocks:
@@ -276,8 +327,8 @@ def quantize_blocks(w: torch.Tensor, qtype: str = "Q8_0") -> torch.Tensor:
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
-    if w.shape[1] % UNIT[qtype]:
-        raise ValueError(f"{qtype} weights need in_features % 64 == 0, got {w.shape[1]}; use int8 or dense")
+    if w.shape[1] % BLOCK[qtype][0]:
+        raise ValueError(f"{qtype} weights need in_features % 32 == 0, got {w.shape[1]}; use int8 or dense")
     return torch.from_numpy(quantize(w.float().numpy(), GGMLQuantizationType[qtype]))
 
 
@@ -288,25 +339,35 @@ class GGUFLinear:
     """A linear layer whose weight rows stay in GGUF blocks; fused layers (q/k/v, gate/up) are several parts, one
     per run of rows of one type (Q4_K_M stores some v projections as Q6_K next to Q4_K q and k)."""
 
-    parts: list[torch.Tensor]  # packed uint8 [rows_i, row bytes]
+    parts: list[torch.Tensor]  # packed uint8 [groups of 16 rows, blocks * group bytes]
     qtypes: list[str]
+    rows: list[int]  # each part's real rows (its last group may be padded)
     in_features: int
     bias: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        from outrider.kernels.native import load
+
+        load()  # once per layer here, not once per call
+
+    @classmethod
+    def from_blocks(cls, blocks: list[Blocks], bias: torch.Tensor | None, dtype: torch.dtype) -> "GGUFLinear":
+        """Parts in order; consecutive parts of one type merge into one."""
+        merged: list[Blocks] = []
+        for b in blocks:
+            if merged and merged[-1].qtype == b.qtype:
+                merged[-1] = _concat(merged[-1], b)
+            else:
+                merged.append(b)
+        k = merged[0].codes.shape[1] * BLOCK[merged[0].qtype][0]
+        return cls([pack(b) for b in merged], [b.qtype for b in merged], [b.codes.shape[0] for b in merged], k,
+                   None if bias is None else bias.to(dtype))
 
     @classmethod
     def from_raw(cls, raws: list[tuple[str, torch.Tensor]], bias: torch.Tensor | None,
                  dtype: torch.dtype) -> "GGUFLinear":
-        """Rows in the file's bytes, each (type, uint8 [rows, bytes]); consecutive parts of one type merge."""
-        merged: list[tuple[str, list[torch.Tensor]]] = []
-        for qtype, raw in raws:
-            if merged and merged[-1][0] == qtype:
-                merged[-1][1].append(raw)
-            else:
-                merged.append((qtype, [raw]))
-        parts = [repack(torch.cat(rows) if len(rows) > 1 else rows[0], qtype) for qtype, rows in merged]
-        qtypes = [qtype for qtype, _ in merged]
-        k = parts[0].shape[1] // BLOCK[qtypes[0]][1] * BLOCK[qtypes[0]][0]
-        return cls(parts, qtypes, k, None if bias is None else bias.to(dtype))
+        """Rows in the file's bytes, each (type, uint8 [rows, bytes])."""
+        return cls.from_blocks([unpack_raw(raw, qtype) for qtype, raw in raws], bias, dtype)
 
     @classmethod
     def quantize(cls, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "GGUFLinear":
@@ -316,7 +377,7 @@ class GGUFLinear:
 
     @property
     def out_features(self) -> int:
-        return sum(p.shape[0] for p in self.parts)
+        return sum(self.rows)
 
     @property
     def nbytes(self) -> int:
@@ -324,24 +385,52 @@ class GGUFLinear:
         return sum(p.numel() for p in self.parts) + bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return gguf_mm(x, self.parts, self.qtypes, self.bias)
+        return gguf_mm(x, self.parts, self.qtypes, self.rows, self.bias)
+
+    def blocks(self) -> list[Blocks]:
+        return [unpack_packed(p, q, self.in_features, n) for p, q, n in zip(self.parts, self.qtypes, self.rows)]
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        y = reference_mm(x, self.parts, self.qtypes)
+        y = reference_mm(x, [values(b) for b in self.blocks()], self.qtypes)
         return y if self.bias is None else y + self.bias.float()
 
     def dequantize(self) -> torch.Tensor:
-        return torch.cat([dequantize_packed(p, q, self.in_features) for p, q in zip(self.parts, self.qtypes)])
+        return torch.cat([values(b) for b in self.blocks()])
+
+    def select_rows(self, rows: torch.Tensor) -> "GGUFLinear":
+        """The given output rows, in that order, with their blocks as stored (VocabTrim's draft head)."""
+        kept, start = [], 0
+        for b in self.blocks():
+            n = b.codes.shape[0]
+            inside = rows[(rows >= start) & (rows < start + n)] - start
+            if inside.numel():
+                kept.append(_take(b, inside))
+            start += n
+        return GGUFLinear.from_blocks(kept, None, torch.float32)
 
     def state(self) -> dict[str, torch.Tensor]:
         s = {f"part{i}": p for i, p in enumerate(self.parts)}
-        s["meta"] = torch.tensor([self.in_features] + [TYPE_IDS[q] for q in self.qtypes])
+        s["meta"] = torch.tensor([self.in_features] + [TYPE_IDS[q] for q in self.qtypes] + self.rows)
         return s | ({} if self.bias is None else {"bias": self.bias})
 
     @classmethod
     def from_state(cls, s: dict[str, torch.Tensor]) -> "GGUFLinear":
-        k, *ids = s["meta"].tolist()
-        return cls([s[f"part{i}"] for i in range(len(ids))], [TYPE_NAMES[i] for i in ids], k, s.get("bias"))
+        k, *rest = s["meta"].tolist()
+        n = len(rest) // 2
+        return cls([s[f"part{i}"] for i in range(n)], [TYPE_NAMES[i] for i in rest[:n]], rest[n:], k, s.get("bias"))
+
+
+def _fields(b: Blocks) -> dict[str, torch.Tensor | None]:
+    return {f: getattr(b, f) for f in ("codes", "d", "sub", "dmin", "mins", "raw_header")}
+
+
+def _concat(a: Blocks, b: Blocks) -> Blocks:
+    fa, fb = _fields(a), _fields(b)
+    return Blocks(a.qtype, **{f: None if fa[f] is None else torch.cat([fa[f], fb[f]]) for f in fa})
+
+
+def _take(b: Blocks, rows: torch.Tensor) -> Blocks:
+    return Blocks(b.qtype, **{f: None if t is None else t[rows] for f, t in _fields(b).items()})
 
 
 class Q4_0Linear(GGUFLinear):

@@ -72,13 +72,6 @@ def _rows(kernel: LinearKernel, rows: torch.Tensor, dtype: torch.dtype) -> Linea
         return Int8Linear(kernel.qweight[rows].contiguous(), kernel.scales[rows].contiguous(), None)
     if isinstance(kernel, Int4Linear):  # the packed layout is opaque: requantize the kept rows
         return make_linear("int4", kernel.dequantize()[rows], None, dtype, torch.device("cpu"))
-    if isinstance(kernel, GGUFLinear):  # a packed row is a byte row: keep the rows as stored, part by part
-        parts, qtypes, start = [], [], 0
-        for part, qtype in zip(kernel.parts, kernel.qtypes):
-            kept = rows[(rows >= start) & (rows < start + part.shape[0])] - start
-            if kept.numel():
-                parts.append(part[kept].contiguous())
-                qtypes.append(qtype)
-            start += part.shape[0]
-        return GGUFLinear(parts, qtypes, kernel.in_features, None)
+    if isinstance(kernel, GGUFLinear):  # the kept rows' blocks as stored
+        return kernel.select_rows(rows)
     raise TypeError(f"cannot trim a {type(kernel).__name__} head")

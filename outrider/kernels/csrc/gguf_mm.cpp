@@ -1,26 +1,23 @@
 // GGUF weight-only matmul with int8 activations (AVX512-VNNI), batch-invariant by construction.
 //
 // y[m, n] = sum_k x[m, k] * W[n, k] where W stays in its GGUF block format (Q4_K, Q6_K, Q4_0, Q5_0, Q8_0: exact codes,
-// scales and mins, no requantization) in a repacked byte order (`outrider/kernels/gguf.py` `repack`: same bytes
-// per block, codes reordered so one VPDPBUSD lane always belongs to one sub-block).
+// scales and mins, no requantization) in a repacked byte order (`outrider/kernels/gguf.py` `pack`): output rows in
+// groups of 16, one 32-bit VPDPBUSD lane per output row. A block's codes and scales are unpacked once for 16 rows
+// and then serve every activation row while they sit in registers; each activation row then costs little more
+// than its VPDPBUSDs (one per 64 weights), and a lane ends holding its output, with no horizontal sum.
 //
 // Activations are quantized per row the way llama.cpp does (Q8_K: one fp32 scale per 256 for the K-quants; Q8_0:
 // one per 32 for the 32-element formats), round-to-nearest-even of x / (amax / 127).
 //
 // Why it is batch-invariant: output (m, n) is computed from row m of the activations and row n of the weights only,
-// by one fixed sequence of instructions (16 fp32 lanes accumulated block after block, then one fixed reduction),
-// whatever M is and however the rows are split between threads. There is no split-K.
-//
-// Why verification is cheap: each weight block is unpacked once and then used by all M (<= 8 at a time)
-// activation rows while it is in registers, so the bytes streamed per call do not grow with M, and each extra
-// row costs about 8 vector instructions per 256 weights.
+// by one fixed sequence of lane operations (block after block, in order), whatever M is, whichever other rows
+// share its group, and however the groups are split between threads. There is no split-K.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -30,22 +27,17 @@
 namespace {
 
 constexpr int64_t Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14;  // GGML type ids
-constexpr int ROWS = 8;                                       // activation rows kept in registers at once
+constexpr int LANES = 16;  // output rows per group
+constexpr int ROWS = 8;    // activation rows kept in registers at once
 
-inline float f16(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-
-int64_t unit_elems(int64_t t) { return (t == Q4_K || t == Q6_K) ? 256 : 64; }
-int64_t unit_bytes(int64_t t) {
+int64_t block_elems(int64_t t) { return (t == Q4_K || t == Q6_K) ? 256 : 32; }
+int64_t block_bytes(int64_t t) {  // per block of one row, as in the file
   switch (t) {
     case Q4_K: return 144;
     case Q6_K: return 210;
-    case Q4_0: return 36;  // two 32-element blocks
-    case Q5_0: return 44;
-    case Q8_0: return 68;
+    case Q4_0: return 18;
+    case Q5_0: return 22;
+    case Q8_0: return 34;
   }
   TORCH_CHECK(false, "gguf_mm: unsupported GGML type ", t);
 }
@@ -71,306 +63,291 @@ inline float quantize_block(const float* x, int n, int8_t* q) {
   return d;
 }
 
-// Activations are stored block-major ([block][row][...]): the rows a kernel call scores sit at fixed offsets from
-// one pointer per block, so eight rows do not need eight live pointers.
-//
-// K-quants, per 256 block and row: codes in lane order (chunk c, lane l, byte t <- element 16 l + 4 c + t), the
-// scale, and per 16-element group l: 32 * sum (Q6_K's -32 offset) and d * sum (Q4_K's mins).
-struct KActs {
+inline int32_t sum_codes(const int8_t* q, int n) {
+  int32_t s = 0;
+  for (int i = 0; i < n; ++i) s += q[i];
+  return s;
+}
+
+// Activations, block-major ([block][row]): the rows one kernel call scores sit at fixed offsets from one pointer
+// per block. Per block and row: the codes in natural order, the scale d, and what each type's code offset or
+// mins need: Q4_K d * (sum of each 32), Q6_K 32 * (sum of each 16), the 32-weight types offset * (block sum).
+struct Acts {
   int64_t M = 0;
-  std::vector<int8_t> q;        // [K / 256, M, 256]
-  std::vector<float> d;         // [K / 256, M]
-  std::vector<int32_t> sum32;   // [K / 256, M, 16]
-  std::vector<float> dsum;      // [K / 256, M, 16]
+  int64_t E = 0;                  // elements per block
+  std::vector<int8_t> q;          // [blocks, M, E]
+  std::vector<float> d;           // [blocks, M]
+  std::vector<float> dsum;        // Q4_K: [blocks, M, 8]
+  std::vector<int32_t> off;       // Q6_K: [blocks, M, 16]; 32-weight types: [blocks, M]
 };
 
-void quantize_k(const float* x, int64_t M, int64_t K, KActs& a) {
-  const int64_t nb = K / 256;
+void quantize(const float* x, int64_t M, int64_t K, int64_t t, Acts& a) {
+  const int64_t E = block_elems(t), nb = K / E;
+  const int64_t offset = t == Q4_0 ? 8 : t == Q5_0 ? 16 : 128;  // Q8_0 codes enter VPDPBUSD as code + 128
+  const int64_t per = t == Q4_K ? 8 : t == Q6_K ? 16 : 1;
   a.M = M;
+  a.E = E;
   a.q.resize(M * K);
   a.d.resize(M * nb);
-  a.sum32.resize(M * nb * 16);
-  a.dsum.resize(M * nb * 16);
+  if (t == Q4_K)
+    a.dsum.resize(M * nb * per);
+  else
+    a.off.resize(M * nb * per);
   at::parallel_for(0, M * nb, 16, [&](int64_t begin, int64_t end) {
-    alignas(64) int8_t natural[256];
     for (int64_t i = begin; i < end; ++i) {
       const int64_t m = i / nb, b = i % nb, j = b * M + m;
-      const float d = quantize_block(x + m * K + b * 256, 256, natural);
+      int8_t* q = a.q.data() + j * E;
+      const float d = quantize_block(x + m * K + b * E, E, q);
       a.d[j] = d;
-      int8_t* out = a.q.data() + j * 256;
-      for (int l = 0; l < 16; ++l) {
-        int32_t s = 0;
-        for (int c = 0; c < 4; ++c)
-          for (int t = 0; t < 4; ++t) {
-            const int8_t v = natural[16 * l + 4 * c + t];
-            out[64 * c + 4 * l + t] = v;
-            s += v;
-          }
-        a.sum32[j * 16 + l] = 32 * s;
-        a.dsum[j * 16 + l] = d * static_cast<float>(s);
-      }
+      if (t == Q4_K)
+        for (int s = 0; s < 8; ++s) a.dsum[j * 8 + s] = d * static_cast<float>(sum_codes(q + 32 * s, 32));
+      else if (t == Q6_K)
+        for (int s = 0; s < 16; ++s) a.off[j * 16 + s] = 32 * sum_codes(q + 16 * s, 16);
+      else
+        a.off[j] = static_cast<int32_t>(offset) * sum_codes(q, 32);
     }
   });
 }
 
-// 32-element types, per unit of two blocks (64 weights) and row: codes in natural order, and each block's scale
-// repeated over the 8 lanes it fills.
-struct Acts32 {
-  int64_t M = 0;
-  std::vector<int8_t> q;     // [K / 64, M, 64]
-  std::vector<float> d;      // [K / 64, M, 16]
-  std::vector<int32_t> off;  // [K / 64, M, 16] lane sums times the weight code offset (8 for Q4_0, 16 for Q5_0, 128 for Q8_0)
-};
-
-void quantize_32(const float* x, int64_t M, int64_t K, int32_t offset, Acts32& a) {
-  const int64_t nu = K / 64;
-  a.M = M;
-  a.q.resize(M * K);
-  a.d.resize(M * nu * 16);
-  a.off.resize(M * nu * 16);
-  at::parallel_for(0, M * nu, 32, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t m = i / nu, u = i % nu, j = u * M + m;
-      for (int half = 0; half < 2; ++half) {
-        const float d = quantize_block(x + m * K + u * 64 + 32 * half, 32, a.q.data() + j * 64 + 32 * half);
-        for (int l = 0; l < 8; ++l) a.d[j * 16 + 8 * half + l] = d;
-      }
-      const int8_t* q = a.q.data() + j * 64;
-      for (int l = 0; l < 16; ++l) a.off[j * 16 + l] = offset * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
-    }
-  });
-}
-
-// ---- weights: per unit, unpack once (shared by all rows), then a few instructions per activation row -------
-//
-// Repacked K-quant block (`gguf.py` `pack`): codes of the 4 lane-order chunks as nibbles of two 64-byte vectors
-// (chunk 2h in the low nibbles of vector h, chunk 2h + 1 in the high ones), so unpacking is one mask or one
-// shift-and-mask per chunk; Q6_K's top two bits of chunk c sit at bits 2c, 2c + 1 of a third 64-byte vector.
-
-// Q4_K's 12 packed bytes -> bytes 0..7 the 8 sub-scales, bytes 8..15 the 8 mins (six bits each), in one xmm with
-// vector ops: scales 0..3 and mins 0..3 are the low six bits of bytes 0..3 and 4..7; scales 4..7 and mins 4..7 take
-// their low four bits from the low and high nibbles of bytes 8..11 and their top two from bits 6..7 of bytes 0..3
-// and 4..7. Reads 16 bytes (the
-// 4 after the 12 are the block's first codes, ignored).
-inline __m128i q4k_scales(const uint8_t* s) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
-  const __m128i low = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
-  const __m128i top = _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
-  const __m128i lo_bits = _mm_and_si128(_mm_srlv_epi32(low, _mm_setr_epi32(0, 0, 0, 4)),
-                                        _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
-  const __m128i hi_bits = _mm_and_si128(_mm_srli_epi16(top, 2), _mm_set1_epi8(0x30));  // bits 6..7 -> 4..5
-  return _mm_or_si128(lo_bits, hi_bits);
-}
-
-// 16 fp32 lanes from 16 bytes times a scale
-inline __m512 bytes_to_lanes(__m128i b, __m512 scale) {
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), scale);
-}
+// ---- one group of 16 output rows, R activation rows ---------------------------------------------------------
 
 inline __m512i load64(const void* p) { return _mm512_loadu_si512(p); }
+inline __m512 set1(float v) { return _mm512_set1_ps(v); }
+inline __m512i bcast4(const int8_t* p) {  // 4 activation codes into every lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+inline __m512 f16x16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 u8x16(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 
-template <int64_t T, int R>
-void rows_k(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t nb, const KActs& a, int64_t m0,
-            float* y, int64_t y_row) {
-  const int64_t M = a.M;
-  const __m512i low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30);
-  for (int64_t n = 0; n < n_rows; ++n, w += row_bytes, ++y) {
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    const uint8_t* blk = w;
-    for (int64_t b = 0; b < nb; ++b, blk += unit_bytes(T)) {
-      __m512i codes[4];
-      __m512 vscale, vmin = _mm512_setzero_ps();
-      const uint8_t* lo;
-      if constexpr (T == Q4_K) {  // [d][dmin][12 bytes scales and mins][128 bytes nibbles]
-                const __m128i sm = q4k_scales(blk + 4);
-        const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(blk)));
-        vscale = bytes_to_lanes(_mm_unpacklo_epi8(sm, sm), _mm512_broadcastss_ps(dd));  // lane l: sub-block l / 2
-        vmin = bytes_to_lanes(_mm_unpackhi_epi8(sm, sm), _mm512_broadcastss_ps(_mm_movehdup_ps(dd)));
-        lo = blk + 16;
-      } else {  // Q6_K: [d][16 int8 scales][128 bytes low nibbles][64 bytes of top bits]
-        vscale = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)))),
-            _mm512_set1_ps(f16(blk)));
-        lo = blk + 18;
-      }
-      const __m512i z0 = load64(lo), z1 = load64(lo + 64);
-      codes[0] = _mm512_and_si512(z0, low4);
-      codes[1] = _mm512_and_si512(_mm512_srli_epi16(z0, 4), low4);
-      codes[2] = _mm512_and_si512(z1, low4);
-      codes[3] = _mm512_and_si512(_mm512_srli_epi16(z1, 4), low4);
-      if constexpr (T == Q6_K) {
-        const __m512i h = load64(lo + 128);
-        codes[0] = _mm512_or_si512(codes[0], _mm512_and_si512(_mm512_slli_epi16(h, 4), top2));
-        codes[1] = _mm512_or_si512(codes[1], _mm512_and_si512(_mm512_slli_epi16(h, 2), top2));
-        codes[2] = _mm512_or_si512(codes[2], _mm512_and_si512(h, top2));
-        codes[3] = _mm512_or_si512(codes[3], _mm512_and_si512(_mm512_srli_epi16(h, 2), top2));
-      }
-      const int64_t j = b * M + m0;  // this block of row m0; row m0 + r follows at fixed offsets
-      const int8_t* qb = a.q.data() + j * 256;
-      const float* db = a.d.data() + j;
-      const int32_t* sb = a.sum32.data() + j * 16;
-      const float* mb = a.dsum.data() + j * 16;
-      for (int r = 0; r < R; ++r) {
-        __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[0], load64(qb + 256 * r));
-        for (int c = 1; c < 4; ++c) isum = _mm512_dpbusd_epi32(isum, codes[c], load64(qb + 256 * r + 64 * c));
-        if constexpr (T == Q6_K) isum = _mm512_sub_epi32(isum, load64(sb + 16 * r));
-        const __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(db[r]));
-        acc[r] = _mm512_fmadd_ps(s, vscale, acc[r]);
-        if constexpr (T == Q4_K) acc[r] = _mm512_fnmadd_ps(vmin, _mm512_loadu_ps(mb + 16 * r), acc[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) y[r * y_row] = _mm512_reduce_add_ps(acc[r]);
+// 4 nibble vectors -> the 8 steps of 32 inputs (vector v: step v low, step v + 4 high)
+inline void unpack_nibbles(const uint8_t* p, __m512i* c) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int v = 0; v < 4; ++v) {
+    const __m512i z = load64(p + 64 * v);
+    c[v] = _mm512_and_si512(z, low4);
+    c[v + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low4);
   }
 }
 
-// Two 32-weight blocks per unit: Q4_0 [d0][d1][32 bytes: low nibble code p, high code 32 + p]; Q5_0 the same with
-// [u64 fifth bits] before the nibbles; Q8_0 [d0][d1][64 int8]. Codes enter VPDPBUSD unsigned (Q4_0 and Q5_0 as
-// stored, Q8_0 + 128) and the offset comes off
-// through the activations' lane sums.
+// Sum over `steps` of codes times activation row r's codes from x; VPDPBUSD: unsigned codes, signed activations.
+template <int STEPS>
+inline __m512i dot(const __m512i* c, const int8_t* x) {
+  __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], bcast4(x));
+  for (int t = 1; t < STEPS; ++t) s = _mm512_dpbusd_epi32(s, c[t], bcast4(x + 4 * t));
+  return s;
+}
+
+// Q4_K: w = d * sc_s * q - dmin * m_s, sub-block s of 32.
+template <int R>
+inline void q4k_block(const uint8_t* g, const Acts& a, int64_t j, __m512* acc) {
+  const __m512 d = f16x16(g), dmin = f16x16(g + 32);
+  const uint8_t *low = g + 64, *top = g + 192, *codes = g + 256;
+  alignas(64) uint8_t scale_bytes[128], min_bytes[128];  // byte 16 s + i: row i's six-bit sub-scale / min
+  const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
+  for (int h = 0; h < 2; ++h) {  // sub-blocks 4h .. 4h + 3 at once: their top bits are bytes 32h .. 32h + 31
+    const __m512i l = load64(low + 64 * h);
+    __m512i t = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(top + 32 * h)));
+    t = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0), t);       // pair q for s = 2q, 2q + 1
+    t = _mm512_srlv_epi16(t, _mm512_set_epi64(0x0004000400040004LL, 0x0004000400040004LL, 0, 0,
+                                              0x0004000400040004LL, 0x0004000400040004LL, 0, 0));  // odd s: >> 4
+    // (a & 0x0F) | b, with b already masked to bits 4-5
+    const __m512i sc = _mm512_ternarylogic_epi32(l, _mm512_and_si512(_mm512_slli_epi16(t, 4), bits45), low4, 0xEC);
+    const __m512i mn = _mm512_ternarylogic_epi32(_mm512_srli_epi16(l, 4),
+                                                 _mm512_and_si512(_mm512_slli_epi16(t, 2), bits45), low4, 0xEC);
+    _mm512_store_si512(scale_bytes + 64 * h, sc);
+    _mm512_store_si512(min_bytes + 64 * h, mn);
+  }
+  __m512 fsum[R];
+  for (int r = 0; r < R; ++r) fsum[r] = _mm512_setzero_ps();
+  const int8_t* xq = a.q.data() + j * 256;
+  const float* xs = a.dsum.data() + j * 8;
+  for (int s = 0; s < 8; ++s) {
+    const __m512 scale = _mm512_mul_ps(u8x16(scale_bytes + 16 * s), d);
+    const __m512 minv = _mm512_mul_ps(u8x16(min_bytes + 16 * s), dmin);
+    __m512i c[8];
+    unpack_nibbles(codes + 256 * s, c);
+    for (int r = 0; r < R; ++r) {
+      const __m512i isum = dot<8>(c, xq + 256 * r + 32 * s);
+      fsum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, fsum[r]);
+      acc[r] = _mm512_fnmadd_ps(minv, set1(xs[8 * r + s]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(fsum[r], set1(a.d[j + r]), acc[r]);
+}
+
+// Q6_K: w = d * sc_s * (q - 32), sub-block s of 16; its four steps are three bytes vectors, the fourth step's
+// six bits in their top two bits.
+template <int R>
+inline void q6k_block(const uint8_t* g, const Acts& a, int64_t j, __m512* acc) {
+  const __m512 d = f16x16(g);
+  const uint8_t *scales = g + 32, *codes = g + 288;
+  const __m512i six = _mm512_set1_epi8(0x3F), low2 = _mm512_set1_epi8(0x03), low4 = _mm512_set1_epi8(0x0F);
+  __m512 fsum[R];
+  for (int r = 0; r < R; ++r) fsum[r] = _mm512_setzero_ps();
+  const int8_t* xq = a.q.data() + j * 256;
+  const int32_t* off = a.off.data() + j * 16;
+  for (int s = 0; s < 16; ++s) {
+    const __m512 scale = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 16 * s)))),
+        d);
+    const uint8_t* p = codes + 192 * s;
+    const __m512i A = load64(p), B = load64(p + 64), C = load64(p + 128);
+    __m512i c[4];
+    c[0] = _mm512_and_si512(A, six);
+    c[1] = _mm512_and_si512(B, six);
+    c[2] = _mm512_and_si512(C, six);
+    // step 3: bits 0-1 from A's top, 2-3 from B's, 4-5 from C's (0xE4: mask ? first : second)
+    const __m512i ab = _mm512_ternarylogic_epi32(_mm512_srli_epi16(A, 6), _mm512_srli_epi16(B, 4), low2, 0xE4);
+    c[3] = _mm512_and_si512(_mm512_ternarylogic_epi32(ab, _mm512_srli_epi16(C, 2), low4, 0xE4), six);
+    for (int r = 0; r < R; ++r) {
+      const __m512i isum = _mm512_sub_epi32(dot<4>(c, xq + 256 * r + 16 * s), _mm512_set1_epi32(off[16 * r + s]));
+      fsum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, fsum[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(fsum[r], set1(a.d[j + r]), acc[r]);
+}
+
+// Q4_0 w = d (q - 8), Q5_0 w = d (q - 16), Q8_0 w = d q (entering as q + 128): the offset comes off through the
+// activations' block sums.
 template <int64_t T, int R>
-void rows_32(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t nu, const Acts32& a, int64_t m0,
-             float* y, int64_t y_row) {
-  const int64_t M = a.M;
-  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  for (int64_t n = 0; n < n_rows; ++n, w += row_bytes, ++y) {
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    const uint8_t* unit = w;
-    for (int64_t u = 0; u < nu; ++u, unit += unit_bytes(T)) {
-      __m512i codes;
-      if constexpr (T == Q4_0 || T == Q5_0) {
-        // the 32 nibble bytes in both halves; the upper half shifted down: codes 0..31 low, 32..63 high nibbles
-        const __m512i z = _mm512_broadcast_i64x4(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit + (T == Q5_0 ? 12 : 4))));
-        codes = _mm512_and_si512(_mm512_mask_srli_epi16(z, 0xFFFF0000u, z, 4), _mm512_set1_epi8(0x0F));
-        if constexpr (T == Q5_0) {
-          uint64_t fifth;
-          std::memcpy(&fifth, unit + 4, 8);
-          codes = _mm512_mask_add_epi8(codes, fifth, codes, _mm512_set1_epi8(0x10));
-        }
-      } else {
-        codes = _mm512_xor_si512(load64(unit + 4), _mm512_set1_epi8(static_cast<char>(0x80)));
-      }
-      const __m128 d01 = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(unit)));
-      const __m512 vdw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d01));
-      const int64_t j = u * M + m0;
-      const int8_t* qu = a.q.data() + j * 64;
-      const float* du = a.d.data() + j * 16;
-      const int32_t* ou = a.off.data() + j * 16;
-      for (int r = 0; r < R; ++r) {
-        const __m512i isum = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, load64(qu + 64 * r)),
-                                              load64(ou + 16 * r));
-        const __m512 vd = _mm512_mul_ps(vdw, _mm512_loadu_ps(du + 16 * r));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), vd, acc[r]);
+inline void block32(const uint8_t* g, const Acts& a, int64_t j, __m512* acc) {
+  const __m512 dw = f16x16(g);
+  __m512i c[8];
+  if constexpr (T == Q8_0) {
+    for (int t = 0; t < 8; ++t) c[t] = load64(g + 32 + 64 * t);
+  } else {
+    unpack_nibbles(g + 32, c);
+    if constexpr (T == Q5_0) {
+      const __m512i sixteen = _mm512_set1_epi8(0x10);
+      for (int t = 0; t < 8; ++t) {
+        uint64_t fifth;
+        std::memcpy(&fifth, g + 288 + 8 * t, 8);
+        c[t] = _mm512_mask_add_epi8(c[t], fifth, c[t], sixteen);
       }
     }
-    for (int r = 0; r < R; ++r) y[r * y_row] = _mm512_reduce_add_ps(acc[r]);
+  }
+  const int8_t* xq = a.q.data() + j * 32;
+  for (int r = 0; r < R; ++r) {
+    const __m512i isum = _mm512_sub_epi32(dot<8>(c, xq + 32 * r), _mm512_set1_epi32(a.off[j + r]));
+    acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), set1(a.d[j + r])), dw, acc[r]);
   }
 }
 
-// One part's output rows [n0, n0 + n_rows) for activation rows m0 .. m0 + R - 1.
-using RowsFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, const void*, int64_t, float*, int64_t);
-
+// One group (all blocks of 16 weight rows) against activation rows m0 .. m0 + R - 1: y[r * y_row + lane].
 template <int64_t T, int R>
-void rows_fn(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t units, const void* acts, int64_t m0,
-             float* y, int64_t y_row) {
-  if constexpr (T == Q4_K || T == Q6_K)
-    rows_k<T, R>(w, row_bytes, n_rows, units, *static_cast<const KActs*>(acts), m0, y, y_row);
-  else
-    rows_32<T, R>(w, row_bytes, n_rows, units, *static_cast<const Acts32*>(acts), m0, y, y_row);
+void group_rows(const uint8_t* g, int64_t nb, const Acts& a, int64_t m0, float* y, int64_t y_row, __mmask16 lanes) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const int64_t gb = LANES * block_bytes(T);
+  for (int64_t b = 0; b < nb; ++b, g += gb) {
+    const int64_t j = b * a.M + m0;  // this block of row m0; row m0 + r follows at fixed offsets
+    if constexpr (T == Q4_K)
+      q4k_block<R>(g, a, j, acc);
+    else if constexpr (T == Q6_K)
+      q6k_block<R>(g, a, j, acc);
+    else
+      block32<T, R>(g, a, j, acc);
+  }
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * y_row, lanes, acc[r]);
 }
+
+using GroupFn = void (*)(const uint8_t*, int64_t, const Acts&, int64_t, float*, int64_t, __mmask16);
 
 template <int64_t T>
-RowsFn rows_fn_for_rows(int64_t rows) {  // the row count is a template argument: the accumulators stay in registers
-  static constexpr RowsFn table[ROWS] = {rows_fn<T, 1>, rows_fn<T, 2>, rows_fn<T, 3>, rows_fn<T, 4>,
-                                         rows_fn<T, 5>, rows_fn<T, 6>, rows_fn<T, 7>, rows_fn<T, 8>};
+GroupFn group_fn_for_rows(int64_t rows) {  // the row count is a template argument: the accumulators stay in registers
+  static constexpr GroupFn table[ROWS] = {group_rows<T, 1>, group_rows<T, 2>, group_rows<T, 3>, group_rows<T, 4>,
+                                          group_rows<T, 5>, group_rows<T, 6>, group_rows<T, 7>, group_rows<T, 8>};
   return table[rows - 1];
 }
 
-RowsFn rows_fn_for(int64_t t, int64_t rows) {
+GroupFn group_fn(int64_t t, int64_t rows) {
   switch (t) {
-    case Q4_K: return rows_fn_for_rows<Q4_K>(rows);
-    case Q6_K: return rows_fn_for_rows<Q6_K>(rows);
-    case Q4_0: return rows_fn_for_rows<Q4_0>(rows);
-    case Q5_0: return rows_fn_for_rows<Q5_0>(rows);
-    case Q8_0: return rows_fn_for_rows<Q8_0>(rows);
+    case Q4_K: return group_fn_for_rows<Q4_K>(rows);
+    case Q6_K: return group_fn_for_rows<Q6_K>(rows);
+    case Q4_0: return group_fn_for_rows<Q4_0>(rows);
+    case Q5_0: return group_fn_for_rows<Q5_0>(rows);
+    case Q8_0: return group_fn_for_rows<Q8_0>(rows);
   }
   TORCH_CHECK(false, "gguf_mm: unsupported GGML type ", t);
 }
 
-// x [M, K] (fp32 or bf16); weights: one uint8 [N_i, units * unit_bytes] per part, all with K inputs; the parts'
-// outputs are concatenated, plus the bias [sum N_i] if given: y [M, sum N_i] in x's dtype.
-at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef qtypes,
+// x [M, K] (fp32 or bf16); weights: one uint8 [groups_i, blocks * 16 * block bytes] per part, all with K inputs and
+// rows_i real rows; the parts' outputs are concatenated, plus the bias [sum rows_i] if given: y [M, sum rows_i] in
+// x's dtype.
+at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef qtypes, at::IntArrayRef rows,
                    const c10::optional<at::Tensor>& bias_in) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "gguf_mm: x must be a 2-D CPU tensor");
-  TORCH_CHECK(weights.size() == qtypes.size() && !weights.empty(), "gguf_mm: one qtype per weight part");
+  TORCH_CHECK(weights.size() == qtypes.size() && weights.size() == rows.size() && !weights.empty(),
+              "gguf_mm: one qtype and one row count per weight part");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "gguf_mm: x must be fp32 or bf16");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t M = x.size(0), K = x.size(1);
-  std::vector<int64_t> offsets{0};
-  bool need_k = false, need_32 = false;
-  for (size_t i = 0; i < weights.size(); ++i) {
+  const int64_t parts = static_cast<int64_t>(weights.size());
+  std::vector<int64_t> col{0}, first_group{0};  // per part: first output column, first global group
+  for (int64_t i = 0; i < parts; ++i) {
     const auto& w = weights[i];
     const int64_t t = qtypes[i];
     TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "gguf_mm: weight part ", i,
-                " must be a contiguous uint8 [rows, bytes] tensor");
-    TORCH_CHECK(K % unit_elems(t) == 0 && w.size(1) == K / unit_elems(t) * unit_bytes(t), "gguf_mm: part ", i,
-                " holds ", w.size(1), " bytes per row, not what ", K, " inputs of type ", t, " need");
-    (k_family(t) ? need_k : need_32) = true;
-    offsets.push_back(offsets.back() + w.size(0));
+                " must be a contiguous uint8 [groups, bytes] tensor");
+    TORCH_CHECK(K % block_elems(t) == 0 && w.size(1) == K / block_elems(t) * LANES * block_bytes(t), "gguf_mm: part ",
+                i, " holds ", w.size(1), " bytes per group, not what ", K, " inputs of type ", t, " need");
+    TORCH_CHECK(rows[i] > 0 && w.size(0) == (rows[i] + LANES - 1) / LANES, "gguf_mm: part ", i, " has ", w.size(0),
+                " groups for ", rows[i], " rows");
+    col.push_back(col.back() + rows[i]);
+    first_group.push_back(first_group.back() + w.size(0));
   }
-  const int64_t N = offsets.back();
+  const int64_t N = col.back();
   at::Tensor bias;
   if (bias_in.has_value()) {
     bias = bias_in->to(at::kFloat).contiguous();
     TORCH_CHECK(bias.numel() == N, "gguf_mm: bias has ", bias.numel(), " entries for ", N, " outputs");
   }
-  KActs ka;
-  Acts32 a4, a5, a8;  // the 32-weight types differ only in the code offset the lane sums carry
+  // one set of quantized activations per type in the call (they differ in block size and offsets)
+  std::vector<Acts> acts(parts);
   const float* xp = x.data_ptr<float>();
-  for (const int64_t t : qtypes) {
-    if (M == 0) break;
-    if (k_family(t) && ka.M == 0) quantize_k(xp, M, K, ka);
-    if (t == Q4_0 && a4.M == 0) quantize_32(xp, M, K, 8, a4);
-    if (t == Q5_0 && a5.M == 0) quantize_32(xp, M, K, 16, a5);
-    if (t == Q8_0 && a8.M == 0) quantize_32(xp, M, K, 128, a8);
+  for (int64_t i = 0; i < parts && M > 0; ++i) {
+    int64_t same = 0;
+    while (qtypes[same] != qtypes[i]) ++same;
+    if (same == i) quantize(xp, M, K, qtypes[i], acts[i]);
   }
   at::Tensor y32 = at::empty({M, N}, x.options());
   at::Tensor y = x_in.scalar_type() == at::kFloat ? y32 : at::empty({M, N}, x_in.options());
   float* yp = y32.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  // Thread split over output features only: it never changes what one output computes.
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (size_t part = 0; part < weights.size(); ++part) {
-      const int64_t lo = std::max(begin, offsets[part]), hi = std::min(end, offsets[part + 1]);
-      if (lo >= hi) continue;
-      const int64_t t = qtypes[part], row_bytes = weights[part].size(1);
-      const uint8_t* rows = weights[part].data_ptr<uint8_t>() + (lo - offsets[part]) * row_bytes;
-      const void* acts = k_family(t) ? static_cast<const void*>(&ka)
-                         : t == Q4_0 ? static_cast<const void*>(&a4)
-                         : t == Q5_0 ? static_cast<const void*>(&a5) : static_cast<const void*>(&a8);
-      // Past 8 activation rows (prefill), a tile of weight rows that fits in L2 meets every group of 8 rows
-      // before the next tile is read, so the weights stream from memory once, not once per group.
-      const int64_t tile = M <= ROWS ? hi - lo : std::max<int64_t>(1, (256 << 10) / row_bytes);
-      for (int64_t n0 = lo; n0 < hi; n0 += tile) {
-        const int64_t nt = std::min(tile, hi - n0);
-        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
-          const int64_t r = std::min<int64_t>(ROWS, M - m0);
-          rows_fn_for(t, r)(rows + (n0 - lo) * row_bytes, row_bytes, nt, K / unit_elems(t), acts, m0,
-                            yp + m0 * N + n0, N);
-        }
+  // Thread split over groups of output rows only: it never changes what one output computes.
+  at::parallel_for(0, first_group.back(), 1, [&](int64_t begin, int64_t end) {
+    int64_t part = 0, n_begin = -1, n_end = 0;
+    for (int64_t gi = begin; gi < end; ++gi) {
+      while (gi >= first_group[part + 1]) ++part;
+      const int64_t t = qtypes[part], local = gi - first_group[part];
+      int64_t same = 0;
+      while (qtypes[same] != t) ++same;
+      const int64_t n0 = col[part] + LANES * local, live = std::min<int64_t>(LANES, col[part + 1] - n0);
+      if (n_begin < 0) n_begin = n0;
+      n_end = n0 + live;
+      const uint8_t* g = weights[part].data_ptr<uint8_t>() + local * weights[part].size(1);
+      // Past 8 activation rows (prefill) the group's weights, a few KB to ~100 KB, stay in cache between passes.
+      for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+        const int64_t r = std::min<int64_t>(ROWS, M - m0);
+        group_fn(t, r)(g, K / block_elems(t), acts[same], m0, yp + m0 * N + n0, N, outrider::tail_mask(live));
       }
     }
+    if (n_begin < 0) return;
     // this thread's outputs: the bias, then the one rounding to x's dtype
     for (int64_t m = 0; m < M; ++m) {
       float* row = yp + m * N;
       if (bp)
-        for (int64_t n = begin; n < end; ++n) row[n] += bp[n];
+        for (int64_t n = n_begin; n < n_end; ++n) row[n] += bp[n];
       if (x_in.scalar_type() == at::kBFloat16) {
         c10::BFloat16* out = y.data_ptr<c10::BFloat16>() + m * N;
-        for (int64_t n = begin; n < end; n += 16) {
-          const __mmask16 tail = outrider::tail_mask(end - n);
+        for (int64_t n = n_begin; n < n_end; n += 16) {
+          const __mmask16 tail = outrider::tail_mask(n_end - n);
           outrider::store16(out + n, _mm512_maskz_loadu_ps(tail, row + n), tail);
         }
       }
@@ -381,5 +358,7 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(outrider, m) { m.def("gguf_mm(Tensor x, Tensor[] weights, int[] qtypes, Tensor? bias=None) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(outrider, m) {
+  m.def("gguf_mm(Tensor x, Tensor[] weights, int[] qtypes, int[] rows, Tensor? bias=None) -> Tensor");
+}
 TORCH_LIBRARY_IMPL(outrider, CPU, m) { m.impl("gguf_mm", gguf_mm); }
