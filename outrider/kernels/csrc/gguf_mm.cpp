@@ -30,8 +30,8 @@ constexpr int64_t Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14;  // GGML t
 constexpr int LANES = 16;  // output rows per group
 constexpr int ROWS = 8;    // activation rows kept in registers at once
 
-int64_t block_elems(int64_t t) { return (t == Q4_K || t == Q6_K) ? 256 : 32; }
-int64_t block_bytes(int64_t t) {  // per block of one row, as in the file
+constexpr int64_t block_elems(int64_t t) { return (t == Q4_K || t == Q6_K) ? 256 : 32; }
+constexpr int64_t block_bytes(int64_t t) {  // per block of one row, as in the file
   switch (t) {
     case Q4_K: return 144;
     case Q6_K: return 210;
@@ -39,9 +39,21 @@ int64_t block_bytes(int64_t t) {  // per block of one row, as in the file
     case Q5_0: return 22;
     case Q8_0: return 34;
   }
-  TORCH_CHECK(false, "gguf_mm: unsupported GGML type ", t);
+  return 0;  // unreachable: gguf_mm checks every type id first
 }
-bool k_family(int64_t t) { return t == Q4_K || t == Q6_K; }
+constexpr int64_t code_bytes(int64_t t) {  // per group of 16 rows and block; the rest of the group's bytes are parameters
+  switch (t) {
+    case Q4_K: return 2048;
+    case Q6_K: return 3072;
+    case Q5_0: return 320;
+    case Q8_0: return 512;
+  }
+  return 256;  // Q4_0
+}
+constexpr int64_t param_bytes(int64_t t) { return LANES * block_bytes(t) - code_bytes(t); }
+// A group's row is records of blocks, [parameters of each][codes of each]: one ascending stream of 64-byte lines.
+constexpr int64_t record_blocks(int64_t t) { return t == Q4_K ? 1 : 2; }
+constexpr int64_t group_bytes(int64_t t, int64_t K) { return (K / block_elems(t) * LANES * block_bytes(t) + 63) / 64 * 64; }
 
 // ---- activations ------------------------------------------------------------------------------------------
 
@@ -145,9 +157,9 @@ inline __m512i dot(const __m512i* c, const int8_t* x) {
 
 // Q4_K: w = d * sc_s * q - dmin * m_s, sub-block s of 32.
 template <int R>
-inline void q4k_block(const uint8_t* g, const Acts& a, int64_t j, __m512* acc) {
-  const __m512 d = f16x16(g), dmin = f16x16(g + 32);
-  const uint8_t *low = g + 64, *top = g + 192, *codes = g + 256;
+[[gnu::always_inline]] inline void q4k_block(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc) {
+  const __m512 d = f16x16(p), dmin = f16x16(p + 32);
+  const uint8_t *low = p + 64, *top = p + 192;
   alignas(64) uint8_t scale_bytes[128], min_bytes[128];  // byte 16 s + i: row i's six-bit sub-scale / min
   const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
   for (int h = 0; h < 2; ++h) {  // sub-blocks 4h .. 4h + 3 at once: their top bits are bytes 32h .. 32h + 31
@@ -184,9 +196,9 @@ inline void q4k_block(const uint8_t* g, const Acts& a, int64_t j, __m512* acc) {
 // Q6_K: w = d * sc_s * (q - 32), sub-block s of 16; its four steps are three bytes vectors, the fourth step's
 // six bits in their top two bits.
 template <int R>
-inline void q6k_block(const uint8_t* g, const Acts& a, int64_t j, __m512* acc) {
-  const __m512 d = f16x16(g);
-  const uint8_t *scales = g + 32, *codes = g + 288;
+[[gnu::always_inline]] inline void q6k_block(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc) {
+  const __m512 d = f16x16(p);
+  const uint8_t* scales = p + 32;
   const __m512i six = _mm512_set1_epi8(0x3F), low2 = _mm512_set1_epi8(0x03), low4 = _mm512_set1_epi8(0x0F);
   __m512 fsum[R];
   for (int r = 0; r < R; ++r) fsum[r] = _mm512_setzero_ps();
@@ -196,8 +208,8 @@ inline void q6k_block(const uint8_t* g, const Acts& a, int64_t j, __m512* acc) {
     const __m512 scale = _mm512_mul_ps(
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 16 * s)))),
         d);
-    const uint8_t* p = codes + 192 * s;
-    const __m512i A = load64(p), B = load64(p + 64), C = load64(p + 128);
+    const uint8_t* v = codes + 192 * s;
+    const __m512i A = load64(v), B = load64(v + 64), C = load64(v + 128);
     __m512i c[4];
     c[0] = _mm512_and_si512(A, six);
     c[1] = _mm512_and_si512(B, six);
@@ -216,18 +228,18 @@ inline void q6k_block(const uint8_t* g, const Acts& a, int64_t j, __m512* acc) {
 // Q4_0 w = d (q - 8), Q5_0 w = d (q - 16), Q8_0 w = d q (entering as q + 128): the offset comes off through the
 // activations' block sums.
 template <int64_t T, int R>
-inline void block32(const uint8_t* g, const Acts& a, int64_t j, __m512* acc) {
-  const __m512 dw = f16x16(g);
+[[gnu::always_inline]] inline void block32(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc) {
+  const __m512 dw = f16x16(p);
   __m512i c[8];
   if constexpr (T == Q8_0) {
-    for (int t = 0; t < 8; ++t) c[t] = load64(g + 32 + 64 * t);
+    for (int t = 0; t < 8; ++t) c[t] = load64(codes + 64 * t);
   } else {
-    unpack_nibbles(g + 32, c);
+    unpack_nibbles(codes, c);
     if constexpr (T == Q5_0) {
       const __m512i sixteen = _mm512_set1_epi8(0x10);
       for (int t = 0; t < 8; ++t) {
         uint64_t fifth;
-        std::memcpy(&fifth, g + 288 + 8 * t, 8);
+        std::memcpy(&fifth, codes + 256 + 8 * t, 8);
         c[t] = _mm512_mask_add_epi8(c[t], fifth, c[t], sixteen);
       }
     }
@@ -244,15 +256,19 @@ template <int64_t T, int R>
 void group_rows(const uint8_t* g, int64_t nb, const Acts& a, int64_t m0, float* y, int64_t y_row, __mmask16 lanes) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const int64_t gb = LANES * block_bytes(T);
-  for (int64_t b = 0; b < nb; ++b, g += gb) {
-    const int64_t j = b * a.M + m0;  // this block of row m0; row m0 + r follows at fixed offsets
-    if constexpr (T == Q4_K)
-      q4k_block<R>(g, a, j, acc);
-    else if constexpr (T == Q6_K)
-      q6k_block<R>(g, a, j, acc);
-    else
-      block32<T, R>(g, a, j, acc);
+  constexpr int64_t CB = code_bytes(T), PB = param_bytes(T), RB = record_blocks(T);
+  for (int64_t b0 = 0; b0 < nb; b0 += RB, g += RB * (CB + PB)) {
+    const int64_t n = std::min(RB, nb - b0);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint8_t *params = g + i * PB, *codes = g + n * PB + i * CB;
+      const int64_t j = (b0 + i) * a.M + m0;  // this block of row m0; row m0 + r follows at fixed offsets
+      if constexpr (T == Q4_K)
+        q4k_block<R>(codes, params, a, j, acc);
+      else if constexpr (T == Q6_K)
+        q6k_block<R>(codes, params, a, j, acc);
+      else
+        block32<T, R>(codes, params, a, j, acc);
+    }
   }
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * y_row, lanes, acc[r]);
 }
@@ -277,7 +293,7 @@ GroupFn group_fn(int64_t t, int64_t rows) {
   TORCH_CHECK(false, "gguf_mm: unsupported GGML type ", t);
 }
 
-// x [M, K] (fp32 or bf16); weights: one uint8 [groups_i, blocks * 16 * block bytes] per part, all with K inputs and
+// x [M, K] (fp32 or bf16); weights: one uint8 [groups_i, group_bytes] per part, all with K inputs and
 // rows_i real rows; the parts' outputs are concatenated, plus the bias [sum rows_i] if given: y [M, sum rows_i] in
 // x's dtype.
 at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef qtypes, at::IntArrayRef rows,
@@ -293,9 +309,10 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
   for (int64_t i = 0; i < parts; ++i) {
     const auto& w = weights[i];
     const int64_t t = qtypes[i];
+    TORCH_CHECK(block_bytes(t) > 0, "gguf_mm: unsupported GGML type ", t);
     TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "gguf_mm: weight part ", i,
                 " must be a contiguous uint8 [groups, bytes] tensor");
-    TORCH_CHECK(K % block_elems(t) == 0 && w.size(1) == K / block_elems(t) * LANES * block_bytes(t), "gguf_mm: part ",
+    TORCH_CHECK(K % block_elems(t) == 0 && w.size(1) == group_bytes(t, K), "gguf_mm: part ",
                 i, " holds ", w.size(1), " bytes per group, not what ", K, " inputs of type ", t, " need");
     TORCH_CHECK(rows[i] > 0 && w.size(0) == (rows[i] + LANES - 1) / LANES, "gguf_mm: part ", i, " has ", w.size(0),
                 " groups for ", rows[i], " rows");
