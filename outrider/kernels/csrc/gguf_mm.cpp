@@ -28,7 +28,7 @@ namespace {
 
 constexpr int64_t Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14;  // GGML type ids
 constexpr int LANES = 16;  // output rows per group
-constexpr int ROWS = 8;    // activation rows kept in registers at once
+constexpr int ROWS = 8;    // activation rows kept in registers at once, at most
 
 constexpr int64_t block_elems(int64_t t) { return (t == Q4_K || t == Q6_K) ? 256 : 32; }
 constexpr int64_t block_bytes(int64_t t) {  // per block of one row, as in the file
@@ -53,6 +53,9 @@ constexpr int64_t code_bytes(int64_t t) {  // per group of 16 rows and block; th
 constexpr int64_t param_bytes(int64_t t) { return LANES * block_bytes(t) - code_bytes(t); }
 // A group's row is records of blocks, [parameters of each][codes of each]: one ascending stream of 64-byte lines.
 constexpr int64_t record_blocks(int64_t t) { return t == Q4_K ? 1 : 2; }
+// Rows per pass: past these the accumulators spill (Q4_K keeps two per row plus eight code vectors; measured
+// cache-resident, a seventh Q4_K row cost twice a sixth).
+constexpr int64_t rows_per_pass(int64_t t) { return t == Q4_K ? 6 : t == Q6_K ? 5 : ROWS; }
 constexpr int64_t group_bytes(int64_t t, int64_t K) { return (K / block_elems(t) * LANES * block_bytes(t) + 63) / 64 * 64; }
 
 // ---- activations ------------------------------------------------------------------------------------------
@@ -349,9 +352,9 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
       if (n_begin < 0) n_begin = n0;
       n_end = n0 + live;
       const uint8_t* g = weights[part].data_ptr<uint8_t>() + local * weights[part].size(1);
-      // Past 8 activation rows (prefill) the group's weights, a few KB to ~100 KB, stay in cache between passes.
-      for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
-        const int64_t r = std::min<int64_t>(ROWS, M - m0);
+      // Past one pass of activation rows (prefill) the group's weights, a few KB to ~100 KB, stay in cache between passes.
+      for (int64_t m0 = 0; m0 < M; m0 += rows_per_pass(t)) {
+        const int64_t r = std::min<int64_t>(rows_per_pass(t), M - m0);
         group_fn(t, r)(g, K / block_elems(t), acts[same], m0, yp + m0 * N + n0, N, outrider::tail_mask(live));
       }
     }
