@@ -26,12 +26,12 @@ def test_serving_bench_in_process_reports_every_level_with_identical_outputs(tmp
 
 def test_kernel_bench_times_each_format_relative_to_one_row(tmp_path, capsys):
     out = tmp_path / "kernels.json"
-    code = main(["bench", "kernels", "--formats", "int8,int4", "--kernel-rows", "1,4", "--iters", "2",
-                 "--json-out", str(out)])
+    code = main(["bench", "kernels", "--formats", "int8,int4,gguf", "--kernel-rows", "1,4", "--iters", "2",
+                 "--kernel-layers", "2", "--json-out", str(out)])
     assert code == 0
     results = json.loads(out.read_text())
-    assert [r["format"] for r in results] == ["int8", "int4"]
+    assert [r["format"] for r in results] == ["int8", "int4", "gguf"]
     for r in results:
-        assert r["rows"] == [1, 4] and r["ratio"][0] == 1.0 and all(t > 0 for t in r["ms"])
+        assert r["rows"] == [1, 4] and r["layers"] == 2 and r["ratio"][0] == 1.0 and all(t > 0 for t in r["ms"])
         assert r["bytes"] > 0 and r["gbps_m1"] > 0
     assert results[1]["bytes"] < results[0]["bytes"]  # int4 streams fewer bytes than int8

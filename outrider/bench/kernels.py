@@ -2,8 +2,12 @@
 the default target's linears. Verification of k + 1 rows is lossless only if it is batch-invariant, and it is
 cheap only if the kernel's cost stays flat in M: this is the table that says which formats are.
 
-Each kernel is timed on random weights of the shape (the cost does not depend on the values): the median of
-`--iters` calls per M, the ratio to M = 1, and the weight bytes streamed per second at M = 1.
+Each kernel is timed on random weights of the shape (the cost does not depend on the values), `--kernel-layers`
+layers of them one after another in 2 MiB pages as the loader lays out a model: one layer of the 1.5B target (29 MB
+at gguf) would mostly stay in a 32 MB L3 between calls and flatter M = 1, whereas a decoding model streams every
+layer from memory. Reported: the median over `--iters` passes of the time per layer at each M, the ratio to M = 1,
+and the weight bytes streamed per second at M = 1. The row counts are timed round-robin, one pass each per
+iteration, so the machine's drift (large on this shared VM) does not land on one M.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from outrider.bench.timing import call_times_ms
+from outrider.bench.timing import interleaved_times_ms
 
 from outrider.kernels.linear import WEIGHT_FORMATS, make_linear
 
@@ -26,6 +30,8 @@ def add_kernel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formats", default=",".join(WEIGHT_FORMATS), help="weight formats to time")
     p.add_argument("--kernel-rows", default="1,2,4,8,16", help="row counts M to time")
     p.add_argument("--kernel-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--kernel-layers", type=int, default=4,
+                   help="distinct layers of weights timed back to back (enough to exceed the last-level cache)")
 
 
 def run_kernel_bench(args: argparse.Namespace) -> int:
@@ -35,29 +41,38 @@ def run_kernel_bench(args: argparse.Namespace) -> int:
     rows = [int(r) for r in args.kernel_rows.split(",")]
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     torch.set_num_threads(2)
-    results = [_time_format(fmt, dtype, rows, args.iters) for fmt in formats]
+    results = [_time_format(fmt, dtype, rows, args.iters, args.kernel_layers) for fmt in formats]
     print(f"{'format':7} " + " ".join(f"{'M=' + str(m):>13}" for m in rows) + f" {'GB/s at M=1':>12}")
     for r in results:
         cells = " ".join(f"{r['ms'][i]:7.2f} ({r['ratio'][i]:.2f}x)" for i in range(len(rows)))
         print(f"{r['format']:7} {cells} {r['gbps_m1']:>12.1f}")
-    print("ms per decoder layer of the 1.5B target (qkv + o + gate_up + down), median; (ratio to M = 1)")
+    print(f"ms per decoder layer of the 1.5B target (qkv + o + gate_up + down), median over passes of "
+          f"{args.kernel_layers} layers; (ratio to M = 1)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1))
         print(f"wrote {args.json_out}")
     return 0
 
 
-def _time_format(fmt: str, dtype: torch.dtype, rows: list[int], iters: int) -> dict:
+def _time_format(fmt: str, dtype: torch.dtype, rows: list[int], iters: int, layers: int) -> dict:
     g = torch.Generator().manual_seed(0)
-    kernels = [_kernel(fmt, shape, dtype, g) for shape in SHAPES.values()]
-    inputs = {name: shape[1] for name, shape in SHAPES.items()}
-    ms = []
-    for m in rows:
-        xs = [torch.randn(m, n, generator=g).to(dtype) for n in inputs.values()]
-        ms.append(_median_ms(lambda: [k(x) for k, x in zip(kernels, xs)], iters))
-    nbytes = sum(k.nbytes for k in kernels)
-    return {"format": fmt, "dtype": str(dtype).removeprefix("torch."), "rows": rows, "ms": ms,
+    stack = [[_in_huge_pages(fmt, _kernel(fmt, shape, dtype, g)) for shape in SHAPES.values()] for _ in range(layers)]
+    inputs = [shape[1] for shape in SHAPES.values()]
+    def one_pass(xs: list[torch.Tensor]):
+        return lambda: [k(x) for layer in stack for k, x in zip(layer, xs)]
+
+    passes = [one_pass([torch.randn(m, n, generator=g).to(dtype) for n in inputs]) for m in rows]
+    ms = [statistics.median(t) / layers for t in interleaved_times_ms(passes, iters)]
+    nbytes = sum(k.nbytes for k in stack[0])
+    return {"format": fmt, "dtype": str(dtype).removeprefix("torch."), "rows": rows, "layers": layers, "ms": ms,
             "ratio": [t / ms[0] for t in ms], "bytes": nbytes, "gbps_m1": nbytes / ms[0] / 1e6}
+
+
+def _in_huge_pages(fmt: str, kernel):
+    from outrider.kernels.linear import linear_from_state
+    from outrider.runtime.memory import in_huge_pages
+
+    return linear_from_state(fmt, in_huge_pages(kernel.state()))
 
 
 def _kernel(fmt: str, shape: tuple[int, int], dtype: torch.dtype, g: torch.Generator):
@@ -67,7 +82,3 @@ def _kernel(fmt: str, shape: tuple[int, int], dtype: torch.dtype, g: torch.Gener
         qtype = "Q6_K" if shape == SHAPES["down"] else "Q4_K"
         return GGUFLinear.from_blocks([random_blocks(qtype, *shape, g)], None, dtype)
     return make_linear(fmt, torch.randn(*shape, generator=g) * 0.02, None, dtype, torch.device("cpu"))
-
-
-def _median_ms(fn, iters: int) -> float:
-    return statistics.median(call_times_ms(fn, iters, warmup=3))
