@@ -383,8 +383,9 @@ class GGUFLinear:
             else:
                 merged.append(b)
         k = merged[0].codes.shape[1] * BLOCK[merged[0].qtype][0]
+        # the bias rounded to the model's dtype, as the other formats add it, and kept in fp32 for the kernel
         return cls([pack(b) for b in merged], [b.qtype for b in merged], [b.codes.shape[0] for b in merged], k,
-                   None if bias is None else bias.to(dtype))
+                   None if bias is None else bias.to(dtype).float())
 
     @classmethod
     def from_raw(cls, raws: list[tuple[str, torch.Tensor]], bias: torch.Tensor | None,

@@ -24,7 +24,7 @@ from outrider.runtime.tokenizer import Tokenizer
 from outrider.runtime.warm import read_config, write_meta
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # part of the cache file name: bump it when any format's stored layout changes
+CACHE_VERSION = 4  # part of the cache file name: bump it when any format's stored layout changes
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 LINEARS = ("qkv", "o", "gate_up", "down")

@@ -61,9 +61,11 @@ constexpr int64_t group_bytes(int64_t t, int64_t K) { return (K / block_elems(t)
 // ---- activations ------------------------------------------------------------------------------------------
 
 // Quantize n floats with one scale: codes = rint(x / d), d = amax / 127 (0 codes when amax is 0).
-inline float quantize_block(const float* x, int n, int8_t* q) {
+template <typename In>  // float or c10::BFloat16 (read as the fp32 it is)
+inline float quantize_block(const In* x, int n, int8_t* q) {
+  const __mmask16 all = 0xFFFF;
   __m512 amax = _mm512_setzero_ps();
-  for (int i = 0; i < n; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  for (int i = 0; i < n; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(outrider::load16(x + i, all)));
   const float d = _mm512_reduce_max_ps(amax) / 127.0f;
   if (d == 0.0f) {
     std::memset(q, 0, n);
@@ -71,7 +73,7 @@ inline float quantize_block(const float* x, int n, int8_t* q) {
   }
   const __m512 vd = _mm512_set1_ps(d);
   for (int i = 0; i < n; i += 16) {
-    __m512i c = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + i), vd));  // nearest-even
+    __m512i c = _mm512_cvtps_epi32(_mm512_div_ps(outrider::load16(x + i, all), vd));  // nearest-even
     c = _mm512_max_epi32(_mm512_min_epi32(c, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(c));
   }
@@ -96,7 +98,8 @@ struct Acts {
   std::vector<int32_t> off;       // Q6_K: [blocks, M, 16]; 32-weight types: [blocks, M]
 };
 
-void quantize(const float* x, int64_t M, int64_t K, int64_t t, Acts& a) {
+template <typename In>
+void quantize(const In* x, int64_t M, int64_t K, int64_t t, Acts& a) {
   const int64_t E = block_elems(t), nb = K / E;
   const int64_t offset = t == Q4_0 ? 8 : t == Q5_0 ? 16 : 128;  // Q8_0 codes enter VPDPBUSD as code + 128
   const int64_t per = t == Q4_K ? 8 : t == Q6_K ? 16 : 1;
@@ -305,7 +308,7 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
   TORCH_CHECK(weights.size() == qtypes.size() && weights.size() == rows.size() && !weights.empty(),
               "gguf_mm: one qtype and one row count per weight part");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "gguf_mm: x must be fp32 or bf16");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t parts = static_cast<int64_t>(weights.size());
   std::vector<int64_t> col{0}, first_group{0};  // per part: first output column, first global group
@@ -325,18 +328,21 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
   const int64_t N = col.back();
   at::Tensor bias;
   if (bias_in.has_value()) {
-    bias = bias_in->to(at::kFloat).contiguous();
+    bias = bias_in->to(at::kFloat).contiguous();  // GGUFLinear keeps its bias in fp32: no copy
     TORCH_CHECK(bias.numel() == N, "gguf_mm: bias has ", bias.numel(), " entries for ", N, " outputs");
   }
   // one set of quantized activations per type in the call (they differ in block size and offsets)
   std::vector<Acts> acts(parts);
-  const float* xp = x.data_ptr<float>();
   for (int64_t i = 0; i < parts && M > 0; ++i) {
     int64_t same = 0;
     while (qtypes[same] != qtypes[i]) ++same;
-    if (same == i) quantize(xp, M, K, qtypes[i], acts[i]);
+    if (same != i) continue;
+    if (x.scalar_type() == at::kFloat)
+      quantize(x.data_ptr<float>(), M, K, qtypes[i], acts[i]);
+    else
+      quantize(x.data_ptr<c10::BFloat16>(), M, K, qtypes[i], acts[i]);
   }
-  at::Tensor y32 = at::empty({M, N}, x.options());
+  at::Tensor y32 = at::empty({M, N}, x.options().dtype(at::kFloat));
   at::Tensor y = x_in.scalar_type() == at::kFloat ? y32 : at::empty({M, N}, x_in.options());
   float* yp = y32.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
