@@ -164,6 +164,44 @@ def test_peers_are_summarised_beside_strategies(tiny_gguf, tmp_path, capsys, mon
     assert "0/1 (ids)" in printed and (tmp_path / "chart.png").is_file()
 
 
+def test_llama_cpp_runs_prompt_by_prompt_between_ours(tiny_gguf, tmp_path, capsys, monkeypatch):
+    """llama.cpp runs on each prompt right after our strategies did (ratios taken seconds apart, not minutes, on a
+    machine whose speed drifts), and its runs keep their prompt's index."""
+    import outrider.bench.peers as peers
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "llama-speculative-simple").write_text("")
+    order: list[str] = []
+    from outrider.pipeline import Pipeline
+
+    real_generate = Pipeline.generate
+
+    def generate(self, *a, **kw):
+        order.append("ours")
+        return real_generate(self, *a, **kw)
+
+    def fake_llama(bin_dir_, target, draft, prompts, max_tokens, threads, draft_k):
+        assert len(prompts) == 1
+        order.append("llama.cpp")
+        return [peers.PeerRun("llama.cpp", 0, 4, 1.0, 4.0, "ab", None, "fake"),
+                peers.PeerRun("llama.cpp-spec", 0, 4, 0.5, 8.0, "ab", None, "fake")]
+
+    monkeypatch.setattr(Pipeline, "generate", generate)
+    monkeypatch.setattr(peers, "run_llama_cpp", fake_llama)
+    prompts = tmp_path / "two.txt"
+    prompts.write_text("Hello world!\nAnother prompt\n", encoding="utf-8")
+    out = tmp_path / "llama.json"
+    args = bench_args(tiny_gguf, tmp_path, "--strategies", "autoregressive,vanilla", "--no-warmup", "--peers",
+                      "llama.cpp", "--llama-cpp", str(bin_dir), "--json-out", str(out))
+    args[args.index("--prompts") + 1] = str(prompts)
+    assert main(args) == 0, capsys.readouterr()
+    assert order == ["ours", "ours", "llama.cpp", "ours", "ours", "llama.cpp"]
+    llama = json.loads(out.read_text())["peers"]["llama.cpp"]
+    assert sorted(r["prompt_index"] for r in llama["runs"]) == [0, 0, 1, 1]
+    assert (llama["plain_tokens_per_s"], llama["spec_tokens_per_s"]) == (4.0, 8.0)
+
+
 def test_peer_prerequisites_fail_before_loading(tiny_gguf, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OUTRIDER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PATH", str(tmp_path))  # no llama.cpp binaries anywhere

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from tqdm import tqdm
 
@@ -82,9 +82,10 @@ def warm_up(pipe: Pipeline, work: Workload) -> None:
         pipe.generate(work.prompt_ids[0], name, min(WARMUP_TOKENS, work.max_tokens), work.params, work.ignore_eos)
 
 
-def measure(pipe: Pipeline, work: Workload) -> list[dict]:
+def measure(pipe: Pipeline, work: Workload, after_prompt: Callable[[int], None] | None = None) -> list[dict]:
     """For each prompt, every strategy back to back: interleaving spreads machine noise (thermal, other tenants)
-    over all strategies instead of biasing whichever ran during a slow minute."""
+    over all strategies instead of biasing whichever ran during a slow minute. `after_prompt(index)` runs right
+    after each prompt's strategies (llama.cpp on the same prompt, so its ratios to ours are taken minutes closer)."""
     runs = []
     with tqdm(total=len(work.prompt_ids) * len(work.strategies), desc="bench", unit="run", file=sys.stderr) as bar:
         for index, ids in enumerate(work.prompt_ids):
@@ -93,6 +94,8 @@ def measure(pipe: Pipeline, work: Workload) -> list[dict]:
                 result = pipe.generate(ids, name, work.max_tokens, work.params, work.ignore_eos)
                 runs.append(run_record(name, index, len(ids), result))
                 bar.update()
+            if after_prompt is not None:
+                after_prompt(index)
     return runs
 
 
@@ -138,8 +141,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if not prompts:
         raise ValueError(f"prompt set {args.prompts!r} holds no prompts")
     peer_plan = plan_peers(peers, args)  # before loading models: a missing peer fails in seconds, not minutes
-    session = measure_outrider(args, strategies, prompts)
-    peer_results = run_peers(peer_plan, session.prompt_texts, args) if peers else {}
+    session = measure_outrider(args, strategies, prompts, peer_plan)
+    peer_results = run_peers(peer_plan, session.prompt_texts, args, session.peer_results) if peers else {}
     print(render_table(session.summary, peer_results, len(prompts)))
     report = {"config": bench_config(args, strategies, peers, session.load_seconds), "runs": session.runs,
               "summary": session.summary, "peers": peer_results}
@@ -157,10 +160,13 @@ class Session:
     summary: dict[str, dict]
     prompt_texts: list[str]  # chat-templated where the prompt is a chat turn: exactly what the target read
     load_seconds: float
+    peer_results: dict[str, dict]  # peers measured prompt by prompt between ours (llama.cpp)
 
 
-def measure_outrider(args: argparse.Namespace, strategies: list[str], prompts: list[Prompt]) -> Session:
-    """Load once, warm up, measure; the pipeline is dropped on return so peers get its memory."""
+def measure_outrider(args: argparse.Namespace, strategies: list[str], prompts: list[Prompt],
+                     peer_plan: PeerPlan | None = None) -> Session:
+    """Load once, warm up, measure; the pipeline is dropped on return so the other peers get its memory.
+    llama.cpp, a subprocess of its own, runs on each prompt right after our strategies do."""
     from outrider.cli import model_options, sampling_params
     from outrider.pipeline import Pipeline
 
@@ -171,8 +177,40 @@ def measure_outrider(args: argparse.Namespace, strategies: list[str], prompts: l
                     sampling_params(args), args.ignore_eos)
     if args.warmup:
         warm_up(pipe, work)
-    runs = measure(pipe, work)
-    return Session(runs, summarize_runs(runs, work, options.k), texts, pipe.load_seconds)
+    llama = _InterleavedLlamaCpp(peer_plan, texts, args) if peer_plan and "llama.cpp" in peer_plan.names else None
+    runs = measure(pipe, work, llama.run if llama else None)
+    peer_results = {"llama.cpp": llama.result()} if llama else {}
+    return Session(runs, summarize_runs(runs, work, options.k), texts, pipe.load_seconds, peer_results)
+
+
+class _InterleavedLlamaCpp:
+    """llama.cpp's plain and speculative runs, one prompt at a time; a failure is recorded once and ends them."""
+
+    def __init__(self, plan: PeerPlan, texts: list[str], args: argparse.Namespace):
+        self.plan, self.texts, self.args = plan, texts, args
+        self.runs: list = []
+        self.error: str | None = None
+
+    def run(self, index: int) -> None:
+        from outrider.bench.peers import run_llama_cpp
+        from outrider.pipeline import THREADS
+
+        if self.error is not None:
+            return
+        assert self.plan.llama_cpp is not None
+        try:
+            runs = run_llama_cpp(self.plan.llama_cpp, self.plan.target, self.plan.draft, [self.texts[index]],
+                                 self.args.max_tokens, THREADS, self.args.draft_k)
+        except (RuntimeError, ValueError, OSError) as e:
+            print(f"!!! peer llama.cpp failed: {e}", file=sys.stderr)
+            self.error = str(e)
+            return
+        self.runs += [replace(r, prompt_index=index) for r in runs]
+
+    def result(self) -> dict:
+        if self.error is not None:
+            return {"error": self.error, "runs": []}
+        return summarize_peer([asdict(r) for r in self.runs])
 
 
 @dataclass(frozen=True)
@@ -203,28 +241,24 @@ def plan_peers(names: list[str], args: argparse.Namespace) -> PeerPlan | None:
     return PeerPlan(target, draft, bin_dir, names)
 
 
-def run_peers(plan: PeerPlan, prompt_texts: list[str], args: argparse.Namespace) -> dict[str, dict]:
-    """Each peer's plain and speculative modes on the same files, prompts and budget. A peer that fails is
-    recorded with its error rather than discarding the outrider measurements already taken."""
-    from outrider.bench.peers import run_hf, run_llama_cpp
+def run_peers(plan: PeerPlan, prompt_texts: list[str], args: argparse.Namespace,
+              done: dict[str, dict]) -> dict[str, dict]:
+    """The peers not already measured between our runs (`done`: llama.cpp), i.e. HF, after ours: its load takes
+    over a minute, too long to repeat per prompt. A peer that fails is recorded with its error rather than
+    discarding the outrider measurements already taken."""
+    from outrider.bench.peers import run_hf
     from outrider.pipeline import THREADS
 
-    results = {}
-    for name in plan.names:
-        print(f"outrider bench: running peer {name} on {len(prompt_texts)} prompts", file=sys.stderr)
+    results = dict(done)
+    if "hf" in plan.names:
+        print(f"outrider bench: running peer hf on {len(prompt_texts)} prompts", file=sys.stderr)
         try:
-            if name == "hf":
-                runs = run_hf(plan.target, plan.draft, prompt_texts, args.max_tokens, args.dtype, THREADS)
-            else:
-                assert plan.llama_cpp is not None
-                runs = run_llama_cpp(plan.llama_cpp, plan.target, plan.draft, prompt_texts, args.max_tokens,
-                                     THREADS, args.draft_k)
+            runs = run_hf(plan.target, plan.draft, prompt_texts, args.max_tokens, args.dtype, THREADS)
+            results["hf"] = summarize_peer([asdict(r) for r in runs])
         except (RuntimeError, ValueError, OSError) as e:
-            print(f"!!! peer {name} failed: {e}", file=sys.stderr)
-            results[name] = {"error": str(e), "runs": []}
-            continue
-        results[name] = summarize_peer([asdict(r) for r in runs])
-    return results
+            print(f"!!! peer hf failed: {e}", file=sys.stderr)
+            results["hf"] = {"error": str(e), "runs": []}
+    return {name: results[name] for name in plan.names}
 
 
 def summarize_peer(runs: list[dict]) -> dict:

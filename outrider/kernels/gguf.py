@@ -1,16 +1,16 @@
-"""GGUF weight blocks kept exact: Q4_K, Q6_K, Q5_0 and Q8_0 run in our int8-activation kernel (`csrc/gguf_mm.cpp`)
-with the file's own codes, scales and mins, and a plain-torch reference beside it.
+"""GGUF weight blocks kept exact: Q4_K, Q6_K, Q4_0, Q5_0 and Q8_0 run in our int8-activation kernel
+(`csrc/gguf_mm.cpp`) with the file's own codes, scales and mins, and a plain-torch reference beside it.
 
 Layouts (llama.cpp `ggml-common.h`; KERNELS.md 4.1), per block of the file:
 - Q4_K, 256 weights in 144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit sub-scales and mins, 128 bytes of nibbles;
   w = d * sc_j * q - dmin * m_j for sub-block j of 32.
 - Q6_K, 256 in 210: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 sub-scales, fp16 d; w = d * sc_j * (q - 32)
   for sub-block j of 16.
-- Q5_0, 32 in 22: fp16 d, 32 fifth bits, 16 bytes of nibbles; w = d * (q - 16). Q8_0, 32 in 34: fp16 d, 32 int8; w = d * q.
+- Q4_0, 32 in 18: fp16 d, 16 bytes of nibbles; w = d * (q - 8). Q5_0, 32 in 22: fp16 d, 32 fifth bits, 16 bytes of
+  nibbles; w = d * (q - 16). Q8_0, 32 in 34: fp16 d, 32 int8; w = d * q.
 
-`repack` reorders a row's bytes for the kernel, the same number of bytes and the same values: K-quant codes go in
-lane order (one 32-bit VPDPBUSD lane always sums 4 weights of one 16-weight group, so a block's scales are applied
-once per block, not per instruction), and 32-weight blocks go in pairs (one 64-byte load holds two blocks).
+`pack` lays the blocks out for the kernel (see "our layout" below): output rows in groups of 16, one VPDPBUSD lane
+per row, the same bytes and values (padded to whole groups and cache lines).
 `dequantize_packed(repack(raw))` equals gguf-py's `dequantize(raw)` bit for bit (tested).
 """
 from __future__ import annotations

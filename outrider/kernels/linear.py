@@ -10,8 +10,9 @@ scored inside a (k+1)-row verify pass gets exactly the logits plain decoding giv
 - `Int8Linear` (`aten._weight_int8pack_mm`, per-output-channel scales): each output is accumulated in its
   own register in fixed k order: invariant for any row count by construction (tested bitwise).
 - `Int4Linear` (`aten._weight_int4pack_mm_for_cpu`, group-wise asymmetric "tinygemm" codes): same argument.
-- `GGUFLinear` (`kernels/gguf.py`, our C++ op): the GGUF file's own Q4_K / Q6_K / Q5_0 / Q8_0 blocks with int8
-  activations; one output is one fixed instruction sequence over its weight row and activation row: invariant.
+- `GGUFLinear` (`kernels/gguf.py`, our C++ op): the GGUF file's own Q4_K / Q6_K / Q5_0 / Q8_0 blocks (and Q4_0
+  for `q4_0`) with int8 activations; one output is one vector lane running a fixed instruction sequence over its
+  weight row and activation row: invariant.
 """
 from __future__ import annotations
 
