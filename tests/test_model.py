@@ -161,3 +161,29 @@ def test_exact_plan_decodes_like_hf(arch):
     run(ours, cache, 0, ids[:10])
     steps = torch.cat([run(ours, cache, 0, [t]) for t in ids[10:]])
     torch.testing.assert_close(steps, theirs(torch.tensor([ids])).logits[0, 10:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_fused_layers_are_bitwise_the_per_layer_path(arch):
+    """With GGUF-format linears the native path runs a forward's layers in one C++ call (`decoder_layers`): it
+    gives exactly what the layer-by-layer path gives (logits, hidden states, every K/V written) for a prompt, two
+    sequences in one call, a tree and a layer slice (qwen2: q/k/v biases; mistral: a sliding window)."""
+    fused, layered = (tiny_model(arch, dtype=torch.bfloat16, weights="gguf") for _ in range(2))
+    layered._fused_args = lambda start, end: None  # noqa: E731 - pins the per-layer path
+    assert fused._fused_args(0, fused.num_layers) is not None
+    caches = {m: m.new_cache(2, 64) for m in (fused, layered)}
+    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    batches = [ForwardBatch.chain([0], [prompt(19)], [0]),
+               ForwardBatch.chain([1], [prompt(7, seed=2)], [0]),
+               ForwardBatch.chain([0, 1], [[5, 6, 7], [8]], [19, 7]),
+               ForwardBatch(torch.tensor([9, 10, 11]), torch.tensor([8, 9, 9]), [1], [3], [tree])]
+    for batch in batches:
+        out = {m: m.forward(batch, caches[m], hidden_layers=(1,)) for m in (fused, layered)}
+        assert torch.equal(out[fused].logits, out[layered].logits)
+        assert torch.equal(out[fused].hidden[1], out[layered].hidden[1])
+    for a, b in zip(caches[fused].keys + caches[fused].values, caches[layered].keys + caches[layered].values):
+        assert torch.equal(a, b)
+    h = fused.embed(torch.tensor([12, 13]))
+    sliced = {m: m.run_layers(h, ForwardBatch.chain([0], [[12, 13]], [22]), caches[m], [22], 1, m.num_layers)
+              for m in (fused, layered)}
+    assert torch.equal(sliced[fused], sliced[layered])

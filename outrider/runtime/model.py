@@ -87,6 +87,7 @@ class Transformer:
         self.native = NativePlan.supports(dtype, config.head_dim, self.device) if native is None else native
         if self.native:
             load_native()
+        self._fused: dict[tuple[int, int], tuple[list[torch.Tensor], list[int]] | None] = {}
 
     @property
     def num_layers(self) -> int:
@@ -105,10 +106,7 @@ class Transformer:
                    start: int, end: int) -> torch.Tensor:
         """Layers start..end-1 over hidden states h [N, hidden]; writes their K/V at `starts` in the cache."""
         self._check_positions(batch, cache, starts)
-        ctx = self._context(batch, cache, starts)
-        for index in range(start, end):
-            h = self._layer(index, h, ctx)
-        return h
+        return self._layers(h, self._context(batch, cache, starts), start, end)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
         return self.weights.head(self._norm(h, self.weights.norm)).float()
@@ -123,10 +121,11 @@ class Transformer:
         h = self.embed(batch.token_ids)
         hidden: dict[int, torch.Tensor] = {0: h} if 0 in hidden_layers else {}
         ctx = self._context(batch, cache, starts)
-        for index in range(self.num_layers):
-            h = self._layer(index, h, ctx)
-            if index + 1 in hidden_layers:
-                hidden[index + 1] = h
+        bounds = sorted({0, self.num_layers} | {i for i in hidden_layers if 0 < i < self.num_layers})
+        for start, end in zip(bounds, bounds[1:]):
+            h = self._layers(h, ctx, start, end)
+            if end in hidden_layers:
+                hidden[end] = h
         for slot, rows in zip(batch.slots, batch.num_rows):
             cache.advance(slot, rows)
         rows = h if logits_rows is None else h[logits_rows]
@@ -172,6 +171,41 @@ class Transformer:
     def _layer(self, index: int, h: torch.Tensor, ctx: "_Context") -> torch.Tensor:
         h = h + self._attention(index, h, ctx)
         return h + self._mlp(index, h)
+
+    def _layers(self, h: torch.Tensor, ctx: "_Context", start: int, end: int) -> torch.Tensor:
+        """Layers start..end-1: in one C++ call where the native ops run with GGUF-format linears (the same ops in
+        the same order, bitwise the per-layer path; only the Python between them goes), else layer by layer."""
+        fused = self._fused_args(start, end) if isinstance(ctx.plan, NativePlan) else None
+        if fused is None:
+            for index in range(start, end):
+                h = self._layer(index, h, ctx)
+            return h
+        caches = [ctx.cache.layer(i) for i in range(start, end)]
+        p = ctx.plan
+        return torch.ops.outrider.decoder_layers(h, *fused, [k for k, _ in caches], [v for _, v in caches], *ctx.rope,
+                                                 p.slot, p.write_pos, p.lo, p.prefix_end, p.mask, self.scale,
+                                                 self.config.rms_norm_eps, self.config.num_heads)
+
+    def _fused_args(self, start: int, end: int) -> tuple[list[torch.Tensor], list[int]] | None:
+        """`decoder_layers`' weights and metadata for layers start..end-1, built once; None unless every linear
+        of them is a GGUFLinear."""
+        from outrider.kernels.gguf import TYPE_IDS, GGUFLinear
+
+        if (start, end) not in self._fused:
+            tensors: list[torch.Tensor] = []
+            meta: list[int] = []
+            for lw in self.weights.layers[start:end]:
+                linears = (lw.qkv, lw.o, lw.gate_up, lw.down)
+                if not all(isinstance(k, GGUFLinear) for k in linears):
+                    self._fused[start, end] = None
+                    break
+                tensors += [lw.input_norm, lw.post_norm]
+                for k in linears:
+                    meta += [len(k.parts), k.bias is not None, *(TYPE_IDS[q] for q in k.qtypes), *k.rows]
+                    tensors += k.parts + ([] if k.bias is None else [k.bias])
+            else:
+                self._fused[start, end] = (tensors, meta)
+        return self._fused[start, end]
 
     def _attention(self, index: int, h: torch.Tensor, ctx: "_Context") -> torch.Tensor:
         """Layer `index`'s attention residual branch from h [N, hidden]; writes the rows' K/V into the cache."""
