@@ -125,10 +125,9 @@ def dequantize(raw: torch.Tensor, qtype: str) -> torch.Tensor:
 # output row, so a block's scales are decoded once for 16 rows and shared by every activation row, and a lane's
 # sum needs no horizontal reduction. A group's row is one ascending stream of records of RECORD blocks (one for
 # Q4_K, two for the rest): the blocks' parameters, then their codes, so that a full record is whole 64-byte lines
-# and no code vector in it straddles one (the last record may hold one block; zeros pad the row to a line). The
-# kernel reads a record front to back: parameters placed after the codes made it jump back 2 KB per block, which
-# the hardware prefetcher does not follow (measured: twice the time). Per block, the bytes of 16 of the file's
-# blocks:
+# and no code vector in it straddles one (the last record may hold one block; zeros pad the row to a line), and the
+# kernel reads each record front to back, parameters first, as it uses them. Per block, the bytes of 16 of the
+# file's blocks:
 # - a "step" is 64 bytes: lane i's 4 bytes are row i's codes for 4 consecutive inputs (what one VPDPBUSD takes);
 # - codes: Q4_0 4 x 64 nibble bytes, vector v holding step v low and step v + 4 high; Q5_0 the same, then
 #   8 x u64 (bit 4 i + j of u64 t is the fifth bit of step t's byte 4 i + j); Q8_0 8 steps of code + 128;

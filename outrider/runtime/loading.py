@@ -133,7 +133,7 @@ def resolve_format(fmt: str, source: Path, config: ModelConfig, device: torch.de
     if missing_cpu_features():
         return "int4"
     inputs = (config.hidden_size, config.num_heads * config.head_dim, config.intermediate_size)
-    if draft and all(k % 64 == 0 for k in inputs):
+    if draft and all(k % 32 == 0 for k in inputs):  # Q4_0 blocks of 32
         return "q4_0"
     return "gguf" if source.suffix == ".gguf" else "int4"
 
