@@ -153,12 +153,23 @@ inline void unpack_nibbles(const uint8_t* p, __m512i* c) {
   }
 }
 
-// Sum over `steps` of codes times activation row r's codes from x; VPDPBUSD: unsigned codes, signed activations.
-template <int STEPS>
+// Sum over `steps` of codes times an activation row's codes; VPDPBUSD: unsigned codes, signed activations. With
+// one activation row, two interleaved chains: nothing else would hide a chain's latency. Integer sums are exact in
+// any order, so the split does not change the result.
+template <int STEPS, bool SPLIT>
 inline __m512i dot(const __m512i* c, const int8_t* x) {
-  __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], bcast4(x));
-  for (int t = 1; t < STEPS; ++t) s = _mm512_dpbusd_epi32(s, c[t], bcast4(x + 4 * t));
-  return s;
+  if constexpr (!SPLIT) {
+    __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], bcast4(x));
+    for (int t = 1; t < STEPS; ++t) s = _mm512_dpbusd_epi32(s, c[t], bcast4(x + 4 * t));
+    return s;
+  }
+  __m512i even = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], bcast4(x));
+  __m512i odd = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[1], bcast4(x + 4));
+  for (int t = 2; t < STEPS; t += 2) {
+    even = _mm512_dpbusd_epi32(even, c[t], bcast4(x + 4 * t));
+    odd = _mm512_dpbusd_epi32(odd, c[t + 1], bcast4(x + 4 * t + 4));
+  }
+  return _mm512_add_epi32(even, odd);
 }
 
 // Q4_K: w = d * sc_s * q - dmin * m_s, sub-block s of 32.
@@ -191,7 +202,7 @@ template <int R>
     __m512i c[8];
     unpack_nibbles(codes + 256 * s, c);
     for (int r = 0; r < R; ++r) {
-      const __m512i isum = dot<8>(c, xq + 256 * r + 32 * s);
+      const __m512i isum = dot<8, R == 1>(c, xq + 256 * r + 32 * s);
       fsum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, fsum[r]);
       acc[r] = _mm512_fnmadd_ps(minv, set1(xs[8 * r + s]), acc[r]);
     }
@@ -224,7 +235,7 @@ template <int R>
     const __m512i ab = _mm512_ternarylogic_epi32(_mm512_srli_epi16(A, 6), _mm512_srli_epi16(B, 4), low2, 0xE4);
     c[3] = _mm512_and_si512(_mm512_ternarylogic_epi32(ab, _mm512_srli_epi16(C, 2), low4, 0xE4), six);
     for (int r = 0; r < R; ++r) {
-      const __m512i isum = _mm512_sub_epi32(dot<4>(c, xq + 256 * r + 16 * s), _mm512_set1_epi32(off[16 * r + s]));
+      const __m512i isum = _mm512_sub_epi32(dot<4, R == 1>(c, xq + 256 * r + 16 * s), _mm512_set1_epi32(off[16 * r + s]));
       fsum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, fsum[r]);
     }
   }
@@ -252,7 +263,7 @@ template <int64_t T, int R>
   }
   const int8_t* xq = a.q.data() + j * 32;
   for (int r = 0; r < R; ++r) {
-    const __m512i isum = _mm512_sub_epi32(dot<8>(c, xq + 32 * r), _mm512_set1_epi32(a.off[j + r]));
+    const __m512i isum = _mm512_sub_epi32(dot<8, R == 1>(c, xq + 32 * r), _mm512_set1_epi32(a.off[j + r]));
     acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), set1(a.d[j + r])), dw, acc[r]);
   }
 }
