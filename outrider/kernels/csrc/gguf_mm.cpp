@@ -9,9 +9,10 @@
 // Activations are quantized per row the way llama.cpp does (Q8_K: one fp32 scale per 256 for the K-quants; Q8_0:
 // one per 32 for the 32-element formats), round-to-nearest-even of x / (amax / 127).
 //
-// Why it is batch-invariant: output (m, n) is computed from row m of the activations and row n of the weights only,
-// by one fixed sequence of lane operations (block after block, in order), whatever M is, whichever other rows
-// share its group, and however the groups are split between threads. There is no split-K.
+// Why it is batch-invariant: output (m, n) is computed from row m of the activations and row n of the weights only:
+// exact integer sums per sub-block (their order may vary with the rows per pass; an integer sum does not), then one
+// fixed sequence of float lane operations, block after block in order, whatever M is, whichever other rows share
+// its group, and however the groups are split between threads. There is no split-K.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>

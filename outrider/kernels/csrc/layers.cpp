@@ -3,7 +3,7 @@
 // Per layer it calls our ops in exactly the order `Transformer._layer` calls them from Python (RMSNorm, qkv,
 // RoPE with the K/V write, attention, o, residual add, RMSNorm, gate_up, SiLU·up, down, residual add), so its
 // output is bitwise the per-op path's (tested). What goes is the Python between them: about a dozen dispatches
-// and attribute lookups per layer, 40 to 60 us, which is a tenth of a 0.5B draft's step on this CPU.
+// and attribute lookups per layer, about 80 us per layer here (a 0.5B draft step: 13.75 -> 11.81 ms, ad hoc).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
