@@ -145,3 +145,24 @@ def test_silu_mul_matches_torch(dtype):
     torch.testing.assert_close(out.float(), F.silu(gate) * up, atol=1e-5 if dtype == torch.float32 else 3e-2,
                                rtol=1e-5 if dtype == torch.float32 else 1e-2)
     assert torch.equal(torch.ops.outrider.silu_mul(gu[1:2])[0], out[1])
+
+
+def test_a_stale_build_lock_does_not_block_loading():
+    """torch's extension builder guards its directory with a lock file; a process killed while loading (a worker
+    stopped by a fault test) leaves it behind. A new process must still load the built kernels, not wait forever."""
+    import subprocess
+    import sys
+
+    from outrider.hub import home
+    from outrider.kernels.native import _build_name
+
+    stale = home() / "kernels" / _build_name() / "lock"
+    stale.touch()
+    try:
+        done = subprocess.run([sys.executable, "-c", "from outrider.kernels import native; native.load(); "
+                               "import torch; print(torch.ops.outrider.gguf_mm)"],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        stale.unlink(missing_ok=True)
+    assert done.returncode == 0, done.stderr
+    assert "outrider.gguf_mm" in done.stdout

@@ -1,11 +1,13 @@
 """Our C++ CPU kernels (`csrc/`): built once per source version with torch's extension builder, loaded as torch ops.
 
 `make venv` builds them at install time (`python -m outrider.kernels.native`); a process that finds them missing
-builds them on first use (about a minute on 2 cores) under a file lock, so parallel workers build once.
+builds them on first use (about a minute on 2 cores) under a file lock, so parallel workers build once; a built
+library is loaded directly.
 The build dir lives in $OUTRIDER_HOME/kernels, keyed by a hash of the sources and the torch version.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -58,8 +60,19 @@ def load() -> None:
     name = _build_name()
     directory = home() / "kernels" / name
     directory.mkdir(parents=True, exist_ok=True)
-    build(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-          build_directory=str(directory), is_python_module=False, verbose=False)
+    library = directory / f"{name}.so"
+    if not library.exists():
+        # torch's builder guards its directory with a lock *file* that a process killed mid-load (a worker stopped
+        # by a fault, a test killing an actor) leaves behind, and every later build or load then waits on it
+        # forever. So: build only under an flock, which dies with its holder, clearing torch's stale file first,
+        # and load a built library directly, with no lock at all.
+        with open(directory / "build.flock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            if not library.exists():
+                (directory / "lock").unlink(missing_ok=True)
+                build(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                      build_directory=str(directory), is_python_module=False, verbose=False)
+    torch.ops.load_library(str(library))
     log.info("loaded native kernels %s", directory)
 
 
