@@ -15,7 +15,7 @@ per row, the same bytes and values (padded to whole groups and cache lines).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -306,11 +306,11 @@ def reference_mm(x: torch.Tensor, weights: list[torch.Tensor], qtypes: list[str]
     return torch.cat(outs, -1).float()
 
 
-def gguf_mm(x: torch.Tensor, parts: list[torch.Tensor], qtypes: list[str], rows: list[int],
+def gguf_mm(x: torch.Tensor, parts: list[torch.Tensor], type_ids: list[int], rows: list[int],
             bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (fp32/bf16) times the packed parts' `rows` real rows, outputs concatenated, plus the bias (added in
-    fp32 before the one rounding to x's dtype); [M, sum rows] in x's dtype."""
-    return torch.ops.outrider.gguf_mm(x, parts, [TYPE_IDS[t] for t in qtypes], rows, bias)
+    """x [M, K] (fp32/bf16) times the packed parts' `rows` real rows (GGML `type_ids`), outputs concatenated, plus
+    the bias (added in fp32 before the one rounding to x's dtype); [M, sum rows] in x's dtype."""
+    return torch.ops.outrider.gguf_mm(x, parts, type_ids, rows, bias)
 
 
 def random_blocks(qtype: str, n: int, k: int, generator: torch.Generator | None = None) -> Blocks:
@@ -371,6 +371,7 @@ class GGUFLinear:
         from outrider.kernels.native import load
 
         load()  # once per layer here, not once per call
+        self.type_ids = [TYPE_IDS[q] for q in self.qtypes]  # what the op takes, built once
 
     @classmethod
     def from_blocks(cls, blocks: list[Blocks], bias: torch.Tensor | None, dtype: torch.dtype) -> "GGUFLinear":
@@ -408,7 +409,7 @@ class GGUFLinear:
         return sum(p.numel() for p in self.parts) + bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return gguf_mm(x, self.parts, self.qtypes, self.rows, self.bias)
+        return gguf_mm(x, self.parts, self.type_ids, self.rows, self.bias)
 
     def blocks(self) -> list[Blocks]:
         return [unpack_packed(p, q, self.in_features, n) for p, q, n in zip(self.parts, self.qtypes, self.rows)]
@@ -433,7 +434,7 @@ class GGUFLinear:
 
     def state(self) -> dict[str, torch.Tensor]:
         s = {f"part{i}": p for i, p in enumerate(self.parts)}
-        s["meta"] = torch.tensor([self.in_features] + [TYPE_IDS[q] for q in self.qtypes] + self.rows)
+        s["meta"] = torch.tensor([self.in_features] + self.type_ids + self.rows)
         return s | ({} if self.bias is None else {"bias": self.bias})
 
     @classmethod
@@ -443,8 +444,8 @@ class GGUFLinear:
         return cls([s[f"part{i}"] for i in range(n)], [TYPE_NAMES[i] for i in rest[:n]], rest[n:], k, s.get("bias"))
 
 
-def _fields(b: Blocks) -> dict[str, torch.Tensor | None]:
-    return {f: getattr(b, f) for f in ("codes", "d", "sub", "dmin", "mins", "raw_header")}
+def _fields(b: Blocks) -> dict[str, torch.Tensor | None]:  # every tensor field (all but qtype)
+    return {f.name: getattr(b, f.name) for f in fields(b) if f.name != "qtype"}
 
 
 def _concat(a: Blocks, b: Blocks) -> Blocks:

@@ -189,7 +189,7 @@ class Transformer:
     def _fused_args(self, start: int, end: int) -> tuple[list[torch.Tensor], list[int]] | None:
         """`decoder_layers`' weights and metadata for layers start..end-1, built once; None unless every linear
         of them is a GGUFLinear."""
-        from outrider.kernels.gguf import TYPE_IDS, GGUFLinear
+        from outrider.kernels.gguf import GGUFLinear
 
         if (start, end) not in self._fused:
             tensors: list[torch.Tensor] = []
@@ -201,7 +201,7 @@ class Transformer:
                     break
                 tensors += [lw.input_norm, lw.post_norm]
                 for k in linears:
-                    meta += [len(k.parts), k.bias is not None, *(TYPE_IDS[q] for q in k.qtypes), *k.rows]
+                    meta += [len(k.parts), k.bias is not None, *k.type_ids, *k.rows]
                     tensors += k.parts + ([] if k.bias is None else [k.bias])
             else:
                 self._fused[start, end] = (tensors, meta)

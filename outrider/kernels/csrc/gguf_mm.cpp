@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "vec.h"
@@ -92,7 +93,6 @@ inline int32_t sum_codes(const int8_t* q, int n) {
 // mins need: Q4_K d * (sum of each 32), Q6_K 32 * (sum of each 16), the 32-weight types offset * (block sum).
 struct Acts {
   int64_t M = 0;
-  int64_t E = 0;                  // elements per block
   std::vector<int8_t> q;          // [blocks, M, E]
   std::vector<float> d;           // [blocks, M]
   std::vector<float> dsum;        // Q4_K: [blocks, M, 8]
@@ -105,7 +105,6 @@ void quantize(const In* x, int64_t M, int64_t K, int64_t t, Acts& a) {
   const int64_t offset = t == Q4_0 ? 8 : t == Q5_0 ? 16 : 128;  // Q8_0 codes enter VPDPBUSD as code + 128
   const int64_t per = t == Q4_K ? 8 : t == Q6_K ? 16 : 1;
   a.M = M;
-  a.E = E;
   a.q.resize(M * K);
   a.d.resize(M * nb);
   if (t == Q4_K)
@@ -293,11 +292,16 @@ void group_rows(const uint8_t* g, int64_t nb, const Acts& a, int64_t m0, float* 
 
 using GroupFn = void (*)(const uint8_t*, int64_t, const Acts&, int64_t, float*, int64_t, __mmask16);
 
-template <int64_t T>
-GroupFn group_fn_for_rows(int64_t rows) {  // the row count is a template argument: the accumulators stay in registers
-  static constexpr GroupFn table[ROWS] = {group_rows<T, 1>, group_rows<T, 2>, group_rows<T, 3>, group_rows<T, 4>,
-                                          group_rows<T, 5>, group_rows<T, 6>, group_rows<T, 7>, group_rows<T, 8>};
+// The row count is a template argument, so the accumulators stay in registers; one instance per count a pass uses.
+template <int64_t T, size_t... R>
+GroupFn group_fn_in(int64_t rows, std::index_sequence<R...>) {
+  static constexpr GroupFn table[] = {group_rows<T, static_cast<int>(R) + 1>...};
   return table[rows - 1];
+}
+
+template <int64_t T>
+GroupFn group_fn_for_rows(int64_t rows) {
+  return group_fn_in<T>(rows, std::make_index_sequence<rows_per_pass(T)>{});
 }
 
 GroupFn group_fn(int64_t t, int64_t rows) {
@@ -343,12 +347,14 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
     bias = bias_in->to(at::kFloat).contiguous();  // GGUFLinear keeps its bias in fp32: no copy
     TORCH_CHECK(bias.numel() == N, "gguf_mm: bias has ", bias.numel(), " entries for ", N, " outputs");
   }
-  // one set of quantized activations per type in the call (they differ in block size and offsets)
+  // one set of quantized activations per type in the call (they differ in block size and offsets), kept at the
+  // type's first part: acts_of[i] is the part whose set part i reads
   std::vector<Acts> acts(parts);
-  for (int64_t i = 0; i < parts && M > 0; ++i) {
-    int64_t same = 0;
-    while (qtypes[same] != qtypes[i]) ++same;
-    if (same != i) continue;
+  std::vector<int64_t> acts_of(parts);
+  for (int64_t i = 0; i < parts; ++i) {
+    acts_of[i] = 0;
+    while (qtypes[acts_of[i]] != qtypes[i]) ++acts_of[i];
+    if (acts_of[i] != i || M == 0) continue;
     if (x.scalar_type() == at::kFloat)
       quantize(x.data_ptr<float>(), M, K, qtypes[i], acts[i]);
     else
@@ -364,8 +370,6 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
     for (int64_t gi = begin; gi < end; ++gi) {
       while (gi >= first_group[part + 1]) ++part;
       const int64_t t = qtypes[part], local = gi - first_group[part];
-      int64_t same = 0;
-      while (qtypes[same] != t) ++same;
       const int64_t n0 = col[part] + LANES * local, live = std::min<int64_t>(LANES, col[part + 1] - n0);
       if (n_begin < 0) n_begin = n0;
       n_end = n0 + live;
@@ -373,7 +377,7 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
       // Past one pass of activation rows (prefill) the group's weights, a few KB to ~100 KB, stay in cache between passes.
       for (int64_t m0 = 0; m0 < M; m0 += rows_per_pass(t)) {
         const int64_t r = std::min<int64_t>(rows_per_pass(t), M - m0);
-        group_fn(t, r)(g, K / block_elems(t), acts[same], m0, yp + m0 * N + n0, N, outrider::tail_mask(live));
+        group_fn(t, r)(g, K / block_elems(t), acts[acts_of[part]], m0, yp + m0 * N + n0, N, outrider::tail_mask(live));
       }
     }
     if (n_begin < 0) return;
