@@ -10,7 +10,8 @@ from outrider.runtime.model import ForwardBatch
 
 ARCHS = ["llama", "qwen2", "mistral", "llama3_rope"]
 FORMATS = [(torch.float32, "dense"), (torch.bfloat16, "dense"), (torch.float32, "int8"),
-           (torch.bfloat16, "int8"), (torch.float32, "int4"), (torch.bfloat16, "int4")]
+           (torch.bfloat16, "int8"), (torch.float32, "int4"), (torch.bfloat16, "int4"),
+           (torch.bfloat16, "gguf")]  # gguf on the native path runs through decoder_layers
 # native: our C++ attention and small ops (what a CPU serves with); torch: the fallback a GPU or another CPU uses
 PATHS = pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 
