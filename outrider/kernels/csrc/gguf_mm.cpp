@@ -116,7 +116,8 @@ void quantize(const In* x, int64_t M, int64_t K, int64_t t, Acts& a) {
     a.dsum.resize(M * nb * per);
   else
     a.off.resize(M * nb * per);
-  at::parallel_for(0, M * nb, 16, [&](int64_t begin, int64_t end) {
+  // A parallel region costs more than quantizing a decode step's few thousand values: split only real batches.
+  at::parallel_for(0, M * nb, std::max<int64_t>(1, (1 << 15) / E), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t m = i / nb, b = i % nb, j = b * M + m;
       int8_t* q = a.q.data() + j * E;
