@@ -59,11 +59,23 @@ constexpr int64_t record_blocks(int64_t t) { return t == Q4_K ? 1 : 2; }
 // cache-resident, a seventh Q4_K row cost twice a sixth).
 constexpr int64_t rows_per_pass(int64_t t) { return t == Q4_K ? 6 : t == Q6_K ? 5 : ROWS; }
 constexpr int64_t group_bytes(int64_t t, int64_t K) { return (K / block_elems(t) * LANES * block_bytes(t) + 63) / 64 * 64; }
-// Each record asks for the lines this far ahead of it (a thread's groups are one ascending stream, so that is its
-// own next data) into L2. The hardware prefetcher alone left the loop waiting on memory between bursts of
-// arithmetic: in-process A/B over all linears of the 1.5B target, 8 KiB ahead with the T2 hint took 44.4 -> 33.5 ms
-// at M = 1, 61.6 -> 48.6 at M = 4, 99.2 -> 79.4 at M = 8; T1 and T0 hints did less or worse, 4 KiB less.
+// Each block asks for its share of the lines this far ahead of it (a thread's groups are one ascending stream, so
+// that is its own next data) into L2. The hardware prefetcher alone left the loop waiting on memory between bursts
+// of arithmetic. In-process A/B over all linears of the 1.5B target (ms per pass): 44.4 -> 33.5 at M = 1 and
+// 61.6 -> 48.6 at M = 4 for the whole record's lines at its start; spreading them over the block's sub-blocks then
+// took M = 1 from 37.2 to 34.6 and M = 5 from 44.5 to 37.8 (a plain read of the same bytes: 30.2). The T0 and NTA
+// hints did worse, 4 KiB ahead less, 12-32 KiB the same.
 constexpr int64_t PREFETCH_AHEAD = 8192;
+// Step `step` of a block's STEPS asks for its share of the lines [pf, pf + BYTES): spread over the block's
+// arithmetic rather than all at its start, where a burst of misses held up the loads the arithmetic waited on.
+template <int64_t BYTES, int STEPS>
+[[gnu::always_inline]] inline void prefetch_share(const uint8_t* pf, int step) {
+  constexpr int64_t LINES = (BYTES + 63) / 64, PER = (LINES + STEPS - 1) / STEPS;
+  for (int64_t i = 0; i < PER; ++i) {
+    const int64_t line = step * PER + i;
+    if (line < LINES) _mm_prefetch(reinterpret_cast<const char*>(pf + 64 * line), _MM_HINT_T2);
+  }
+}
 
 // ---- activations ------------------------------------------------------------------------------------------
 
@@ -180,7 +192,7 @@ inline __m512i dot(const __m512i* c, const int8_t* x) {
 
 // Q4_K: w = d * sc_s * q - dmin * m_s, sub-block s of 32.
 template <int R>
-[[gnu::always_inline]] inline void q4k_block(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc) {
+[[gnu::always_inline]] inline void q4k_block(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc, const uint8_t* ahead) {
   const __m512 d = f16x16(p), dmin = f16x16(p + 32);
   const uint8_t *low = p + 64, *top = p + 192;
   alignas(64) uint8_t scale_bytes[128], min_bytes[128];  // byte 16 s + i: row i's six-bit sub-scale / min
@@ -203,6 +215,7 @@ template <int R>
   const int8_t* xq = a.q.data() + j * 256;
   const float* xs = a.dsum.data() + j * 8;
   for (int s = 0; s < 8; ++s) {
+    prefetch_share<code_bytes(Q4_K) + param_bytes(Q4_K), 8>(ahead, s);
     const __m512 scale = _mm512_mul_ps(u8x16(scale_bytes + 16 * s), d);
     const __m512 minv = _mm512_mul_ps(u8x16(min_bytes + 16 * s), dmin);
     __m512i c[8];
@@ -219,7 +232,7 @@ template <int R>
 // Q6_K: w = d * sc_s * (q - 32), sub-block s of 16; its four steps are three bytes vectors, the fourth step's
 // six bits in their top two bits.
 template <int R>
-[[gnu::always_inline]] inline void q6k_block(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc) {
+[[gnu::always_inline]] inline void q6k_block(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc, const uint8_t* ahead) {
   const __m512 d = f16x16(p);
   const uint8_t* scales = p + 32;
   const __m512i six = _mm512_set1_epi8(0x3F), low2 = _mm512_set1_epi8(0x03), low4 = _mm512_set1_epi8(0x0F);
@@ -228,6 +241,7 @@ template <int R>
   const int8_t* xq = a.q.data() + j * 256;
   const int32_t* off = a.off.data() + j * 16;
   for (int s = 0; s < 16; ++s) {
+    prefetch_share<code_bytes(Q6_K) + param_bytes(Q6_K), 16>(ahead, s);
     const __m512 scale = _mm512_mul_ps(
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 16 * s)))),
         d);
@@ -251,7 +265,8 @@ template <int R>
 // Q4_0 w = d (q - 8), Q5_0 w = d (q - 16), Q8_0 w = d q (entering as q + 128): the offset comes off through the
 // activations' block sums.
 template <int64_t T, int R>
-[[gnu::always_inline]] inline void block32(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc) {
+[[gnu::always_inline]] inline void block32(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc, const uint8_t* ahead) {
+  prefetch_share<code_bytes(T) + param_bytes(T), 1>(ahead, 0);
   const __m512 dw = f16x16(p);
   __m512i c[8];
   if constexpr (T == Q8_0) {
@@ -282,17 +297,16 @@ void group_rows(const uint8_t* g, int64_t nb, const Acts& a, int64_t m0, float* 
   constexpr int64_t CB = code_bytes(T), PB = param_bytes(T), RB = record_blocks(T);
   for (int64_t b0 = 0; b0 < nb; b0 += RB, g += RB * (CB + PB)) {
     const int64_t n = std::min(RB, nb - b0);
-    for (int64_t o = 0; o < RB * (CB + PB); o += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(g + PREFETCH_AHEAD + o), _MM_HINT_T2);
     for (int64_t i = 0; i < n; ++i) {
       const uint8_t *params = g + i * PB, *codes = g + n * PB + i * CB;
       const int64_t j = (b0 + i) * a.M + m0;  // this block of row m0; row m0 + r follows at fixed offsets
+      const uint8_t* ahead = g + PREFETCH_AHEAD + i * (CB + PB);  // this block's share of the record ahead
       if constexpr (T == Q4_K)
-        q4k_block<R>(codes, params, a, j, acc);
+        q4k_block<R>(codes, params, a, j, acc, ahead);
       else if constexpr (T == Q6_K)
-        q6k_block<R>(codes, params, a, j, acc);
+        q6k_block<R>(codes, params, a, j, acc, ahead);
       else
-        block32<T, R>(codes, params, a, j, acc);
+        block32<T, R>(codes, params, a, j, acc, ahead);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * y_row, lanes, acc[r]);
