@@ -39,7 +39,7 @@ void visible_keys(int64_t i, const int64_t* lo, const int64_t* prefix_end,
 // share each converted value row so the accumulators (HP * CH vectors) stay in registers.
 template <typename T, int CH>
 void attend_task(const float* qf, int64_t G, int64_t D, const T* kbase, const T* vbase, const int64_t* keys,
-                 int64_t L, float scale, float* s, float* out, int64_t out_stride) {
+                 int64_t L, float scale, float* s, T* out, int64_t out_stride) {
   constexpr int HP = CH >= 24 ? 1 : 24 / CH;
   const int64_t Lpad = (L + 15) / 16 * 16;
   __mmask16 mk[CH];
@@ -98,7 +98,7 @@ void attend_task(const float* qf, int64_t G, int64_t D, const T* kbase, const T*
 template <typename T, int CH>
 void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* slot,
                  const int64_t* lo, const int64_t* prefix_end, const bool* mask, int64_t mask_cols, double scale,
-                 float* out) {
+                 T* out) {
   const int64_t N = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t KVH = k_cache.size(1), C = k_cache.size(2), G = H / KVH;
   const T* qp = q.data_ptr<T>();
@@ -126,7 +126,7 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
 
 template <typename T>
 void attend_rows_d(int64_t D, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* slot,
-                   const int64_t* lo, const int64_t* pe, const bool* mask, int64_t R, double scale, float* out) {
+                   const int64_t* lo, const int64_t* pe, const bool* mask, int64_t R, double scale, T* out) {
   switch ((D + 15) / 16) {
     case 1: return attend_rows<T, 1>(q, k, v, slot, lo, pe, mask, R, scale, out);
     case 2: return attend_rows<T, 2>(q, k, v, slot, lo, pe, mask, R, scale, out);
@@ -171,15 +171,16 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                     (pp[i] > lp[i] || last >= 0),
                 "attention: row ", i, " reads outside the cache or sees no key");
   }
-  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  // written in q's dtype by the kernel itself: one rounding, as torch's would be, without a call to convert
+  at::Tensor out = at::empty(q.sizes(), q.options());
   const int64_t D = q.size(2);
   if (q.scalar_type() == at::kFloat)
     attend_rows_d<float>(D, q, k_cache, v_cache, sp, lp, pp, mp, R, scale, out.data_ptr<float>());
   else if (q.scalar_type() == at::kBFloat16)
-    attend_rows_d<c10::BFloat16>(D, q, k_cache, v_cache, sp, lp, pp, mp, R, scale, out.data_ptr<float>());
+    attend_rows_d<c10::BFloat16>(D, q, k_cache, v_cache, sp, lp, pp, mp, R, scale, out.data_ptr<c10::BFloat16>());
   else
     TORCH_CHECK(false, "attention: fp32 or bf16 only, got ", q.scalar_type());
-  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+  return out;
 }
 
 }  // namespace
