@@ -68,8 +68,10 @@ constexpr int64_t group_bytes(int64_t t, int64_t K) { return (K / block_elems(t)
 constexpr int64_t PREFETCH_AHEAD = 8192;
 // Step `step` of a block's STEPS asks for its share of the lines [pf, pf + BYTES): spread over the block's
 // arithmetic rather than all at its start, where a burst of misses held up the loads the arithmetic waited on.
+// An address, not a pointer: past a thread's last group it points into another thread's groups or beyond the
+// tensor, which a prefetch may do (it never faults) but pointer arithmetic may not.
 template <int64_t BYTES, int STEPS>
-[[gnu::always_inline]] inline void prefetch_share(const uint8_t* pf, int step) {
+[[gnu::always_inline]] inline void prefetch_share(uintptr_t pf, int step) {
   constexpr int64_t LINES = (BYTES + 63) / 64, PER = (LINES + STEPS - 1) / STEPS;
   for (int64_t i = 0; i < PER; ++i) {
     const int64_t line = step * PER + i;
@@ -192,7 +194,7 @@ inline __m512i dot(const __m512i* c, const int8_t* x) {
 
 // Q4_K: w = d * sc_s * q - dmin * m_s, sub-block s of 32.
 template <int R>
-[[gnu::always_inline]] inline void q4k_block(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc, const uint8_t* ahead) {
+[[gnu::always_inline]] inline void q4k_block(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc, uintptr_t ahead) {
   const __m512 d = f16x16(p), dmin = f16x16(p + 32);
   const uint8_t *low = p + 64, *top = p + 192;
   alignas(64) uint8_t scale_bytes[128], min_bytes[128];  // byte 16 s + i: row i's six-bit sub-scale / min
@@ -232,7 +234,7 @@ template <int R>
 // Q6_K: w = d * sc_s * (q - 32), sub-block s of 16; its four steps are three bytes vectors, the fourth step's
 // six bits in their top two bits.
 template <int R>
-[[gnu::always_inline]] inline void q6k_block(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc, const uint8_t* ahead) {
+[[gnu::always_inline]] inline void q6k_block(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc, uintptr_t ahead) {
   const __m512 d = f16x16(p);
   const uint8_t* scales = p + 32;
   const __m512i six = _mm512_set1_epi8(0x3F), low2 = _mm512_set1_epi8(0x03), low4 = _mm512_set1_epi8(0x0F);
@@ -265,7 +267,7 @@ template <int R>
 // Q4_0 w = d (q - 8), Q5_0 w = d (q - 16), Q8_0 w = d q (entering as q + 128): the offset comes off through the
 // activations' block sums.
 template <int64_t T, int R>
-[[gnu::always_inline]] inline void block32(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc, const uint8_t* ahead) {
+[[gnu::always_inline]] inline void block32(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc, uintptr_t ahead) {
   prefetch_share<code_bytes(T) + param_bytes(T), 1>(ahead, 0);
   const __m512 dw = f16x16(p);
   __m512i c[8];
@@ -300,7 +302,7 @@ void group_rows(const uint8_t* g, int64_t nb, const Acts& a, int64_t m0, float* 
     for (int64_t i = 0; i < n; ++i) {
       const uint8_t *params = g + i * PB, *codes = g + n * PB + i * CB;
       const int64_t j = (b0 + i) * a.M + m0;  // this block of row m0; row m0 + r follows at fixed offsets
-      const uint8_t* ahead = g + PREFETCH_AHEAD + i * (CB + PB);  // this block's share of the record ahead
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(g) + PREFETCH_AHEAD + i * (CB + PB);  // its share, ahead
       if constexpr (T == Q4_K)
         q4k_block<R>(codes, params, a, j, acc, ahead);
       else if constexpr (T == Q6_K)
