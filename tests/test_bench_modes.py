@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from outrider.cli import main
+from outrider.kernels.native import available as native_available
 from outrider.profile import PROFILES_DIR
 
 
@@ -34,4 +35,6 @@ def test_kernel_bench_times_each_format_relative_to_one_row(tmp_path, capsys):
     for r in results:
         assert r["rows"] == [1, 4] and r["layers"] == 2 and r["ratio"][0] == 1.0 and all(t > 0 for t in r["ms"])
         assert r["bytes"] > 0 and r["gbps_m1"] > 0
+        # the plain read of the same bytes, timed beside the kernel where our kernels run
+        assert r["read_gbps"] > 0 if native_available() else r["read_gbps"] is None
     assert results[1]["bytes"] < results[0]["bytes"]  # int4 streams fewer bytes than int8

@@ -147,6 +147,23 @@ def test_silu_mul_matches_torch(dtype):
     assert torch.equal(torch.ops.outrider.silu_mul(gu[1:2])[0], out[1])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_bytes_reads_every_byte_of_every_tensor_once(threads):
+    """The bench's memory bound must read exactly the weights: its byte sum equals torch's, for row sizes with
+    and without a whole number of 128-byte steps, split over any thread count."""
+    g = torch.Generator().manual_seed(5)
+    tensors = [torch.randint(0, 256, (37, 1000), generator=g, dtype=torch.uint8),
+               torch.randint(0, 256, (3, 128), generator=g, dtype=torch.uint8),
+               torch.randn(11, 3, generator=g).bfloat16(), torch.tensor([7, 9]), torch.empty(0, 4)]
+    expected = sum(int(t.contiguous().view(torch.uint8).long().sum()) for t in tensors if t.numel())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.ops.outrider.read_bytes(tensors) == expected
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_stale_build_lock_does_not_block_loading():
     """torch's extension builder guards its directory with a lock file; a process killed while loading (a worker
     stopped by a fault test) leaves it behind. A new process must still load the built kernels, not wait forever."""

@@ -1,5 +1,6 @@
 // The small per-token ops of a decoder layer, each one call instead of the several torch ops (and their dispatch,
-// about 3 us apiece) it replaces: RMSNorm, RoPE with the K/V cache write, and SiLU(gate) * up.
+// about 3 us apiece) it replaces: RMSNorm, RoPE with the K/V cache write, and SiLU(gate) * up. Also the plain
+// read that `outrider bench kernels` sets the kernels' bytes per second against.
 //
 // All of them work row by row with fp32 math and one rounding to the output dtype, so a row's result never depends
 // on the other rows in the call (batch invariance) or on the thread that computes it.
@@ -7,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -158,6 +160,37 @@ at::Tensor silu_mul(const at::Tensor& gu_in) {
   return out;
 }
 
+// Every byte of the tensors read once, each tensor's rows split over the threads as gguf_mm splits its groups,
+// and nothing else: the memory bound a weight-streaming kernel is measured against (`outrider bench kernels`).
+// Returns the bytes' sum, so the reads cannot be dropped (and a test can check that all of them were read).
+int64_t read_bytes(at::TensorList tensors) {
+  int64_t total = 0;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "read_bytes: contiguous CPU tensors only");
+    const auto* p = static_cast<const uint8_t*>(t.data_ptr());
+    const int64_t rows = t.dim() > 0 ? t.size(0) : 1;
+    if (t.numel() == 0) continue;
+    const int64_t row_bytes = static_cast<int64_t>(t.nbytes()) / rows;
+    std::atomic<int64_t> sum{0};
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      const uint8_t* q = p + begin * row_bytes;
+      const int64_t n = (end - begin) * row_bytes;
+      const __m512i zero = _mm512_setzero_si512();
+      __m512i a = zero, b = zero;  // byte sums in 64-bit lanes (VPSADBW), two chains
+      int64_t i = 0;
+      for (; i + 128 <= n; i += 128) {
+        a = _mm512_add_epi64(a, _mm512_sad_epu8(_mm512_loadu_si512(q + i), zero));
+        b = _mm512_add_epi64(b, _mm512_sad_epu8(_mm512_loadu_si512(q + i + 64), zero));
+      }
+      int64_t s = _mm512_reduce_add_epi64(_mm512_add_epi64(a, b));
+      for (; i < n; ++i) s += q[i];
+      sum += s;
+    });
+    total += sum;
+  }
+  return total;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(outrider, m) {
@@ -165,9 +198,11 @@ TORCH_LIBRARY_FRAGMENT(outrider, m) {
   m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot, "
         "Tensor pos, int heads) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("read_bytes(Tensor[] tensors) -> int");
 }
 TORCH_LIBRARY_IMPL(outrider, CPU, m) {
   m.impl("rms_norm", rms_norm);
   m.impl("rope_store", rope_store);
   m.impl("silu_mul", silu_mul);
+  m.impl("read_bytes", read_bytes);
 }
