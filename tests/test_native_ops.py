@@ -147,6 +147,28 @@ def test_silu_mul_matches_torch(dtype):
     assert torch.equal(torch.ops.outrider.silu_mul(gu[1:2])[0], out[1])
 
 
+@pytest.mark.parametrize("width", [1, 15, 16, 37, 151936])
+def test_argmax_picks_the_token_torch_picks(width):
+    """Greedy decoding takes `sampling.argmax` on both sides of every comparison; it must be torch's argmax to the
+    index: the first of equal maxima, the first NaN above everything, all -inf rows, any width."""
+    from outrider.scheduler.sampling import argmax
+
+    g = torch.Generator().manual_seed(width)
+    rows = torch.randn(6, width, generator=g)
+    rows[1] = rows[1].round()  # many ties
+    rows[2, width // 2] = rows[2].max() + 1
+    rows[2, -1] = rows[2, width // 2]  # a tie with the last element: the first wins
+    rows[3, width - 1] = float("nan")
+    rows[3, width // 3] = float("nan")
+    rows[4] = float("-inf")
+    rows[5] = 0.0
+    rows[5, -1] = -0.0
+    assert torch.equal(torch.ops.outrider.argmax_rows(rows), rows.argmax(-1))
+    assert torch.equal(argmax(rows), rows.argmax(-1))
+    for row in rows:
+        assert torch.equal(argmax(row), row.argmax(-1))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_read_bytes_reads_every_byte_of_every_tensor_once(threads):
     """The bench's memory bound must read exactly the weights: its byte sum equals torch's, for row sizes with

@@ -30,7 +30,7 @@ from outrider.runtime.kv_cache import KVCache
 from outrider.runtime.model import ForwardBatch, Transformer, rms_norm
 from outrider.runtime.rope import Rotary
 from outrider.scheduler.drafters import CachedSequences, Draft, DraftRequest, DraftSeq, _common_prefix
-from outrider.scheduler.sampling import sample, warp
+from outrider.scheduler.sampling import argmax, sample, warp
 
 HEAD_FORMAT = "outrider-dgf-v1"  # safetensors metadata "format"; the head's shape is in metadata "config" (JSON)
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
@@ -231,7 +231,7 @@ class FeatureDrafter(CachedSequences):
                         feats = self._feed(live, list(feats[:, None]), [[tokens[r.seq_id][-1]] for r in live])
                     for r, row in zip(live, self.head.logits(feats)):
                         if r.params.greedy:  # q is a point mass: no distribution to keep
-                            tokens[r.seq_id].append(int(row.argmax()))  # host sync: the next step's input
+                            tokens[r.seq_id].append(int(argmax(row)))  # host sync: the next step's input
                             continue
                         q = warp(row[None], r.params)[0]
                         tokens[r.seq_id].append(int(sample(q[None], r.generator)[0]))  # host sync

@@ -13,7 +13,7 @@ import torch
 
 from outrider.runtime.kv_cache import KVCache
 from outrider.runtime.model import ForwardBatch, Transformer
-from outrider.scheduler.sampling import SamplingParams, sample, warp
+from outrider.scheduler.sampling import SamplingParams, argmax, sample, warp
 
 
 @dataclass
@@ -144,7 +144,7 @@ class ModelDrafter(CachedSequences):
                     logits = self._feed(live, [[tokens[r.seq_id][-1]] for r in live])
                 for r, row in zip(live, logits):
                     if r.params.greedy:  # q is a point mass: no distribution to keep
-                        tokens[r.seq_id].append(self._token(int(row.argmax())))  # host sync: next draft input
+                        tokens[r.seq_id].append(self._token(int(argmax(row))))  # host sync: next draft input
                         continue
                     q = warp(row[None], r.params)[0]
                     tokens[r.seq_id].append(self._token(int(sample(q[None], r.generator)[0])))  # host sync

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from outrider.kernels.native import available as native_available
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -41,16 +43,26 @@ class SamplingParams:
         return torch.Generator(device=device).manual_seed(self.seed)
 
 
+def argmax(logits: Tensor) -> Tensor:
+    """logits.argmax(-1), the greedy token of each row: the first of equal maxima, NaN above all, exactly as torch
+    picks it. On a CPU where our C++ ops run, fp32 rows go through `argmax_rows`: torch's CPU argmax took about
+    210 us for one 151,936-wide row here and 500 us for a 4-row verify, paid by every draft step and round."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() in (1, 2) \
+            and logits.shape[-1] > 0 and native_available():
+        return torch.ops.outrider.argmax_rows(logits.reshape(-1, logits.shape[-1])).reshape(logits.shape[:-1])
+    return logits.argmax(-1)
+
+
 def warp(logits: Tensor, params: SamplingParams) -> Tensor:
     """[..., V] logits → [..., V] float32 probabilities after temperature, top-k and top-p.
 
-    Greedy → one-hot at `torch.argmax` (ties: the lowest index). Every step works on each row alone, so a
+    Greedy → one-hot at `argmax` (ties: the lowest index). Every step works on each row alone, so a
     batch of rows warps exactly like the rows one at a time.
     """
     logits = logits.float()
     vocab = logits.shape[-1]
     if params.greedy:
-        return F.one_hot(logits.argmax(-1), vocab).float()
+        return F.one_hot(argmax(logits), vocab).float()
     logits = logits / params.temperature
     if 0 < params.top_k < vocab:
         logits = _keep_top_k(logits, params.top_k)

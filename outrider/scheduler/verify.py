@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from outrider.scheduler.sampling import sample
+from outrider.scheduler.sampling import argmax, sample
 
 # ----------------------------------------------------------------------------------------------------------------
 # The accept rule, piece by piece. verify_chain, verify_tree and the exact-distribution tests all use these.
@@ -152,7 +152,7 @@ def verify_greedy(target_logits: Tensor, draft_tokens: Tensor) -> VerifyResult:
     """
     k = draft_tokens.shape[0]
     assert target_logits.shape[0] == k + 1, f"target_logits {tuple(target_logits.shape)} != ({k + 1}, V)"
-    target_argmax = target_logits.argmax(-1)  # [k+1] ties → lowest index, as warp's greedy one-hot
+    target_argmax = argmax(target_logits)  # [k+1] ties → lowest index, as warp's greedy one-hot
     return _chain_result(draft_tokens == target_argmax[:k], draft_tokens, extra=target_argmax)
 
 
