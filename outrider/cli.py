@@ -6,45 +6,10 @@ import json
 import logging
 import sys
 
+from outrider.flags import add_model_args, add_strategy_args, profile_from_args, strategy_options
 from outrider.hub import BUILTINS, DEFAULT_DRAFT, DEFAULT_TARGET
-from outrider.kernels.linear import WEIGHT_CHOICES
-from outrider.scheduler.strategies import STRATEGIES
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=DEFAULT_TARGET, help="built-in name, HF folder or .gguf file")
-    p.add_argument("--draft", default=DEFAULT_DRAFT, help="built-in name, HF folder or .gguf file")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--target-weights", default="auto", choices=WEIGHT_CHOICES,
-                   help="served format of the target (greedy output is identical to plain decoding at it); auto: "
-                        "a GGUF file's own blocks through our kernel on an AVX512-VNNI CPU, else int4 (dense on a GPU)")
-    p.add_argument("--draft-weights", default="auto", choices=WEIGHT_CHOICES,
-                   help="the draft's format (it never changes the output); auto: q4_0 (every linear requantized to "
-                        "Q4_0, cheaper drafting) where the kernels run, else as for the target")
-    p.add_argument("--draft-k", type=int, default=3, help="draft tokens per round (upper bound with --adaptive)")
-    p.add_argument("--adaptive", action="store_true", help="choose k per round from measured acceptance and cost")
-    p.add_argument("--auto-k", action="store_true",
-                   help="pearl: choose k from the measured verify / draft-step time ratio, so drafting the next block "
-                        "takes about as long as verifying this one (--draft-k is the upper bound)")
-    p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--draft-vocab", default=None,
-                   help="VocabTrim file from `outrider vocab-trim`: the draft drafts only these tokens (lossless)")
-    p.add_argument("--draft-actor", action="store_true",
-                   help="run the draft in a Ray actor on its own core (the target keeps one thread), so drafting "
-                        "can overlap verification (the pearl strategy)")
-    p.add_argument("--draft-group", type=int, default=2,
-                   help="easyspec: draft layers run in parallel per group (1 = sequential drafting)")
-    p.add_argument("--draft-group-actors", type=int, default=0, metavar="N",
-                   help="easyspec: split the draft's layer groups over N Ray actors (member j of every group on "
-                        "actor j, one thread each, gloo between them; the group size is N); 0 = in this process")
-    p.add_argument("--graphs", action="store_true",
-                   help="target steps at one fixed width over a static KV cache, captured as CUDA graphs with "
-                        "--device cuda, and greedy model drafts as one graph replay per round (on the CPU they "
-                        "run eagerly, slower than the default path)")
-    p.add_argument("--draft-head", default=None,
-                   help="dovetail: a DGF draft head from `outrider train-dgf` (drafts from the target's hidden "
-                        "states; no draft model is loaded for it)")
+from outrider.methods import BASELINE, DEFAULT, METHODS
+from outrider.scheduler.sampling import SamplingParams
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -56,18 +21,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def model_options(a: argparse.Namespace):
-    from outrider.pipeline import ModelOptions
-
-    return ModelOptions(a.target, a.draft, a.dtype, a.target_weights, a.draft_weights, a.max_seq_len, a.device,
-                        a.draft_k, a.adaptive, a.draft_vocab, a.draft_group, a.draft_actor,
-                        draft_head=getattr(a, "draft_head", None), auto_k=getattr(a, "auto_k", False),
-                        draft_group_actors=getattr(a, "draft_group_actors", 0), graphs=getattr(a, "graphs", False))
-
-
-def sampling_params(a: argparse.Namespace):
-    from outrider.scheduler.sampling import SamplingParams
-
+def sampling_params(a: argparse.Namespace) -> SamplingParams:
     return SamplingParams(a.temperature, a.top_k, a.top_p, a.seed)
 
 
@@ -76,17 +30,17 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     if (a.prompt is None) == (a.chat is None):
         raise ValueError("give exactly one of --prompt TEXT (raw completion) or --chat TEXT (chat template)")
-    strategy = STRATEGIES[a.strategy]
-    pipe = Pipeline.load(model_options(a), need_draft=strategy.needs_draft(a.draft_head is not None))
+    options = strategy_options(a, a.strategy)
+    pipe = Pipeline.load(profile_from_args(a, options))
     ids = pipe.encode(a.chat if a.chat is not None else a.prompt, chat=a.chat is not None)
     params = sampling_params(a)
     if a.compare_plain:  # first calls pay one-time costs (thread pools, first-touch pages): warm both sides alike
-        for name in {a.strategy, "autoregressive"}:
+        for name in {a.strategy, BASELINE}:
             pipe.generate(ids, name, 2, params, a.ignore_eos)
     result = pipe.generate(ids, a.strategy, a.max_tokens, params, a.ignore_eos)
     out = result.as_json()
-    if a.compare_plain and a.strategy != "autoregressive":
-        plain = pipe.generate(ids, "autoregressive", a.max_tokens, params, a.ignore_eos)
+    if a.compare_plain and a.strategy != BASELINE:
+        plain = pipe.generate(ids, BASELINE, a.max_tokens, params, a.ignore_eos)
         out["plain"] = plain.as_json()["stats"]
         out["speedup_over_plain"] = round(plain.seconds / result.seconds * result.stats.new_tokens
                                           / max(plain.stats.new_tokens, 1), 3)
@@ -116,14 +70,14 @@ def cmd_vocab_trim(a: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from outrider.bench.prompts import load_prompts
+    from outrider.prompts import load_prompts
     from outrider.pipeline import Pipeline
     from outrider.scheduler.vocab_trim import TrimmedVocab
 
-    pipe = Pipeline.load(model_options(a), need_draft=False)
+    pipe = Pipeline.load(profile_from_args(a, strategy_options(a, BASELINE)))
     counts: Counter = Counter()
     for p in tqdm(load_prompts(a.prompts, a.limit), desc="target generations", unit="prompt", file=sys.stderr):
-        counts.update(pipe.generate(pipe.encode(p.text, p.chat), "autoregressive", a.max_tokens).token_ids)
+        counts.update(pipe.generate(pipe.encode(p.text, p.chat), BASELINE, a.max_tokens).token_ids)
     vocab = TrimmedVocab.from_counts(counts, pipe.target.config.vocab_size, a.keep)
     vocab.save(a.out)
     print(f"{a.out}: {vocab.ids.numel()} of {vocab.vocab_size} tokens ({len(counts)} distinct seen in "
@@ -193,10 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with a decoding strategy")
     g.add_argument("--prompt", help="raw text to complete")
     g.add_argument("--chat", help="a user message, wrapped in the model's chat template")
-    g.add_argument("--strategy", default="vanilla", choices=list(STRATEGIES))
+    g.add_argument("--strategy", default=DEFAULT, choices=list(METHODS),
+                   help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()))
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--compare-plain", action="store_true", help="also run plain decoding and report the speedup")
     add_model_args(g)
+    add_strategy_args(g)
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -212,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--keep", type=int, default=32768, help="tokens kept (rounded up to a multiple of 16)")
     v.add_argument("--out", required=True, help="where to write the JSON file")
     add_model_args(v)
+    add_strategy_args(v)
     v.set_defaults(func=cmd_vocab_trim, max_tokens=128)
     v.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
 
@@ -243,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_overlap_args(b)
     add_gpu_args(b)
     add_model_args(b)
+    add_strategy_args(b)
     add_sampling_args(b)
     b.set_defaults(func=cmd_bench, max_tokens=64, requests=None, concurrency=None)  # None: BENCH_MODE_DEFAULTS
 
@@ -255,9 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     from outrider.jobs import register_cli as register_jobs
 
     register_jobs(sub)
-    from outrider.dovetail_train import register_cli as register_train_dgf
-
-    register_train_dgf(sub)
+    for method in METHODS.values():  # a method's own commands (a training command)
+        method.commands(sub)
     return parser
 
 

@@ -3,8 +3,12 @@ and how the server listens. This pydantic schema is the edge: every field is typ
 (`extra="forbid"`), so a typo is an error naming the field instead of a silently ignored key.
 
 Roles are `target` and `draft`. Each role is placed as one or more *stages*: one stage hosts the whole model;
-several stages split the model's layers into contiguous ranges, one actor per range (a model bigger than one
-device, or layer-parallel drafting).
+several target stages split its layers into contiguous ranges, one actor per range (a model bigger than one
+device); several draft stages are a draft group, for a strategy that splits its draft over several actors.
+
+The `strategy` section is a union over every registered method's options (`outrider.methods`), tagged by `name`:
+each method declares its own fields, and the checks that tie a strategy to the rest of the profile come from its
+declaration (`Method.drafts_with_model`, `splits_draft`, `needs_target_features`, `check`).
 
 `load_profile` turns every problem into one line `FILE:LINE: dotted.path: problem; fix`, so a user never has to
 read a pydantic traceback. Shipped profiles live in `deploy/profiles/`.
@@ -14,10 +18,14 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
+
+from outrider.methods import BASELINE, DEFAULT, METHODS, get_method, options_types
+from outrider.methods.base import StrategyOptions
 
 DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda:\d+)$")
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "profiles"
@@ -35,9 +43,14 @@ class ModelSpec(_Closed):
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
 
 
+class DraftSpec(ModelSpec):
+    vocab: str | None = Field(None, description="a VocabTrim file from `outrider vocab-trim`: the draft's head "
+                                                "keeps only these tokens (lossless; the draft in this process)")
+
+
 class Models(_Closed):
     target: ModelSpec
-    draft: ModelSpec | None = None  # needed by strategies that draft with a model (vanilla)
+    draft: DraftSpec | None = None  # needed by strategies that draft with a model (vanilla)
 
 
 class Stage(_Closed):
@@ -66,7 +79,12 @@ class Stage(_Closed):
 
 
 class Placement(_Closed):
-    mode: Literal["ray", "local"] = Field("ray", description="ray: actors; local: models in the server process")
+    mode: Literal["ray", "local", "hybrid"] = Field(
+        "ray", description="ray: every stage in a Ray actor; local: the models in this process; hybrid: the target "
+                           "in this process and each draft stage in a Ray actor (drafting beside the verify)")
+    graphs: bool = Field(
+        False, description="local: target steps at one fixed width over a static KV cache, captured as CUDA graphs "
+                           "on a GPU, and greedy chain drafts as one replay per round (eager, and slower, on a CPU)")
     transport: Literal["ray", "gloo", "nccl"] = Field(
         "ray", description="how the target's logits reach the scheduler: ray (object store) or gloo "
                            "(torch.distributed; faster here). nccl is reserved and refused")
@@ -108,23 +126,14 @@ class Placement(_Closed):
         return stages
 
 
-class StrategySpec(_Closed):
-    name: str = "vanilla"
-    k: int = Field(3, ge=1, le=8, description="draft tokens per round (the upper bound when adaptive or auto)")
-    policy: Literal["fixed", "adaptive", "auto"] = Field(
-        "fixed", description="fixed k; adaptive: k from acceptance and draft cost; auto (pearl): k from the "
-                             "measured verify / draft-step time ratio, so drafting a block takes about a verify")
-    draft_group: int = Field(2, ge=1, description="easyspec: draft layers run in parallel per group (1 = "
-                                                  "sequential drafting)")
+def _strategy_name(data: Any) -> str:
+    """The union's tag: a section without `name` is the default strategy."""
+    return data.get("name", DEFAULT) if isinstance(data, dict) else getattr(data, "name", DEFAULT)
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from outrider.scheduler.strategies import STRATEGIES
 
-        if v not in STRATEGIES:
-            raise ValueError(f"unknown strategy {v!r}; choose one of {', '.join(STRATEGIES)}")
-        return v
+Strategy = Annotated[Union[tuple(Annotated[t, Tag(t.tag())] for t in options_types())],  # noqa: UP007
+                     Discriminator(_strategy_name, custom_error_type="unknown_strategy",
+                                   custom_error_message=f"unknown strategy; choose one of {', '.join(METHODS)}")]
 
 
 class SchedulerLimits(_Closed):
@@ -151,7 +160,7 @@ class Profile(_Closed):
     name: str = "default"
     models: Models
     placement: Placement = Field(default_factory=Placement)
-    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    strategy: Strategy = Field(default_factory=lambda: METHODS[DEFAULT].Options())
     scheduler: SchedulerLimits = Field(default_factory=SchedulerLimits)
     server: ServerSpec = Field(default_factory=ServerSpec)
 
@@ -163,42 +172,13 @@ class Profile(_Closed):
     # Cross-field checks: their messages start with the field to change, because pydantic gives errors raised
     # here no location (explain() prints them as they are).
     @model_validator(mode="after")
-    def _draft_model_present(self) -> "Profile":
-        from outrider.scheduler.strategies import STRATEGIES
-
-        if STRATEGIES[self.strategy.name].needs_draft_model and self.models.draft is None:
-            raise ValueError(f"models.draft: missing, but strategy {self.strategy.name!r} drafts with a model; "
-                             "add `draft: {model: NAME}` under models, or set strategy.name to prompt-lookup or "
-                             "autoregressive")
+    def _strategy_fits(self) -> "Profile":
+        check_strategy(self, self.strategy)
         return self
 
     @model_validator(mode="after")
-    def _auto_policy(self) -> "Profile":
-        if self.strategy.policy == "auto" and self.strategy.name != "pearl":
-            raise ValueError(f"strategy.policy: auto sets k so drafting the next block takes as long as verifying "
-                             f"this one, which only pearl overlaps (strategy.name is {self.strategy.name!r}); use "
-                             "policy: fixed or adaptive, or strategy.name: pearl")
-        return self
-
-    @model_validator(mode="after")
-    def _draft_groups(self) -> "Profile":
-        """Several draft stages are EasySpec's group actors: stage j hosts layer j of every layer group."""
-        draft, strategy = self.placement.draft, self.strategy
-        if len(draft) > 1:
-            if strategy.name != "easyspec":
-                raise ValueError(f"placement.draft: {len(draft)} stages, but only strategy easyspec splits the "
-                                 f"draft over several actors (strategy.name is {strategy.name!r}); give one draft "
-                                 "stage, or set strategy.name: easyspec")
-            staged = next((i for i, s in enumerate(draft) if s.layers is not None), None)
-            if staged is not None:
-                raise ValueError(f"placement.draft[{staged}].layers: easyspec's draft stage j hosts member j of "
-                                 "every layer group (interleaved layers, not a range); remove layers")
-            if strategy.draft_group != len(draft):
-                raise ValueError(f"strategy.draft_group: {strategy.draft_group}, but placement.draft has "
-                                 f"{len(draft)} stages, one per group member; set draft_group: {len(draft)}")
-            if self.placement.mode == "local":
-                raise ValueError("placement.mode: local runs the draft in the server process, but placement.draft "
-                                 "has several stages (draft group actors); set mode: ray")
+    def _draft_backend(self) -> "Profile":
+        draft = self.placement.draft
         if self.placement.draft_backend == "nccl":
             cpu = next((i for i, s in enumerate(draft) if not s.device.startswith("cuda")), None)
             if len(draft) < 2 or cpu is not None:
@@ -206,6 +186,19 @@ class Profile(_Closed):
                 raise ValueError(f"placement.draft_backend: nccl joins draft group actors on GPUs, but "
                                  f"placement.draft{where}; use draft_backend: gloo, or give every draft stage "
                                  "device: cuda:N")
+        return self
+
+    @model_validator(mode="after")
+    def _in_process_options(self) -> "Profile":
+        if self.placement.graphs and self.placement.mode != "local":
+            raise ValueError(f"placement.graphs: graph steps run both models in this process, but placement.mode "
+                             f"is {self.placement.mode}; set mode: local, or graphs: false (drop --draft-actor, "
+                             "--draft-group-actors or --graphs)")
+        draft = self.models.draft
+        if draft is not None and draft.vocab and self.placement.mode != "local":
+            raise ValueError(f"models.draft.vocab: VocabTrim trims the draft's head in this process, but "
+                             f"placement.mode is {self.placement.mode}; set mode: local, or remove vocab (it is not "
+                             "supported with --draft-actor or --draft-group-actors yet)")
         return self
 
     @model_validator(mode="after")
@@ -227,6 +220,30 @@ class Profile(_Closed):
             raise ValueError("placement.transport: nccl is not available yet (GPU stage-to-stage transfer is "
                              "not built); use transport: gloo or ray")
         return self
+
+
+def check_strategy(profile: Profile, options: StrategyOptions) -> None:
+    """Whether `options` can run with the rest of `profile`: the checks every method's declaration implies, then
+    the method's own. ValueError `field: problem; fix` (a profile validator's message has no location of its own,
+    so each names its field first)."""
+    method, name = get_method(options.name), options.name
+    if method.drafts_with_model(options) and profile.models.draft is None:
+        without = [n for n, m in METHODS.items() if not m.drafts_with_model(m.Options()) and n != BASELINE]
+        without = " or ".join(without + [BASELINE])  # the ones that still speculate first
+        raise ValueError(f"models.draft: missing, but strategy {name!r} drafts with a model; add `draft: {{model: "
+                         f"NAME}}` under models, or set strategy.name to {without}")
+    draft = profile.placement.draft
+    if len(draft) > 1 and method.drafts_with_model(options) and not method.splits_draft:
+        splitting = " or ".join(n for n, m in METHODS.items() if m.splits_draft)
+        raise ValueError(f"placement.draft: {len(draft)} stages, but only strategy {splitting} splits the draft over "
+                         f"several actors (strategy.name is {name!r}); give one draft stage, or set strategy.name: "
+                         f"{splitting}")
+    if method.needs_target_features(options) and (profile.placement.mode != "local" or profile.placement.graphs):
+        raise ValueError(f"strategy {name!r} with these options drafts from the target's hidden states each round, "
+                         "which the target gives only in this process: set placement.mode: local and graphs: "
+                         "false (drop --draft-actor, --draft-group-actors and --graphs), or change the strategy's "
+                         "options")
+    method.check(options, profile)
 
 
 class ProfileError(ValueError):
@@ -308,11 +325,17 @@ def explain(err: ValidationError, root: yaml.Node | None = None) -> list[str]:
     """One line per error: `[line N: ]dotted.path: problem; fix`. `root` (the YAML node tree) adds line numbers."""
     found = []
     for e in err.errors():
-        loc = tuple(e["loc"])
-        text = f"{dotted(loc)}: {_problem(e, loc)}" if loc else _problem(e, loc)
+        loc = _untagged(tuple(e["loc"]))
+        problem = _problem(e, tuple(e["loc"]))
+        text = f"{dotted(loc)}: {problem}" if loc and not problem.startswith(f"{dotted(loc)}.") else problem
         line = _line_of(root, loc) if root is not None else None
         found.append((line or 1 << 30, f"line {line}: {text}" if line else text))
     return [text for _, text in sorted(found, key=lambda f: f[0])]  # in file order; stable for equal lines
+
+
+def _untagged(loc: tuple) -> tuple:
+    """The location without the strategy union's tag: ('strategy', 'pearl', 'k') -> ('strategy', 'k')."""
+    return tuple(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "strategy" and p in METHODS))
 
 
 def dotted(loc: tuple) -> str:
@@ -350,14 +373,19 @@ def _problem(e: dict, loc: tuple) -> str:
         return f"expected a mapping of fields (`key: value` lines), got {type(got).__name__} {got!r}"
     if kind == "value_error":
         return e["msg"].removeprefix("Value error, ")
+    if kind == "unknown_strategy":
+        return f"strategy.name: unknown strategy {_strategy_name(got)!r}; choose one of {', '.join(METHODS)}"
     return f"{e['msg'][0].lower()}{e['msg'][1:]}, got {got!r}"
 
 
 def _fields_at(loc: tuple) -> dict[str, Any]:
     """The pydantic fields of the model found at `loc` in the Profile schema ({} if it is not a model)."""
     model: type[BaseModel] | None = Profile
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):  # a list index: the element model was taken with the list's field
+            continue
+        if i and loc[i - 1] == "strategy" and part in METHODS:  # the union's tag: that method's options
+            model = METHODS[part].Options
             continue
         field = model.model_fields.get(part) if model is not None else None
         model = _model_in(field.annotation) if field is not None else None

@@ -6,16 +6,20 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from outrider.build import Deployment
 from outrider.profile import Profile
 from outrider.runtime.tokenizer import Tokenizer
 from outrider.scheduler.engine import Engine, Request, SpecStats
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.serving import AsyncScheduler, RequestHandle, SpeculationGate, Unavailable
-from outrider.scheduler.strategies import StrategyContext, get_strategy
-from outrider.scheduler.target import LocalTarget
+
+if TYPE_CHECKING:  # Ray is imported only where actors run
+    from outrider.actors.remote import ActorDrafter, ActorTarget
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,14 @@ class Completion:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Remote:
+    """The engine's parts that run in Ray actors (health, failure counts, tests reach the actors through it)."""
+
+    target: "ActorTarget | None"
+    drafter: "ActorDrafter | None"
+
+
 @dataclass
 class Service:
     profile: Profile
@@ -38,39 +50,36 @@ class Service:
     scheduler: AsyncScheduler
     model_name: str
     load_seconds: float
-    placed: object | None = None  # outrider.actors.placement.Placed in ray mode
+    deployment: Deployment
+    placed: Remote | None = None  # None when every model runs in this process
 
     @classmethod
     def start(cls, profile: Profile) -> "Service":
         """Load the models where the profile places them (blocking) and build the engine and scheduler."""
         t0 = time.perf_counter()
-        strategy = get_strategy(profile.strategy.name)
         limits = profile.scheduler
-        placed = None
         # Every torch call of the engine, loading included, runs on this one thread. A second thread doing torch
         # work gives the process a second OpenMP team; with more OpenMP threads than cores libgomp stops
         # spin-waiting between parallel regions, and each of the thousands of regions per forward pays a
         # wake-up: measured 30% slower rounds (verify 119 vs 96 ms, draft 111 vs 74 ms on the default pair).
         engine_thread = ThreadPoolExecutor(1, thread_name_prefix="outrider-engine")
-        if profile.placement.mode == "local":
-            target, drafter = engine_thread.submit(_local_models, profile, strategy.needs_draft_model).result()
-        else:
-            from outrider.actors.placement import place
-
+        if profile.placement.mode == "ray":
             # Here the engine thread only verifies. One thread: an idle OpenMP worker of this process would
             # spin-wait on a core the actors are computing on (measured: plain rounds 82 ms against 68).
             engine_thread.submit(torch.set_num_threads, 1).result()
-
-            placed = place(profile, limits.max_running, limits.max_seq_len, strategy.needs_draft_model)
-            target, drafter = placed.target, placed.drafter
-        ctx = StrategyContext(None, profile.strategy.k, profile.strategy.policy == "adaptive", limits.max_running,
-                              limits.max_seq_len, hosted_drafter=drafter, auto_k=profile.strategy.policy == "auto")
-        engine = Engine(target, *strategy.build(ctx))
+        try:
+            deployment = engine_thread.submit(Deployment.start, profile).result()
+            engine = engine_thread.submit(deployment.engine).result()
+        except BaseException:
+            engine_thread.shutdown(wait=False)
+            raise
         scheduler = AsyncScheduler(engine, limits.max_running, limits.max_queued,
                                    SpeculationGate() if limits.speculation_gate else None,
                                    engine_thread=engine_thread)
+        target, drafter = deployment.remote_parts(engine)
         name = profile.server.served_model_name or _display_name(profile.models.target.model)
-        return cls(profile, _tokenizer(profile), engine, scheduler, name, time.perf_counter() - t0, placed)
+        return cls(profile, deployment.tokenizer, engine, scheduler, name, time.perf_counter() - t0, deployment,
+                   Remote(target, drafter) if target is not None or drafter is not None else None)
 
     async def __aenter__(self) -> "Service":
         await self.scheduler.start()
@@ -88,7 +97,7 @@ class Service:
         return Request(list(prompt_ids), max_tokens, params, stop)
 
     def submit(self, request: Request, request_id: str | None = None) -> RequestHandle:
-        target = self.placed.target.recovery.state if self.placed is not None else "ok"
+        target = self.placed.target.recovery.state if self.placed and self.placed.target else "ok"
         if target != "ok":
             raise Unavailable(f"the target model {'cannot restart' if target == 'dead' else 'is restarting'} "
                               "after a failure; retry shortly")
@@ -99,7 +108,8 @@ class Service:
         A recovering draft still serves (without speculation); a target that is not ok does not."""
         parts = {"scheduler": "ok" if self.scheduler.alive else "stopped"}
         if self.placed is not None:
-            parts["target"] = self.placed.target.recovery.state
+            if self.placed.target is not None:
+                parts["target"] = self.placed.target.recovery.state
             if self.placed.drafter is not None:
                 parts["draft"] = self.placed.drafter.recovery.state
         return parts
@@ -120,7 +130,9 @@ class Service:
         """Failed actor calls so far per role (none in local mode)."""
         if self.placed is None:
             return {}
-        roles = {"target": self.placed.target.recovery.failures}
+        roles = {}
+        if self.placed.target is not None:
+            roles["target"] = self.placed.target.recovery.failures
         if self.placed.drafter is not None:
             roles["draft"] = self.placed.drafter.recovery.failures
         return roles
@@ -135,45 +147,9 @@ class Service:
 
     def shutdown(self) -> None:
         self.scheduler.close()
-        if self.placed is not None:
-            self.placed.shutdown()
-            self.placed = None
-
-
-def _local_models(profile: Profile, needs_draft: bool):
-    from outrider.pipeline import check_vocabularies
-    from outrider.runtime.loading import load_model
-    from outrider.scheduler.drafters import ModelDrafter
-
-    torch.set_num_threads(profile.placement.target[0].threads or 2)
-    limits, t = profile.scheduler, profile.models.target
-    device = _local_device(profile.placement.target[0].device)
-    target_model, _ = load_model(t.model, t.dtype, t.weights, device, limits.max_seq_len)
-    target = LocalTarget(target_model, limits.max_running, limits.max_seq_len)
-    drafter = None
-    if needs_draft:
-        d = profile.models.draft
-        draft_model, _ = load_model(d.model, d.dtype, d.weights, _local_device(profile.placement.draft[0].device),
-                                    limits.max_seq_len, batch_invariant=False)
-        check_vocabularies(target_model.config.vocab_size, draft_model.config.vocab_size, t.model, d.model)
-        drafter = ModelDrafter(draft_model, limits.max_running, limits.max_seq_len)
-    return target, drafter
-
-
-def _local_device(device: str) -> str:
-    if device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _tokenizer(profile: Profile) -> Tokenizer:
-    from outrider.hub import resolve
-    from outrider.runtime.checkpoint import load_checkpoint
-
-    return Tokenizer.load(load_checkpoint(resolve(profile.models.target.model)).tokenizer_source)
+        self.deployment.shutdown()
+        self.placed = None
 
 
 def _display_name(model: str) -> str:
-    from pathlib import Path
-
     return Path(model).name.removesuffix(".gguf") if ("/" in model or model.endswith(".gguf")) else model

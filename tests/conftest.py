@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from outrider.build import Env
+from outrider.build.hosts import LocalDraft
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.loading import build_weights
 from outrider.runtime.model import Transformer
@@ -91,6 +93,12 @@ def plain(model, prompt=PROMPT, max_tokens=40, stop=frozenset(), params=Sampling
 def speculative(model, drafter, k, prompt=PROMPT, max_tokens=40, stop=frozenset(), params=SamplingParams()):
     engine = Engine(LocalTarget(model, capacity=256), drafter, lambda: FixedK(k))
     return engine.generate(Request(prompt, max_tokens, params, stop))
+
+
+def in_process(model: Transformer, draft: Transformer | None = None, slots: int = 1, capacity: int = 256) -> Env:
+    """What the builder hands a method with both models in this process (the draft defaults to the target)."""
+    return Env(LocalTarget(model, slots, capacity), model, LocalDraft(draft or model, slots, capacity), slots,
+               capacity)
 
 
 @pytest.fixture(scope="module")

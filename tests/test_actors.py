@@ -14,7 +14,7 @@ import torch
 from outrider.actors.worker import DraftWorker, ModelSource, ModelWorker, TreeRows, from_wire
 from outrider.profile import Profile
 from outrider.runtime.loading import load_model
-from outrider.runtime.model import ForwardBatch
+from outrider.runtime.batch import ForwardBatch
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.target import LocalTarget
@@ -150,7 +150,7 @@ def test_logits_travel_as_exact_bits():
 
 
 def test_draft_worker_returns_the_advanced_random_stream(pair):
-    worker = DraftWorker(ModelSource(str(pair[1]), "float32", "dense", "cpu", batch_invariant=False), 1, 64)
+    worker = DraftWorker(ModelSource(str(pair[1]), "float32", "dense", "cpu", batch_invariant=False), 1, 64)  # a chain
     g = torch.Generator().manual_seed(3)
     reply = worker.propose([{"seq_id": 0, "tokens": [70, 71, 72], "k": 3,
                              "params": SamplingParams(temperature=1.0), "rng": g.get_state().numpy()}])[0]
@@ -253,7 +253,7 @@ def test_easyspec_with_its_layer_groups_in_the_draft_actor_equals_the_in_process
     strategy = p.strategy.model_copy(update={"name": "easyspec", "draft_group": 2})
     service = Service.start(p.model_copy(update={"strategy": strategy}))
     try:
-        assert service.placed.drafter.layer_group == 2
+        assert service.placed.drafter.info()["drafter"] == "LayerParallel(group_size=2, variant='attention')"
         assert generate_all(service, [SamplingParams()] * 16) == in_process
         assert service.kv_slots_in_use() == {"target": [0], "draft": 0}
     finally:

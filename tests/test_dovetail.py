@@ -13,16 +13,17 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from conftest import PROMPT, plain, tiny_model
+from conftest import in_process
 from outrider.cli import main
-from outrider.dovetail_train import TrainConfig, collect, new_head, sample_loss, train
-from outrider.pipeline import ModelOptions
+from outrider.flags import parse, profile_from_args
+from outrider.methods import METHODS
+from outrider.methods.dovetail.train import TrainConfig, collect, new_head, sample_loss, train
 from outrider.runtime.loading import load_model
-from outrider.runtime.model import ForwardBatch
-from outrider.scheduler.dovetail import FeatureDrafter, load_head, save_head
+from outrider.runtime.batch import ForwardBatch
+from outrider.methods.dovetail.head import FeatureDrafter, load_head, save_head
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import FixedK
-from outrider.scheduler.strategies import StrategyContext, get_strategy
-from outrider.scheduler.target import LocalTarget
+from outrider.scheduler.target import LocalTarget, features_of
 from test_engine_sampling import chi_square_p, exact_two_token_distribution, sampled_counts, small_vocab_model
 from tiny_folders import write_tiny_folder
 
@@ -64,8 +65,8 @@ def trained(target, samples):
 
 
 def dovetail(target, head, k: int, slots: int = 1) -> Engine:
-    return Engine(LocalTarget(target, num_slots=slots, capacity=256), FeatureDrafter(head, slots, capacity=256),
-                  lambda: FixedK(k))
+    local = LocalTarget(target, num_slots=slots, capacity=256)
+    return Engine(local, FeatureDrafter(head, local.record_features(), slots, capacity=256), lambda: FixedK(k))
 
 
 def test_dgf_gate_matches_a_plain_reference(target):
@@ -150,7 +151,7 @@ def test_head_cache_after_every_round_equals_a_fresh_recompute(target, trained):
     while not seq.finished:
         engine.step([seq])
         request = engine.draft_requests([seq], [4])[0]
-        fresh = FeatureDrafter(trained[0], capacity=256)
+        fresh = FeatureDrafter(trained[0], engine.target, capacity=256)
         assert engine.drafter.propose([request])[0].tokens == fresh.propose([request])[0].tokens
         pairs = len(seq.tokens) - 1
         mine, theirs = engine.drafter.seqs[seq.seq_id], fresh.seqs[seq.seq_id]
@@ -207,19 +208,21 @@ def test_sampling_matches_the_target_distribution():
     exact = exact_two_token_distribution(target)
     head = new_head(target, 1, seed=0)
     train(head, collect(target, [[3, 7, 1], [5, 2, 9, 4]], 12), TrainConfig(steps=40, lr=1e-3))  # q nearer p
-    engine = Engine(LocalTarget(target, capacity=64), FeatureDrafter(head, capacity=64), lambda: FixedK(2))
+    local = LocalTarget(target, capacity=64)
+    engine = Engine(local, FeatureDrafter(head, local.record_features(), capacity=64), lambda: FixedK(2))
     counts = sampled_counts(engine, 2500)
     assert chi_square_p(counts, exact) > 1e-3
     # Negative control: another model's distribution is told apart by the same test.
     assert chi_square_p(counts, exact_two_token_distribution(small_vocab_model(1))) < 1e-6
 
 
-def test_strategy_builds_the_head_drafter_or_the_chain_drafter(target, trained):
-    strategy = get_strategy("dovetail")
-    assert strategy.needs_draft(has_head=False) and not strategy.needs_draft(has_head=True)
-    drafter, _, _ = strategy.build(StrategyContext(target, 3, False, 1, 256, draft_head=trained[0]))
+def test_strategy_builds_the_head_drafter_or_the_chain_drafter(target, trained, tmp_path):
+    strategy, head = METHODS["dovetail"], str(save_head(trained[0], tmp_path / "head.safetensors"))
+    with_head, without = strategy.Options(draft_head=head), strategy.Options()
+    assert strategy.drafts_with_model(without) and not strategy.drafts_with_model(with_head)
+    drafter = strategy.parts(with_head, in_process(target)).drafter
     assert isinstance(drafter, FeatureDrafter)
-    drafter, _, _ = strategy.build(StrategyContext(target, 3, False, 1, 256))  # no head: the draft model chains
+    drafter = strategy.parts(without, in_process(target)).drafter  # no head: the draft model chains
     assert type(drafter).__name__ == "ModelDrafter"
     seq = Engine(LocalTarget(target, capacity=256), drafter, lambda: FixedK(3)).generate(Request(PROMPT, 30))
     assert seq.generated == plain(target, max_tokens=30)
@@ -230,9 +233,9 @@ def test_a_target_without_features_is_refused_at_build(target, trained):
         vocab_size, capacity = 256, 256
 
     with pytest.raises(ValueError, match="not through actors yet"):
-        Engine(TokensOnlyTarget(), FeatureDrafter(trained[0]))
+        features_of(TokensOnlyTarget())
     with pytest.raises(ValueError, match="--draft-actor"):
-        ModelOptions(draft_head="head.safetensors", draft_actor=True)
+        profile_from_args(parse(["--draft-actor"]), METHODS["dovetail"].Options(draft_head="head.safetensors"))
 
 
 @pytest.mark.timeout(300)

@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import in_process
 from conftest import PROMPT, plain, random_state, speculative, tiny_config
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.loading import build_weights
-from outrider.runtime.model import ForwardBatch, Transformer
+from outrider.runtime.batch import ForwardBatch
+from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import Draft, DraftRequest, ModelDrafter
-from outrider.scheduler.easyspec import VARIANTS, LayerParallelDrafter, layer_groups
+from outrider.methods import METHODS
+from outrider.methods.easyspec.drafter import VARIANTS, LayerParallelDrafter, layer_groups
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import FixedK
 from outrider.scheduler.sampling import SamplingParams
-from outrider.scheduler.strategies import StrategyContext, get_strategy
 from outrider.scheduler.target import LocalTarget
 from test_engine_sampling import PARAMS, VOCAB, chi_square_p, exact_two_token_distribution, small_vocab_model
 
@@ -189,15 +191,12 @@ def test_sampling_matches_the_target_distribution():
 
 
 def test_strategy_builds_the_drafter_with_the_group_size(target):
-    ctx = StrategyContext(target, 3, False, 1, 256, draft_group=4)
-    drafter, _, _ = get_strategy("easyspec").build(ctx)
+    easyspec = METHODS["easyspec"]
+    drafter = easyspec.parts(easyspec.Options(draft_group=4), in_process(target)).drafter
     assert isinstance(drafter, LayerParallelDrafter) and drafter.groups == [range(0, 4)]
 
 
-def test_a_hosted_sequential_drafter_and_bad_settings_are_refused(target):
-    ctx = StrategyContext(None, 3, False, 1, 256, hosted_drafter=ModelDrafter(target, capacity=256))
-    with pytest.raises(ValueError, match="easyspec.*needs its draft actor placed for it"):
-        get_strategy("easyspec").build(ctx)
+def test_bad_settings_are_refused(target):
     with pytest.raises(ValueError, match="variant"):
         LayerParallelDrafter(target, capacity=256, variant="mlp")
     with pytest.raises(ValueError, match="group size"):

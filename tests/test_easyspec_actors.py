@@ -16,9 +16,10 @@ from outrider.actors.draft_groups import ActorGroupDrafter, DraftShard
 from outrider.actors.worker import ModelSource, from_wire
 from outrider.profile import Profile
 from outrider.runtime.loading import load_model
-from outrider.runtime.model import ForwardBatch
+from outrider.runtime.batch import ForwardBatch
 from outrider.scheduler.drafters import DraftRequest
-from outrider.scheduler.easyspec import LayerParallelDrafter
+from outrider.methods.easyspec.drafter import LayerParallelDrafter
+from outrider.methods.easyspec.sharded import Sharded
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.target import LocalTarget
@@ -132,8 +133,8 @@ def test_every_variant_and_width_is_bitwise_the_in_process_drafter(folders, clus
     """Three actors over four layers: groups [0 1 2] [3], so a short group and a one-layer group (rank 0's).
     bf16 (the served dtype) crosses gloo as its bytes."""
     source = ModelSource(str(folders[1]), dtype, "dense", "cpu", batch_invariant=False)
-    actors = [ray.remote(DraftShard).options(num_cpus=0.5).remote(source, SLOTS, CAPACITY, 1, rank, world, variant)
-              for rank in range(world)]
+    actors = [ray.remote(DraftShard).options(num_cpus=0.5).remote(source, SLOTS, CAPACITY, 1, Sharded(variant), rank,
+                                                                  world) for rank in range(world)]
     try:
         remote = ActorGroupDrafter(actors, overlap_prefill=False, timeout_s=60)
         check_bitwise(remote, in_process_drafter(folders, world, variant, dtype))

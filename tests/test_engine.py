@@ -6,7 +6,8 @@ import torch
 
 from conftest import PROMPT, plain, speculative, tiny_model
 from fakes import OracleDrafter
-from outrider.scheduler.drafters import ModelDrafter, PromptLookupDrafter
+from outrider.methods.prompt_lookup import PromptLookupDrafter
+from outrider.scheduler.drafters import ModelDrafter
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import AdaptiveK, FixedK
 from outrider.scheduler.sampling import SamplingParams

@@ -11,7 +11,8 @@ from scipy.stats import chisquare
 from conftest import random_state, tiny_config
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.loading import build_weights
-from outrider.runtime.model import ForwardBatch, Transformer
+from outrider.runtime.batch import ForwardBatch
+from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import ModelDrafter
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import FixedK

@@ -9,7 +9,7 @@ import torch
 
 from conftest import PROMPT as SHORT, tiny_model
 from outrider.runtime.graphs import DraftLoop, StaticRunner
-from outrider.runtime.model import ForwardBatch
+from outrider.runtime.batch import ForwardBatch
 from outrider.scheduler.drafters import ModelDrafter
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.graphed import GraphDrafter, GraphTarget

@@ -6,7 +6,7 @@ import torch
 
 from conftest import hf_model, tiny_model
 from outrider.kernels.attention import KEY_BUCKET
-from outrider.runtime.model import ForwardBatch
+from outrider.runtime.batch import ForwardBatch
 
 ARCHS = ["llama", "qwen2", "mistral", "llama3_rope"]
 FORMATS = [(torch.float32, "dense"), (torch.bfloat16, "dense"), (torch.float32, "int8"),
@@ -48,8 +48,9 @@ def test_any_layer_range_and_hidden_states_match_hf(arch):
     # Running the layers in two ranges gives the same result as one pass.
     cache = ours.new_cache(1, 64)
     batch = ForwardBatch.chain([0], [ids], [0])
-    h = ours.run_layers(ours.embed(batch.token_ids), batch, cache, [0], 0, 1)
-    h = ours.run_layers(h, batch, cache, [0], 1, ours.num_layers)
+    ctx = ours.context(batch, cache)
+    h = ours.run_layers(ours.embed(batch.token_ids), ctx, 0, 1)
+    h = ours.run_layers(h, ctx, 1, ours.num_layers)
     torch.testing.assert_close(ours.logits(h), expected_logits(theirs, ids), atol=1e-4, rtol=1e-4)
 
 
@@ -185,6 +186,6 @@ def test_fused_layers_are_bitwise_the_per_layer_path(arch):
     for a, b in zip(caches[fused].keys + caches[fused].values, caches[layered].keys + caches[layered].values):
         assert torch.equal(a, b)
     h = fused.embed(torch.tensor([12, 13]))
-    sliced = {m: m.run_layers(h, ForwardBatch.chain([0], [[12, 13]], [22]), caches[m], [22], 1, m.num_layers)
-              for m in (fused, layered)}
+    sliced = {m: m.run_layers(h, m.context(ForwardBatch.chain([0], [[12, 13]], [22]), caches[m]), 1, m.num_layers)
+              for m in (fused, layered)}  # slot 0 holds 22 positions: the rows go at 22, 23
     assert torch.equal(sliced[fused], sliced[layered])

@@ -11,7 +11,7 @@ from conftest import PROMPT, plain, tiny_model
 from fakes import OracleDrafter
 from outrider.scheduler.drafters import ModelDrafter
 from outrider.scheduler.engine import Engine, Request
-from outrider.scheduler.pearl import Overlapped
+from outrider.methods.pearl import Overlapped
 from outrider.scheduler.policy import FixedK
 from outrider.scheduler.target import LocalTarget
 from test_engine_sampling import chi_square_p, exact_two_token_distribution, sampled_counts, small_vocab_model
@@ -92,7 +92,7 @@ def test_a_plain_round_drops_the_window_and_stays_lossless(target, reference):
             break
         engine.step([seq], speculate=i % 3 != 2)  # every third round the gate says plain
         if i % 3 == 2:
-            assert seq.window.tokens == []
+            assert engine.rounds.window(seq).tokens == []
     assert seq.generated == reference
 
 

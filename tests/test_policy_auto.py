@@ -9,15 +9,17 @@ import pytest
 import ray
 from pydantic import ValidationError
 
-from conftest import PROMPT, plain, tiny_model
+from conftest import PROMPT, in_process, plain, tiny_model
 from outrider.profile import Profile
 from outrider.runtime.loading import load_model
 from outrider.scheduler.drafters import Draft, DraftRequest, ModelDrafter
 from outrider.scheduler.engine import Engine, Request
-from outrider.scheduler.pearl import Overlapped
-from outrider.scheduler.policy import MAX_DRAFT, AutoK, FixedK
+from outrider.methods.pearl import Overlapped
+from outrider.flags import parse, strategy_options
+from outrider.methods import METHODS
+from outrider.methods.pearl import AutoK
+from outrider.scheduler.policy import MAX_DRAFT, FixedK
 from outrider.scheduler.sampling import SamplingParams
-from outrider.scheduler.strategies import StrategyContext, get_strategy
 from outrider.scheduler.target import LocalTarget
 from outrider.service import Service
 from tiny_folders import write_tiny_pair
@@ -120,10 +122,11 @@ def test_auto_k_with_an_unrelated_draft_is_lossless(target, reference):
 
 
 def test_the_strategy_builds_auto_k_for_pearl_only(target):
-    ctx = StrategyContext(target, 5, False, 1, 256, auto_k=True)
-    _, policy, _ = get_strategy("pearl").build(ctx)
+    pearl, vanilla = METHODS["pearl"], METHODS["vanilla"]
+    policy = pearl.parts(pearl.Options(k=5, policy="auto"), in_process(target)).policy
     assert isinstance(policy(), AutoK) and policy().k_max == 5
-    _, policy, _ = get_strategy("vanilla").build(ctx)  # draft-then-verify rounds do not time an overlap
+    args = parse(["--draft-k", "5", "--auto-k"])  # draft-then-verify rounds do not time an overlap
+    policy = vanilla.parts(strategy_options(args, "vanilla", strict=False), in_process(target)).policy
     assert isinstance(policy(), FixedK) and policy().k == 5
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from outrider.bench.prompts import PROMPT_SETS, Prompt, load_prompts
+from outrider.prompts import PROMPT_SETS, Prompt, load_prompts
 
 
 @pytest.mark.parametrize("name", ["code", "code-heldout", "chat"])

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from outrider import hub
-from outrider.pipeline import ModelOptions, Pipeline
-from outrider.scheduler.dovetail import DGFHead, FeatureDrafter
+from outrider.pipeline import Pipeline
+from outrider.methods.dovetail.head import DGFHead, FeatureDrafter
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import FixedK
 from outrider.scheduler.sampling import SamplingParams
@@ -31,7 +31,8 @@ def require(name: str) -> str:
 def smollm():
     name = require("smollm2-135m-instruct")
     # The draft is the same model quantized to int4: a cheap, well-aligned drafter for a self-check.
-    return Pipeline.load(ModelOptions(target=name, draft=name, target_weights="int8", k=4, max_seq_len=1024))
+    return Pipeline.from_flags(["--target", name, "--draft", name, "--target-weights", "int8", "--draft-k", "4",
+                                "--max-seq-len", "1024"], ["autoregressive", "vanilla", "prompt-lookup"])
 
 
 @pytest.mark.parametrize("strategy", ["vanilla", "prompt-lookup"])
@@ -51,8 +52,9 @@ def test_smollm2_answers_sensibly(smollm):
 
 
 def test_smollm2_dense_bf16_is_lossless_too(smollm):
-    pipe = Pipeline.load(ModelOptions(target=smollm.options.target, draft=smollm.options.draft,
-                                      target_weights="dense", k=6, max_seq_len=1024))
+    name = smollm.deployment.profile.models.target.model
+    pipe = Pipeline.from_flags(["--target", name, "--draft", name, "--target-weights", "dense", "--draft-k", "6",
+                                "--max-seq-len", "1024"], ["autoregressive", "vanilla"])
     ids = pipe.encode(PROMPTS[0], chat=True)
     assert (pipe.generate(ids, "vanilla", 40, ignore_eos=True).token_ids
             == pipe.generate(ids, "autoregressive", 40, ignore_eos=True).token_ids)
@@ -68,8 +70,9 @@ def test_sampling_on_a_real_model_is_seeded(smollm):
 
 @pytest.fixture(scope="module")
 def default_pair():
-    return Pipeline.load(ModelOptions(target=require(hub.DEFAULT_TARGET), draft=require(hub.DEFAULT_DRAFT),
-                                      k=4, max_seq_len=1024))
+    return Pipeline.from_flags(["--target", require(hub.DEFAULT_TARGET), "--draft", require(hub.DEFAULT_DRAFT),
+                                "--draft-k", "4", "--max-seq-len", "1024"],
+                               ["autoregressive", "vanilla", "pearl", "easyspec", "dovetail"])
 
 
 @pytest.mark.parametrize("strategy", ["vanilla", "pearl", "easyspec", "dovetail"])
@@ -88,8 +91,8 @@ def test_default_pair_with_a_dovetail_head_equals_plain(default_pair):
     head = DGFHead(default_pair.target, layers=1, dtype=torch.bfloat16)
     ids = default_pair.encode(PROMPTS[0], chat=True)
     plain = Engine(LocalTarget(default_pair.target, capacity=1024)).generate(Request(ids, 24)).generated
-    engine = Engine(LocalTarget(default_pair.target, capacity=1024), FeatureDrafter(head, capacity=1024),
-                    lambda: FixedK(3))
+    target = LocalTarget(default_pair.target, capacity=1024)
+    engine = Engine(target, FeatureDrafter(head, target.record_features(), capacity=1024), lambda: FixedK(3))
     seq = engine.generate(Request(ids, 24))
     assert seq.generated == plain
     assert seq.stats.draft_tokens > 0
@@ -98,8 +101,9 @@ def test_default_pair_with_a_dovetail_head_equals_plain(default_pair):
 def test_default_pair_at_gguf_weights_speculative_equals_plain():
     """At `--weights gguf` the target runs the file's own Q4_K/Q6_K blocks through our int8-activation kernel and
     the draft its Q5_0/Q8_0/Q4_K/Q6_K blocks; verification stays bitwise the plain decode's."""
-    pipe = Pipeline.load(ModelOptions(target=require(hub.DEFAULT_TARGET), draft=require(hub.DEFAULT_DRAFT),
-                                      target_weights="gguf", draft_weights="gguf", k=4, max_seq_len=1024))
+    pipe = Pipeline.from_flags(["--target", require(hub.DEFAULT_TARGET), "--draft", require(hub.DEFAULT_DRAFT),
+                                "--target-weights", "gguf", "--draft-weights", "gguf", "--draft-k", "4",
+                                "--max-seq-len", "1024"], ["autoregressive", "vanilla"])
     for text in PROMPTS[:2]:
         ids = pipe.encode(text, chat=True)
         plain = pipe.generate(ids, "autoregressive", 32, ignore_eos=True)

@@ -25,6 +25,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
+from outrider.actors.transport import GlooLink
 from outrider.actors.worker import TreeRows, from_wire
 from outrider.runtime.loading import parse_dtype
 from outrider.scheduler.drafters import NO_DRAFT, Draft, DraftRequest
@@ -106,14 +107,26 @@ class ActorTarget:
     passes its hidden states to the next as a Ray object reference, without coming back here)."""
 
     def __init__(self, stages: list, timeout_s: float | None = None):
+        """The stages may still be loading; `wait` for them before the first call."""
         self.stages = stages
         self.recovery = Recovery(stages, timeout_s)
-        infos = ray.get([s.info.remote() for s in stages])
+        self.lengths: dict[int, int] = {}  # slot -> positions held, mirrored from the calls we sent
+        self.link = None  # a GlooLink to the last stage when the transport is gloo
+        self.loaded = False
+        self._infos = [s.info.remote() for s in stages]
+
+    def wait(self, gloo: bool = False) -> None:
+        """Block until every stage has loaded its model (a load error raises here); then, with `gloo`, bring the
+        logits over a torch.distributed link instead of Ray's object store. Once."""
+        if self.loaded:
+            return
+        infos = ray.get(self._infos)
         self.vocab_size = infos[-1]["vocab_size"]
         self.capacity = min(i["capacity"] for i in infos)
         self.dtype = parse_dtype(infos[-1]["dtype"])
-        self.lengths: dict[int, int] = {}  # slot -> positions held, mirrored from the calls we sent
-        self.link = None  # a GlooLink to the last stage when the profile's transport is gloo
+        if gloo:
+            self.link = GlooLink(self.stages[-1], self.vocab_size, self.dtype)
+        self.loaded = True
 
     def acquire(self) -> int:
         self._check([])
@@ -207,14 +220,14 @@ class ActorTarget:
 
 
 class ActorDrafter:
-    """A `ModelDrafter` in an actor. Sampling draws from the sequence's own generator: its state goes with the
-    request and comes back advanced, so the draws equal an in-process drafter's."""
+    """The drafter a `DraftWorker` actor hosts, as the engine's `Drafter` (an `AsyncDrafter` and a `TimedDrafter`:
+    it drafts while the caller verifies, and reports how long the actor drafted). Sampling draws from the
+    sequence's own generator: its state goes with the request and comes back advanced, so the draws equal an
+    in-process drafter's."""
 
-    def __init__(self, actor, overlap_prefill: bool = True, timeout_s: float | None = None,
-                 layer_group: int | None = None):
+    def __init__(self, actor, overlap_prefill: bool = True, timeout_s: float | None = None):
         self.actor = actor
         self.overlap_prefill = overlap_prefill
-        self.layer_group = layer_group  # the actor drafts with EasySpec's layer groups of this size
         self.recovery = Recovery([actor], timeout_s)
         self.last_propose_seconds: float | None = None  # the last proposal's drafting time, measured in the actor
 
@@ -278,4 +291,8 @@ class ActorDrafter:
     def slots_in_use(self) -> int:
         if not self.recovery.ready():
             return 0  # a restarting actor holds nothing
-        return ray.get(self.actor.info.remote())["slots_in_use"]
+        return self.info()["slots_in_use"]
+
+    def info(self) -> dict:
+        """The draft actor's `info` (blocks until it has loaded its model: a load error raises here)."""
+        return ray.get(self.actor.info.remote())

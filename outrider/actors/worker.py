@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from outrider.runtime.model import ForwardBatch, Transformer
-from outrider.scheduler.drafters import DraftRequest, ModelDrafter
+from outrider.runtime.batch import ForwardBatch
+from outrider.runtime.model import Transformer
+from outrider.scheduler.drafters import Chain, CachedSequences, DrafterFactory, DraftRequest, ReportingDrafter
 
 PREFILL_CHUNK = 256  # rows per prefill forward: bounds activation memory; the kernels make any chunking exact
 FAULT_ENV = "OUTRIDER_FAULT_INJECTION"  # "1" enables `inject_fault` (tests only; refused otherwise)
@@ -93,7 +94,8 @@ class FaultPlan:
 
 
 def set_threads(threads: int | None) -> None:
-    """One fixed thread count per process (batch-invariance rule R6: the same reduction splits every call)."""
+    """One fixed thread count per process: a kernel's reduction split follows the thread count, so a fixed count
+    keeps the target's logits bitwise the same from call to call."""
     if threads:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -188,12 +190,10 @@ class ModelWorker:
                             chain.slots, chain.num_rows, masks)
 
     def _score(self, batch: ForwardBatch, hidden: np.ndarray | None, logits: bool) -> np.ndarray | None:
-        starts = [self.cache.lengths[s] for s in batch.slots]
+        ctx = self.model.context(batch, self.cache)
         h = self.model.embed(batch.token_ids) if self.is_first else from_wire(hidden, self.model.dtype)
-        h = self.model.run_layers(h.to(self.model.device), batch, self.cache, starts, self.layers.start,
-                                  self.layers.stop)
-        for slot, rows in zip(batch.slots, batch.num_rows):
-            self.cache.advance(slot, rows)
+        h = self.model.run_layers(h.to(self.model.device), ctx, self.layers.start, self.layers.stop)
+        ctx.advance()
         if not self.is_last:
             return to_wire(h)
         # The head's output is in the model dtype; `Transformer.logits` upcasts, so casting back is exact.
@@ -234,28 +234,26 @@ class ModelWorker:
 
 
 class DraftWorker:
-    """A `ModelDrafter` on its device. Sampled drafts need the sequence's random stream: the caller ships the
-    generator state and gets the advanced state back, so remote drafting draws the very numbers local would."""
+    """The drafter a `DrafterFactory` builds over the draft model, on its device (a plain chain by default). Sampled
+    drafts need the sequence's random stream: the caller ships the generator state and gets the advanced state
+    back, so remote drafting draws the very numbers local would."""
 
     def __init__(self, source: ModelSource, num_slots: int, capacity: int, threads: int | None = None,
-                 layer_group: int | None = None):
-        """layer_group: draft with EasySpec's layer-parallel groups of this size (None: sequential drafting)."""
+                 factory: DrafterFactory = Chain()):
         set_threads(threads)
-        if layer_group is None:
-            self.drafter = ModelDrafter(source.load(), num_slots, capacity)
-        else:
-            from outrider.scheduler.easyspec import LayerParallelDrafter
-
-            self.drafter = LayerParallelDrafter(source.load(), num_slots, capacity, group_size=layer_group)
+        self.model = source.load()
+        self.factory = factory
+        self.drafter: CachedSequences = factory(self.model, num_slots, capacity, None)
         self.busy_seconds = 0.0  # proposing (rounds)
         self.prefill_seconds = 0.0  # prompts, sent without waiting: a round may first wait for one to finish
         self.faults = FaultPlan()
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "device": str(self.drafter.model.device),
-                "vocab_size": self.drafter.model.config.vocab_size,
-                "slots_in_use": self.drafter.cache.slots_in_use, "kv_bytes": self.drafter.cache.nbytes,
-                "busy_seconds": self.busy_seconds, "prefill_seconds": self.prefill_seconds}
+        extra = self.drafter.report() if isinstance(self.drafter, ReportingDrafter) else {}
+        return {"pid": os.getpid(), "device": str(self.model.device), "vocab_size": self.model.config.vocab_size,
+                "drafter": repr(self.factory), "slots_in_use": self.drafter.slots_in_use(),
+                "kv_bytes": self.drafter.cache.nbytes, "busy_seconds": self.busy_seconds,
+                "prefill_seconds": self.prefill_seconds, **extra}
 
     def prefill(self, seq_id: int, tokens: list[int]) -> None:
         t0 = time.perf_counter()
@@ -264,7 +262,7 @@ class DraftWorker:
 
     def propose(self, requests: list[dict]) -> list[dict]:
         """requests: {seq_id, tokens, k, params (SamplingParams), rng (generator state bytes or None)}; each reply
-        also carries the call's drafting seconds (PEARL's automatic k weighs them against the verify)."""
+        also carries the call's drafting seconds (a policy may weigh them against the verify)."""
         self.faults.tick()
         t0 = time.perf_counter()
         reqs = [DraftRequest(r["seq_id"], r["tokens"], r["k"], r["params"], _generator(r["rng"])) for r in requests]
@@ -279,8 +277,7 @@ class DraftWorker:
         self.drafter.release(seq_id)
 
     def reset(self) -> None:
-        for seq_id in list(self.drafter.seqs):
-            self.drafter.release(seq_id)
+        self.drafter.reset()
 
     def inject_fault(self, kind: str, after: int = 0) -> None:
         self.faults.arm(kind, after)

@@ -184,7 +184,7 @@ def spec_section(width: int, k: int, max_tokens: int, tokens_per_round: float | 
 def dovetail_section(width: int, k: int, iters: int, tokens_per_round: float | None, threads: int | None,
                      device: str) -> dict:
     """Target on the CPU (int4, our served CPU format), draft on the GPU (graph loop) or on the CPU."""
-    from outrider.runtime.model import ForwardBatch
+    from outrider.runtime.batch import ForwardBatch
     from outrider.runtime.graphs import DraftLoop, StaticRunner
     from outrider.scheduler.drafters import DraftRequest, ModelDrafter
     from outrider.scheduler.sampling import SamplingParams

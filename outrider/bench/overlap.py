@@ -19,16 +19,16 @@ def add_overlap_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_overlap_bench(a: argparse.Namespace) -> int:
-    from outrider.cli import model_options
+    from outrider.flags import profile_from_args, strategy_options
+    from outrider.methods import DEFAULT
     from outrider.pipeline import Pipeline
     from outrider.scheduler.drafters import DraftRequest, start_proposals
     from outrider.scheduler.sampling import SamplingParams
     from outrider.scheduler.target import LocalTarget
 
-    options = model_options(a)
-    options = type(options)(**{**options.__dict__, "draft_actor": True, "max_seq_len": 1024})
-    pipe = Pipeline.load(options)
-    drafter, k = pipe.hosted_drafter, options.k
+    a.draft_actor, a.max_seq_len = True, 1024  # the draft in its actor: what is measured here
+    pipe = Pipeline.load(profile_from_args(a, strategy_options(a, DEFAULT, strict=False)))
+    drafter, k = pipe.engine(DEFAULT).drafter, a.draft_k
     context = pipe.encode("Write a Python function that merges two sorted lists.", chat=True)
     drafter.prefill(0, context[:-1])
     target = LocalTarget(pipe.target, 1, 1024)

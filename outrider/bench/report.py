@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-BASELINE = "autoregressive"
+from outrider.methods import BASELINE
+
 _BISECTION_STEPS = 60  # halves [0, 1] down to 1e-18: far below any timing noise
 
 

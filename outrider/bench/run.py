@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Callable
 
 from tqdm import tqdm
 
-from outrider.bench.report import BASELINE, first_difference, plot_throughput, render_table, summarize
+from outrider.bench.report import first_difference, plot_throughput, render_table, summarize
+from outrider.methods import BASELINE, METHODS, get_method
 from outrider.scheduler.sampling import SamplingParams
-from outrider.scheduler.strategies import STRATEGIES, get_strategy
 
-if TYPE_CHECKING:  # the pipeline pulls in torch and the model code; the parser must stay cheap to build
-    from outrider.bench.prompts import Prompt
+if TYPE_CHECKING:  # the pipeline pulls in the builder and the model code
     from outrider.pipeline import Pipeline, Result
+    from outrider.prompts import Prompt
 
-DEFAULT_STRATEGIES = "autoregressive,vanilla,prompt-lookup"
+DEFAULT_STRATEGIES = ",".join(list(METHODS)[:3])  # the baseline, a draft model's chain, n-gram drafts
 PEER_NAMES = ("hf", "llama.cpp")
 WARMUP_TOKENS = 8  # enough to touch prefill, draft, verify and commit once; short so it costs little
 _RUN_FIELDS = ("prefill_seconds", "rounds", "draft_tokens", "accepted_tokens", "accepted_per_position",
@@ -28,7 +28,7 @@ _RUN_FIELDS = ("prefill_seconds", "rounds", "draft_tokens", "accepted_tokens", "
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategies", default=DEFAULT_STRATEGIES,
-                   help=f"comma-separated, from {', '.join(STRATEGIES)}; {BASELINE} is always run as the baseline")
+                   help=f"comma-separated, from {', '.join(METHODS)}; {BASELINE} is always run as the baseline")
     p.add_argument("--prompts", default="code-heldout", help="a built-in prompt set name or a file of prompts")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--peers", default="", help=f"comma-separated peer runtimes to run too: {', '.join(PEER_NAMES)}")
@@ -45,7 +45,7 @@ def parse_strategies(text: str) -> list[str]:
     """Validated, de-duplicated strategy names with the baseline present (first if it was missing)."""
     names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     for name in names:
-        get_strategy(name)  # raises ValueError naming the choices
+        get_method(name)  # raises ValueError naming the choices
     return names if BASELINE in names else [BASELINE, *names]
 
 
@@ -122,7 +122,7 @@ def summarize_runs(runs: list[dict], work: Workload, k: int) -> dict[str, dict]:
 
     base = summarize(BASELINE, True, of(BASELINE), k, None, None)
     baseline_tps = base.tokens_per_s or None
-    return {name: summarize(name, get_strategy(name).lossless, of(name), k, baseline_tps,
+    return {name: summarize(name, get_method(name).lossless, of(name), k, baseline_tps,
                             greedy_mismatches(runs, name) if work.params.greedy else None).as_json()
             for name in work.strategies}
 
@@ -132,7 +132,7 @@ def lossless_violations(summary: dict[str, dict]) -> list[str]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from outrider.bench.prompts import load_prompts
+    from outrider.prompts import load_prompts
 
     strategies, peers = parse_strategies(args.strategies), parse_peers(args.peers)
     if args.max_tokens < 1:
@@ -167,20 +167,21 @@ def measure_outrider(args: argparse.Namespace, strategies: list[str], prompts: l
                      peer_plan: PeerPlan | None = None) -> Session:
     """Load once, warm up, measure; the pipeline is dropped on return so the other peers get its memory.
     llama.cpp, a subprocess of its own, runs on each prompt right after our strategies do."""
-    from outrider.cli import model_options, sampling_params
+    from outrider.flags import check_flags_used, profile_from_args, strategy_options
     from outrider.pipeline import Pipeline
 
-    options = model_options(args)
-    pipe = Pipeline.load(options, need_draft=any(get_strategy(s).needs_draft_model for s in strategies))
+    check_flags_used(args, strategies)
+    options = [strategy_options(args, s, strict=False) for s in strategies]
+    pipe = Pipeline.load(profile_from_args(args, options[0]), options)  # options[0]: the baseline
     texts = [pipe.render(p.text, p.chat) for p in prompts]
     work = Workload(strategies, [pipe.encode(p.text, p.chat) for p in prompts], args.max_tokens,
-                    sampling_params(args), args.ignore_eos)
+                    SamplingParams(args.temperature, args.top_k, args.top_p, args.seed), args.ignore_eos)
     if args.warmup:
         warm_up(pipe, work)
     llama = _InterleavedLlamaCpp(peer_plan, texts, args) if peer_plan and "llama.cpp" in peer_plan.names else None
     runs = measure(pipe, work, llama.run if llama else None)
     peer_results = {"llama.cpp": llama.result()} if llama else {}
-    return Session(runs, summarize_runs(runs, work, options.k), texts, pipe.load_seconds, peer_results)
+    return Session(runs, summarize_runs(runs, work, args.draft_k), texts, pipe.load_seconds, peer_results)
 
 
 class _InterleavedLlamaCpp:
@@ -193,7 +194,7 @@ class _InterleavedLlamaCpp:
 
     def run(self, index: int) -> None:
         from outrider.bench.peers import run_llama_cpp
-        from outrider.pipeline import THREADS
+        from outrider.flags import CPU_THREADS as THREADS
 
         if self.error is not None:
             return
@@ -247,7 +248,7 @@ def run_peers(plan: PeerPlan, prompt_texts: list[str], args: argparse.Namespace,
     over a minute, too long to repeat per prompt. A peer that fails is recorded with its error rather than
     discarding the outrider measurements already taken."""
     from outrider.bench.peers import run_hf
-    from outrider.pipeline import THREADS
+    from outrider.flags import CPU_THREADS as THREADS
 
     results = dict(done)
     if "hf" in plan.names:

@@ -59,7 +59,7 @@ class Level:
 
 
 def run_serving_bench(args: argparse.Namespace) -> int:
-    from outrider.bench.prompts import load_prompts
+    from outrider.prompts import load_prompts
     from outrider.profile import DEFAULT_PROFILE, load_profile
 
     profile = load_profile(args.profile or DEFAULT_PROFILE)
@@ -146,10 +146,11 @@ def _busy(service) -> dict[str, float]:
 
     if service.placed is None:
         return {}
-    placed = service.placed
-    out = {f"target{i}": ray.get(s.info.remote())["busy_seconds"] for i, s in enumerate(placed.target.stages)}
+    placed, out = service.placed, {}
+    if placed.target is not None:
+        out = {f"target{i}": ray.get(s.info.remote())["busy_seconds"] for i, s in enumerate(placed.target.stages)}
     if placed.drafter is not None:
-        out["draft"] = ray.get(placed.drafter.actor.info.remote())["busy_seconds"]
+        out["draft"] = placed.drafter.info()["busy_seconds"]
     return out
 
 

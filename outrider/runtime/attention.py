@@ -11,14 +11,13 @@ with its exact row and key counts, which is cheaper for single-token steps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
 from outrider.kernels.attention import QUERY_TILE, bucket_keys, tiled_attention
-
-if TYPE_CHECKING:
-    from outrider.runtime.model import ForwardBatch
+from outrider.kernels.native import available
+from outrider.runtime.batch import ForwardBatch
 
 
 class AttentionPlan(Protocol):
@@ -51,12 +50,10 @@ class NativePlan:
 
     @staticmethod
     def supports(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
-        from outrider.kernels.native import available
-
         return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and head_dim <= 128 and available()
 
     @classmethod
-    def build(cls, batch: "ForwardBatch", starts: list[int], window: int | None, capacity: int,
+    def build(cls, batch: ForwardBatch, starts: list[int], window: int | None, capacity: int,
               device: torch.device) -> "NativePlan":
         widest = max(batch.num_rows)
         masks, slot, first, write = [], [], [], []
@@ -91,7 +88,7 @@ class TiledPlan:
     single_slot: int | None  # set when every tile reads the same slot
 
     @classmethod
-    def build(cls, batch: "ForwardBatch", starts: list[int], window: int | None, capacity: int,
+    def build(cls, batch: ForwardBatch, starts: list[int], window: int | None, capacity: int,
               device: torch.device) -> "TiledPlan":
         keys = bucket_keys(max(s + n for s, n in zip(starts, batch.num_rows)), capacity)
         tile_masks, row_index, tile_slots, tiles_before = [], [], [], 0
@@ -132,7 +129,7 @@ class ExactPlan:
     masks: list[torch.Tensor | None]  # [B] [rows_b, ends_b] bool, None when every key is visible
 
     @classmethod
-    def build(cls, batch: "ForwardBatch", starts: list[int], window: int | None, capacity: int,
+    def build(cls, batch: ForwardBatch, starts: list[int], window: int | None, capacity: int,
               device: torch.device) -> "ExactPlan":
         ends = [s + n for s, n in zip(starts, batch.num_rows)]
         masks = [None if n == 1 and window is None else sequence_mask(s, n, t, window, e).to(device)

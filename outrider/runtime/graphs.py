@@ -1,16 +1,17 @@
-"""Static-shape steps over a static KV cache, replayed as CUDA graphs on a GPU (KERNELS.md §6).
+"""Static-shape steps over a static KV cache, replayed as CUDA graphs on a GPU.
 
 Eager decoding of a 1.5B model on a GPU is host-bound: about a thousand kernel launches per token at ~10 µs each,
 against ~1 ms of weight traffic. Captured once into a `torch.cuda.CUDAGraph`, a step replays at ~1 µs per kernel.
 Capture fixes every shape and address, so a `StaticRunner` is one sequence with:
 
-- rows padded to one WIDTH for every call — decode, verify and prefill chunks alike (KERNELS.md rule R5). One
-  shape means one set of kernels, so a position's logits are bitwise the same whether it is decoded alone or
-  verified among k + 1 rows: that is what keeps speculative greedy output identical to plain decoding;
+- rows padded to one WIDTH for every call — decode, verify and prefill chunks alike. One shape means one set of
+  kernels, so a position's logits are bitwise the same whether it is decoded alone or verified among k + 1 rows:
+  that is what keeps speculative greedy output identical to plain decoding;
 - the committed length, RoPE positions and the tree mask in device buffers, filled before each replay;
-- K/V of all WIDTH rows written at length..length+WIDTH-1 before attending (rule R4). Rows past the real ones
-  write there too; those positions are past the committed length, so they are masked now and overwritten later.
-  Hence the cache holds `capacity + WIDTH` positions;
+- K/V of all WIDTH rows written at length..length+WIDTH-1 before attending, so every query reads its keys from the
+  cache whatever else the step holds. Rows past the real ones write there too; those positions are past the
+  committed length, so they are masked now and overwritten later. Hence the cache holds `capacity + WIDTH`
+  positions;
 - attention over the whole static cache under a mask built on the device (prefix, then the tree among new rows).
 
 A `DraftLoop` captures a whole draft round in one graph: catch up on the committed tokens, then k - 1 greedy steps,
@@ -27,7 +28,7 @@ from typing import Callable
 import torch
 
 from outrider.kernels.attention import tiled_attention
-from outrider.runtime.model import Transformer, _Context
+from outrider.runtime.model import ForwardContext, Transformer
 
 DEFAULT_WIDTH = 8  # k + 1 <= 8 verifies in one replay; DenseLinear computes in 8-row blocks anyway
 
@@ -100,10 +101,10 @@ class StaticRunner:
         among_new = tree[:, rel.clamp(0, w - 1)] & (rel >= 0) & (rel < w)
         mask = (rel < 0)[None] | among_new
         writes = _StaticWrites(self.keys, self.values, start + torch.arange(w, device=tokens.device))
-        ctx = _Context(_Rows([0], [w]), writes, [0], _MaskedPlan(mask), m.rotary.tables(start + depth, m.dtype))
+        ctx = ForwardContext(_Rows([0], [w]), writes, [0], _MaskedPlan(mask), m.rotary.tables(start + depth, m.dtype))
         h = m.embed(tokens)
         for index in range(m.num_layers):
-            h = m._layer(index, h, ctx)  # the model's own layer math: one place for it
+            h = m.layer(index, h, ctx)  # the model's own layer math: one place for it
         return m.logits(h)
 
     def run(self, tokens: list[int], tree: torch.Tensor | None = None,

@@ -97,6 +97,10 @@ class Tokenizer:
         except jinja2.TemplateError as exc:
             raise ValueError(f"{self.source}: the chat template rejected the messages: {exc}") from exc
 
+    def render(self, prompt: str, chat: bool) -> str:
+        """The text the model sees: `prompt` as a user message in the chat template, or as it is."""
+        return self.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+
     def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)
 

@@ -7,13 +7,16 @@ after a rejection is the same code as catching up after a bonus token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.kv_cache import KVCache
-from outrider.runtime.model import ForwardBatch, Transformer
+from outrider.runtime.model import Transformer
 from outrider.scheduler.sampling import SamplingParams, argmax, sample, warp
+
+NO_SLOT = -1  # DraftRequest.target_slot of a request made apart from any target (benchmarks, actor checks)
 
 
 @dataclass
@@ -23,9 +26,7 @@ class DraftRequest:
     k: int  # tokens wanted
     params: SamplingParams
     generator: torch.Generator | None
-    # [scored, hidden] the target's last-layer hidden state at each position it scored (every committed token
-    # but the pending one; a view of its record); only for a drafter with `wants_features = True`, else None
-    features: torch.Tensor | None = None
+    target_slot: int = NO_SLOT  # the sequence's slot in the target's cache (a drafter reading target features)
 
 
 @dataclass(frozen=True)
@@ -47,44 +48,92 @@ class Drafter(Protocol):
     def slots_in_use(self) -> int: ...  # sequences holding KV in the drafter (0 for stateless drafters)
 
 
+@runtime_checkable
+class AsyncDrafter(Protocol):
+    """A drafter that runs elsewhere (an actor) and can draft while the caller does other work."""
+
+    def submit(self, requests: list[DraftRequest]) -> Callable[[], list[Draft]]:
+        """Start drafting; the returned function waits for the drafts."""
+        ...
+
+
+@runtime_checkable
+class TimedDrafter(Protocol):
+    """A drafter that measures its own proposals where it runs (the caller sees only the part it waited for)."""
+
+    last_propose_seconds: float | None  # drafting time of the latest proposal; None before the first
+
+
+@runtime_checkable
+class ReportingDrafter(Protocol):
+    """A drafter with counters of its own (where its time went); a draft actor adds them to its `info`."""
+
+    def report(self) -> dict: ...
+
+
+class DrafterFactory(Protocol):
+    """Builds a drafter over a loaded draft model, in this process or inside a draft actor: a method hands one to
+    wherever its draft is placed. Factories are small frozen dataclasses (picklable, comparable), so an actor
+    hosting several methods' drafters keeps one per factory."""
+
+    def __call__(self, model: Transformer, num_slots: int, capacity: int,
+                 kept_ids: torch.Tensor | None) -> Drafter: ...
+
+
+class GroupDrafterFactory(Protocol):
+    """Builds member `rank` of `world` of a draft split over several actors, over a loaded draft model inside its
+    actor (`outrider.actors.draft_groups` runs the group)."""
+
+    def __call__(self, model: Transformer, num_slots: int, capacity: int, rank: int,
+                 world: int) -> "GroupMember": ...
+
+
+class Collective(Protocol):
+    """What a draft group's members exchange over torch.distributed (`outrider.actors.transport.GroupComm`)."""
+
+    rank: int  # this member's index
+
+    def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor: ...  # src's t, on every rank
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]: ...  # every rank's t, in rank order
+
+    def broadcast_ints(self, values: list[int] | None, n: int, src: int = 0) -> list[int]: ...
+
+
+class GroupMember(Protocol):
+    """One member of a draft split over several actors: rank 0 drafts (a `Drafter`) and drives the others over
+    `comm` inside each drafting call; the others `follow` until it says the call is over."""
+
+    rank: int
+    comm: Collective | None  # set once the members have joined their group
+
+    def follow(self) -> int: ...  # rank > 0: run the leader's forwards for one drafting call; how many ran
+
+    def prefill(self, seq_id: int, tokens: list[int]) -> None: ...
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]: ...
+
+    def release(self, seq_id: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def slots_in_use(self) -> int: ...
+
+
 def start_proposals(drafter: Drafter, requests: list[DraftRequest]) -> Callable[[], list[Draft]]:
-    """Start drafting and return what waits for the drafts. A drafter hosted elsewhere (an actor: `submit`)
-    drafts meanwhile, so the caller can run the target at the same time; one in this process drafts now."""
-    submit = getattr(drafter, "submit", None)
-    if submit is not None:
-        return submit(requests)
+    """Start drafting and return what waits for the drafts. A drafter hosted elsewhere (`AsyncDrafter`) drafts
+    meanwhile, so the caller can run the target at the same time; one in this process drafts now."""
+    if isinstance(drafter, AsyncDrafter):
+        return drafter.submit(requests)
     drafts = drafter.propose(requests)
     return lambda: drafts
 
 
-class PromptLookupDrafter:
-    """n-gram drafting without a model: find the latest earlier occurrence of the sequence's last n tokens and
-    propose what followed it (Saxena's prompt lookup decoding). Deterministic, so q is a point mass."""
-
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
-        if not 1 <= min_ngram <= max_ngram:
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
-
-    def prefill(self, seq_id: int, tokens: list[int]) -> None:
-        pass  # no state: the context is searched afresh each round
-
-    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
-        return [Draft(self._lookup(r.tokens, r.k), None) for r in requests]
-
-    def _lookup(self, tokens: list[int], k: int) -> list[int]:
-        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
-            tail = tokens[-n:]
-            for start in range(len(tokens) - n - 1, -1, -1):  # latest match first
-                if tokens[start:start + n] == tail:
-                    return tokens[start + n:start + n + k]
-        return []
-
-    def release(self, seq_id: int) -> None:
-        pass
-
-    def slots_in_use(self) -> int:
-        return 0
+def check_vocabularies(target_vocab: int, draft_vocab: int, target: str, draft: str) -> None:
+    """A draft proposes token ids the target scores: both must use the same vocabulary."""
+    if draft_vocab != target_vocab:
+        raise ValueError(f"draft {draft} has a vocabulary of {draft_vocab} tokens but the target {target} has "
+                         f"{target_vocab}; a draft must share the target's tokenizer")
 
 
 @dataclass
@@ -104,6 +153,11 @@ class CachedSequences:
         if seq is not None:
             self.cache.release(seq.slot)
 
+    def reset(self) -> None:
+        """Drop every sequence (after a failure its owner no longer knows which are live)."""
+        for seq_id in list(self.seqs):
+            self.release(seq_id)
+
     def slots_in_use(self) -> int:
         return self.cache.slots_in_use
 
@@ -111,6 +165,15 @@ class CachedSequences:
         if seq_id not in self.seqs:
             self.seqs[seq_id] = DraftSeq(self.cache.acquire())
         return self.seqs[seq_id]
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The `DrafterFactory` of `ModelDrafter`: the draft model proposes a plain chain of k tokens."""
+
+    def __call__(self, model: Transformer, num_slots: int, capacity: int,
+                 kept_ids: torch.Tensor | None) -> "ModelDrafter":
+        return ModelDrafter(model, num_slots, capacity, kept_ids=kept_ids)
 
 
 class ModelDrafter(CachedSequences):
@@ -167,7 +230,7 @@ class ModelDrafter(CachedSequences):
         pending: list[list[int]] = []
         for r in requests:
             seq = self._seq(r.seq_id)
-            keep = _common_prefix(seq.fed, r.tokens[:-1])
+            keep = common_prefix(seq.fed, r.tokens[:-1])
             seq.fed = seq.fed[:keep]
             self.cache.truncate(seq.slot, keep)
             pending.append(r.tokens[keep:])
@@ -184,14 +247,15 @@ class ModelDrafter(CachedSequences):
         seqs = [self.seqs[r.seq_id] for r, _ in active]
         batch = ForwardBatch.chain([s.slot for s in seqs], [t for _, t in active],
                                    [self.cache.lengths[s.slot] for s in seqs], self.model.device)
-        last = torch.tensor(batch.num_rows).cumsum(0) - 1
+        last = batch.last_rows()
         out = self.model.forward(batch, self.cache, logits_rows=last if logits else last[:0])
         for seq, (_, t) in zip(seqs, active):
             seq.fed += t
         return list(out.logits) if logits else []
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share: what a drafter's cache keeps when it syncs to committed tokens."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:

@@ -2,7 +2,8 @@
 
 Plain autoregressive decoding is the same loop with no drafter (k = 0: the target scores just the pending
 token). Methods differ only in the `Drafter`, the `DraftPolicy`, where the `TargetModel` runs and the `Rounds`
-order of the phases (draft then verify, or PEARL's next draft during this verify).
+order of the phases (draft then verify, or the next draft during this verify); state a method keeps per
+sequence lives in its own parts, keyed by `seq_id`, never in `Sequence`.
 
 Bookkeeping, worked through once: a sequence's committed tokens are `tokens`; the last of them is *pending*:
 its K/V is not in the target cache yet, so the target cache holds len(tokens) − 1 positions. A round feeds
@@ -76,7 +77,6 @@ class Sequence:
     generator: torch.Generator
     stats: SpecStats = field(default_factory=SpecStats)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
-    window: Draft = NO_DRAFT  # drafts proposed ahead of `tokens`, verified next round (overlapped rounds only)
 
     @property
     def generated(self) -> list[int]:
@@ -88,10 +88,12 @@ class Sequence:
 
 
 class Rounds(Protocol):
-    """How one round's phases are ordered: draft then verify (`DraftThenVerify`), or the next round's draft
-    while this round verifies (`outrider.scheduler.pearl.Overlapped`). The phases themselves are the Engine's."""
+    """How one round's phases are ordered: draft then verify (`DraftThenVerify`), or a method's own order (the
+    next round's draft while this round verifies). The phases themselves are the Engine's."""
 
     def run(self, engine: "Engine", seqs: list[Sequence], speculate: bool) -> list[list[int]]: ...
+
+    def release(self, seq_id: int) -> None: ...  # the sequence is gone: drop what the rounds kept for it
 
 
 class Engine:
@@ -101,7 +103,6 @@ class Engine:
         self.drafter = drafter
         self.new_policy = policy or (lambda: FixedK(3 if drafter else 0))
         self.rounds = rounds or DraftThenVerify()
-        self._features = _feature_source(target, drafter)
         self._ids = itertools.count()
 
     # -- lifecycle of one sequence -------------------------------------------------------------------------
@@ -131,6 +132,7 @@ class Engine:
             seq.slot = -1
             if self.drafter is not None:
                 self.drafter.release(seq.seq_id)
+            self.rounds.release(seq.seq_id)
         seq.finish_reason = seq.finish_reason or reason
 
     def stream(self, seq: Sequence) -> Iterator[list[int]]:
@@ -157,10 +159,13 @@ class Engine:
 
     # -- the phases a round is made of (`Rounds` orders them) ----------------------------------------------
 
-    def draft_requests(self, seqs: list[Sequence], ks: list[int]) -> list[DraftRequest]:
-        """What to ask the drafter: each sequence's tokens (with its window, if one was drafted ahead) and k."""
-        return [DraftRequest(s.seq_id, s.tokens + s.window.tokens, k, s.request.params, s.generator,
-                             self._features(s.slot)) for s, k in zip(seqs, ks)]
+    def draft_requests(self, seqs: list[Sequence], ks: list[int],
+                       ahead: list[list[int]] | None = None) -> list[DraftRequest]:
+        """What to ask the drafter: each sequence's tokens, then `ahead` (drafts proposed past them that the
+        request assumes accepted, if the rounds keep any), and k."""
+        ahead = ahead or [[] for _ in seqs]
+        return [DraftRequest(s.seq_id, s.tokens + a, k, s.request.params, s.generator, s.slot)
+                for s, k, a in zip(seqs, ks, ahead)]
 
     def draft_lengths(self, seqs: list[Sequence], speculate: bool, extra: int = 0) -> list[int]:
         """Tokens to draft per sequence this round: the policy's k (+ `extra`), 0 when the round does not
@@ -255,19 +260,8 @@ class DraftThenVerify:
                               _cost(draft_time, len(d.tokens), verify_time))
                 for s, d, r in zip(seqs, drafts, results)]
 
-
-def _feature_source(target: TargetModel, drafter: Drafter | None) -> Callable[[int], torch.Tensor | None]:
-    """What `draft_requests` reads a slot's target features from. A drafter that drafts from the target's hidden
-    states (Dovetail's head) says so with `wants_features`; the target then records them, or refuses at build."""
-    if not getattr(drafter, "wants_features", False):
-        return lambda slot: None
-    record = getattr(target, "record_features", None)
-    if record is None:
-        raise ValueError(f"this drafter needs the target's hidden states, which {type(target).__name__} does not "
-                         "provide: Dovetail's draft head runs with the target in this process only, not through "
-                         "actors yet; drop the draft head (plain dovetail drafts with the draft model) or run local")
-    record()
-    return target.features
+    def release(self, seq_id: int) -> None:
+        pass  # nothing kept between rounds
 
 
 def _cost(draft_time: float, drafted: int, verify_time: float) -> float | None:

@@ -11,7 +11,7 @@ import torch
 
 from outrider.runtime.graphs import DEFAULT_WIDTH, DraftLoop, StaticRunner
 from outrider.runtime.model import Transformer
-from outrider.scheduler.drafters import Draft, DraftRequest, _common_prefix
+from outrider.scheduler.drafters import Draft, DraftRequest, common_prefix
 
 class GraphTarget:
     """`TargetModel` over one `StaticRunner` per slot: every score and prefill chunk is one fixed-width replay."""
@@ -102,7 +102,7 @@ class GraphDrafter:
     def _catch_up(self, seq: _GraphSeq, tokens: list[int], keep_last: bool) -> list[int]:
         """Roll back to the common prefix with `tokens` and feed the rest in full-width chunks, leaving at most
         `width` for the draft round when `keep_last`."""
-        keep = _common_prefix(seq.fed, tokens)
+        keep = common_prefix(seq.fed, tokens)
         if keep_last:
             keep = min(keep, len(tokens) - 1)  # the pending token is always fed: its logits give d_1
         seq.fed = seq.fed[:keep]

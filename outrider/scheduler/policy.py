@@ -14,11 +14,6 @@ class DraftPolicy(Protocol):
         """Feedback after a round. draft_cost: measured draft time per token / target time per round."""
         ...
 
-    def observe(self, draft_token_seconds: float, verify_seconds: float) -> None:
-        """Timers of an overlapped round (`outrider.scheduler.pearl.Overlapped`): seconds of one (batched) draft
-        step, measured where the draft runs, and of the verify. Only speed-driven policies use them."""
-        ...
-
 
 @dataclass
 class FixedK:
@@ -32,9 +27,6 @@ class FixedK:
         return self.k
 
     def update(self, proposed: int, accepted: int, draft_cost: float | None) -> None:
-        pass
-
-    def observe(self, draft_token_seconds: float, verify_seconds: float) -> None:
         pass
 
 
@@ -72,49 +64,3 @@ class AdaptiveK:
         self.alpha += self.smoothing * (observed - self.alpha)
         if draft_cost is not None:
             self.cost += self.smoothing * (draft_cost - self.cost)
-
-    def observe(self, draft_token_seconds: float, verify_seconds: float) -> None:
-        pass  # the draft cost comes through `update`, relative to the verify
-
-
-@dataclass
-class AutoK:
-    """PEARL's automatic draft length (ALGORITHMS 2.2): draft the next block in about the time the target takes
-    to verify this one, γ ≈ c = T_verify / T_draft_step. More would keep the target waiting for the draft; fewer
-    would leave the draft idle while the target verifies (and shorten the accepted runs).
-
-    An overlapped round drafts k + `ahead` tokens while the target verifies (PEARL's block: e_0, checked this
-    round, and the next window e_1..e_k), so k = clamp(round(c) − ahead, 1, k_max). T_verify and T_draft_step
-    are exponential moving averages of the rounds' timers (`observe`); until both are measured, k = k_start.
-    Worked example: verify 40 ms, a draft step 10 ms → c = 4 → k = 3: blocks of 4 tokens, 40 ms of drafting.
-    Any k is lossless (the target verifies every draft); this only moves speed."""
-
-    k_max: int = MAX_DRAFT
-    k_start: int = 3
-    ahead: int = 1
-    smoothing: float = 0.3  # weight of the newest round
-    verify_seconds: float | None = None
-    draft_token_seconds: float | None = None
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.k_max <= MAX_DRAFT:
-            raise ValueError(f"k_max must be in 1..{MAX_DRAFT}, got {self.k_max}")
-
-    def next_k(self) -> int:
-        if self.verify_seconds is None or not self.draft_token_seconds:
-            return min(self.k_start, self.k_max)
-        c = self.verify_seconds / self.draft_token_seconds
-        return max(1, min(self.k_max, round(c) - self.ahead))
-
-    def update(self, proposed: int, accepted: int, draft_cost: float | None) -> None:
-        pass  # k follows the speed ratio, not acceptance (PEARL adapts to acceptance through its windows)
-
-    def observe(self, draft_token_seconds: float, verify_seconds: float) -> None:
-        if draft_token_seconds > 0:
-            self.draft_token_seconds = _ema(self.draft_token_seconds, draft_token_seconds, self.smoothing)
-        if verify_seconds > 0:
-            self.verify_seconds = _ema(self.verify_seconds, verify_seconds, self.smoothing)
-
-
-def _ema(old: float | None, new: float, weight: float) -> float:
-    return new if old is None else old + weight * (new - old)

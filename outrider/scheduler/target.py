@@ -5,12 +5,13 @@ generate`), an actor-backed implementation runs it on a placed device. The loop 
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
+from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.kv_cache import KVCache
-from outrider.runtime.model import ForwardBatch, Transformer
+from outrider.runtime.model import Transformer
 
 PREFILL_CHUNK = 256  # rows per prefill forward: bounds activation memory; the kernels make any chunking exact
 
@@ -34,6 +35,30 @@ class TargetModel(Protocol):
     def length(self, slot: int) -> int: ...
 
     def slots_in_use(self) -> list[int]: ...  # per stage of the model (one for a whole model)
+
+
+class FeatureSource(Protocol):
+    def features(self, slot: int) -> torch.Tensor:
+        """[scored, hidden] the target's last-layer hidden state at each position of the slot it has scored."""
+        ...
+
+
+@runtime_checkable
+class FeatureTarget(Protocol):
+    """A target that can record its last layer's hidden states, for a drafter that drafts from them."""
+
+    def record_features(self) -> FeatureSource: ...  # from now on; what to read them from
+
+
+def features_of(target: TargetModel) -> FeatureSource:
+    """The target recording its hidden states, for a drafter that drafts from them; refused at build, never
+    mid-request, where the target cannot."""
+    if not isinstance(target, FeatureTarget):
+        raise ValueError(f"this drafter needs the target's hidden states, which {type(target).__name__} does not "
+                         "record: a draft head runs with the target in this process only, not through actors yet, "
+                         "nor with graph steps; drop the draft head (the strategy then drafts with the draft model) "
+                         "or run the target locally")
+    return target.record_features()
 
 
 class LocalTarget:
@@ -69,12 +94,13 @@ class LocalTarget:
         logits = self._forward(batch)
         return list(logits.split(batch.num_rows))
 
-    def record_features(self) -> None:
-        """Keep the last layer's hidden states from now on, for a drafter that drafts from them (Dovetail)."""
+    def record_features(self) -> "LocalTarget":
+        """Keep the last layer's hidden states from now on, for a drafter that drafts from them."""
         if self.recorded is None:
             c = self.model.config
             self.recorded = torch.zeros(self.cache.num_slots, self.capacity, c.hidden_size, dtype=self.model.dtype,
                                         device=self.model.device)
+        return self
 
     def features(self, slot: int) -> torch.Tensor:
         """[length, hidden] the recorded hidden states of the slot's scored positions (a view, no copy)."""

@@ -1,4 +1,5 @@
-"""Train a Dovetail DGF draft head (`outrider train-dgf`) by self-distillation, EAGLE's recipe (ALGORITHMS 4.2):
+"""Train a Dovetail DGF draft head (`outrider train-dgf`) by self-distillation, the recipe of EAGLE (Li et al.,
+"EAGLE: Speculative Sampling Requires Rethinking Feature Uncertainty", ICML 2024) that Dovetail trains with:
 the target generates greedily on a prompt set, its last-layer hidden states along those sequences are the
 features, and the head learns to predict the next feature and the target's next-token distribution.
 
@@ -17,11 +18,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from outrider.hub import DEFAULT_TARGET
+from outrider.kernels.linear import WEIGHT_CHOICES
+from outrider.methods.dovetail.head import DGFHead, save_head
+from outrider.prompts import load_prompts
+from outrider.runtime.loading import load_model
 from outrider.runtime.model import Transformer
-from outrider.scheduler.dovetail import DGFHead, save_head
+from outrider.runtime.tokenizer import Tokenizer
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import MAX_DRAFT
 from outrider.scheduler.target import LocalTarget
+
+THREADS = 2  # the target generates the training data at the thread count it serves with (its logits' bits)
 
 
 @dataclass(frozen=True)
@@ -108,9 +116,6 @@ def train(head: DGFHead, samples: list[Sample], config: TrainConfig) -> list[flo
 # -- `outrider train-dgf` ------------------------------------------------------------------------------------------
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
-    from outrider.hub import DEFAULT_TARGET
-    from outrider.kernels.linear import WEIGHT_CHOICES
-
     t = sub.add_parser("train-dgf", help="train a Dovetail DGF draft head on the target's own generations")
     t.add_argument("--target", default=DEFAULT_TARGET, help="built-in name, HF folder or .gguf file")
     t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
@@ -132,17 +137,15 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 def cmd_train_dgf(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from outrider.bench.prompts import load_prompts
-    from outrider.pipeline import ModelOptions, Pipeline
-
     config = TrainConfig(a.steps, a.lr, a.noise, seed=a.seed)
-    pipe = Pipeline.load(ModelOptions(target=a.target, dtype=a.dtype, target_weights=a.target_weights,
-                                      max_seq_len=a.max_seq_len), need_draft=False)
-    prompts = [pipe.encode(p.text, p.chat) for p in load_prompts(a.prompts, a.limit)]
-    stop = frozenset(pipe.tokenizer.eos_token_ids)
+    torch.set_num_threads(THREADS)
+    target, ckpt = load_model(a.target, a.dtype, a.target_weights, "cpu", a.max_seq_len)
+    tokenizer = Tokenizer.load(ckpt.tokenizer_source)
+    prompts = [tokenizer.encode(tokenizer.render(p.text, p.chat)) for p in load_prompts(a.prompts, a.limit)]
+    stop = frozenset(tokenizer.eos_token_ids)
     samples = [s for p in tqdm(prompts, desc="target generations", unit="prompt", file=sys.stderr)
-               for s in collect(pipe.target, [p], a.max_tokens, stop)]
-    head = new_head(pipe.target, a.layers, a.seed)
+               for s in collect(target, [p], a.max_tokens, stop)]
+    head = new_head(target, a.layers, a.seed)
     losses = train(head, samples, config)
     save_head(head, a.out)
     tenth = max(1, len(losses) // 10)

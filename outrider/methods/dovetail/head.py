@@ -1,6 +1,7 @@
-"""Dovetail's draft head (ALGORITHMS §4): Dynamic Gating Fusion of the target's features with token embeddings,
-then m Llama decoder layers, then the target's own (frozen) final norm and LM head. EAGLE-style: it drafts from
-the target's hidden states, not from tokens alone.
+"""Dovetail's draft head ("Dovetail: A CPU/GPU Heterogeneous Speculative Decoding for LLM inference", EMNLP 2025):
+Dynamic Gating Fusion of the target's features with token embeddings, then m Llama decoder layers (the runtime's own
+layer math, `attention_branch` and `mlp_branch`, over trainable weights), then the target's own (frozen) final norm
+and LM head. EAGLE-style: it drafts from the target's hidden states, not from tokens alone.
 
 Notation, once. f_j is the target's *feature* at position j: its last decoder layer's output there, which the
 target's final norm + LM head turn into the logits of token x_{j+1}. The head's input at its position j is the
@@ -14,7 +15,7 @@ d_2.. feeds the head its own prediction: (f̂_{n-1}, d_1), (f̂_n, d_2), ...
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,48 +26,86 @@ from safetensors.torch import save_file
 from torch import nn
 
 from outrider.runtime.attention import ExactPlan
+from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.kv_cache import KVCache
-from outrider.runtime.model import ForwardBatch, Transformer, rms_norm
+from outrider.runtime.model import Attend, LayerWeights, Transformer, attention_branch, mlp_branch, rms_norm
 from outrider.runtime.rope import Rotary
-from outrider.scheduler.drafters import CachedSequences, Draft, DraftRequest, DraftSeq, _common_prefix
+from outrider.scheduler.drafters import CachedSequences, Draft, DraftRequest, DraftSeq, common_prefix
 from outrider.scheduler.sampling import argmax, sample, warp
+from outrider.scheduler.target import FeatureSource
 
-HEAD_FORMAT = "outrider-dgf-v1"  # safetensors metadata "format"; the head's shape is in metadata "config" (JSON)
+# safetensors metadata "format"; the head's shape is in metadata "config" (JSON). v2: q/k/v and gate/up fused, as
+# the runtime's layers lay them out.
+HEAD_FORMAT = "outrider-dgf-v2"
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
                 "qkv_bias")  # the target fields a head's weights depend on
 
-# attend(layer index, q [N, heads, hd], k [N, kv_heads, hd], v [N, kv_heads, hd]) -> [N, heads, hd]
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+@dataclass
+class TrainableLinear:
+    """A `LinearKernel` over trainable fp32 weights: one F.linear, so gradients flow. A head's numerics never reach
+    the output (the target verifies every draft), so it needs no batch invariance."""
+
+    weight: torch.Tensor  # [out, in]
+    bias: torch.Tensor | None  # [out]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias) if t is not None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight} | ({} if self.bias is None else {"bias": self.bias})
 
 
-class _DecoderLayer(nn.Module):
-    """A Llama decoder layer (HF layout, separate q/k/v and gate/up) with trainable weights. Layer 0 of a DGF head
-    has no input norm: the fused h goes straight into attention, as in Dovetail's and EAGLE's heads."""
+class HeadLayer(nn.Module):
+    """A decoder layer of the head: the runtime's layout (q/k/v fused, gate/up fused) with trainable weights. Layer
+    0 has no input norm: the fused h goes straight into attention, as in Dovetail's and EAGLE's heads."""
 
     def __init__(self, c: ModelConfig, first: bool):
         super().__init__()
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.c = c
         self.input_norm = None if first else nn.Parameter(torch.ones(c.hidden_size))
-        self.q = nn.Linear(c.hidden_size, q, bias=c.qkv_bias)
-        self.k = nn.Linear(c.hidden_size, kv, bias=c.qkv_bias)
-        self.v = nn.Linear(c.hidden_size, kv, bias=c.qkv_bias)
-        self.o = nn.Linear(q, c.hidden_size, bias=False)
+        # Initialised as separate nn.Linear layers would be (PyTorch's default init, drawn in HF's order q, k, v, o,
+        # gate, up, down), then fused.
+        parts = {name: nn.Linear(i, o, bias=c.qkv_bias and name in "qkv") for name, i, o in (
+            ("q", c.hidden_size, q), ("k", c.hidden_size, kv), ("v", c.hidden_size, kv), ("o", q, c.hidden_size),
+            ("gate", c.hidden_size, c.intermediate_size), ("up", c.hidden_size, c.intermediate_size),
+            ("down", c.intermediate_size, c.hidden_size))}
+        self.qkv = nn.Parameter(torch.cat([parts[n].weight.detach() for n in "qkv"]))
+        self.qkv_bias = nn.Parameter(torch.cat([parts[n].bias.detach() for n in "qkv"])) if c.qkv_bias else None
+        self.o = nn.Parameter(parts["o"].weight.detach())
         self.post_norm = nn.Parameter(torch.ones(c.hidden_size))
-        self.gate = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        # [2, intermediate, hidden]: gate and up, viewed as the runtime's fused [2·intermediate, hidden]
+        self.gate_up = nn.Parameter(torch.stack([parts["gate"].weight.detach(), parts["up"].weight.detach()]))
+        self.down = nn.Parameter(parts["down"].weight.detach())
 
-    def forward(self, index: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                attend: Attend) -> torch.Tensor:
-        c = self.c
-        x = h if self.input_norm is None else rms_norm(h, self.input_norm, c.rms_norm_eps)
-        q = Rotary.apply(self.q(x).view(-1, c.num_heads, c.head_dim), *rope)
-        k = Rotary.apply(self.k(x).view(-1, c.num_kv_heads, c.head_dim), *rope)
-        h = h + self.o(attend(index, q, k, self.v(x).view(-1, c.num_kv_heads, c.head_dim)).flatten(1))
-        x = rms_norm(h, self.post_norm, c.rms_norm_eps)
-        return h + self.down(F.silu(self.gate(x)) * self.up(x))
+    def weights(self) -> LayerWeights:
+        """The layer as the runtime's `LayerWeights` (views of the parameters: gradients reach them)."""
+        return LayerWeights(self.input_norm, TrainableLinear(self.qkv, self.qkv_bias), TrainableLinear(self.o, None),
+                            self.post_norm, TrainableLinear(self.gate_up.flatten(0, 1), None),
+                            TrainableLinear(self.down, None))
+
+
+def decoder_layer(h: torch.Tensor, lw: LayerWeights, c: ModelConfig, rope: tuple[torch.Tensor, torch.Tensor],
+                  attend: Attend) -> torch.Tensor:
+    """One Llama decoder layer over h [N, hidden], the runtime's math; `attend` says where the keys live."""
+    h = h + attention_branch(h, lw, c, rope, attend)
+    return h + mlp_branch(h, lw, c)
 
 
 class DGFHead(nn.Module):
@@ -84,7 +123,7 @@ class DGFHead(nn.Module):
         self.w1 = nn.Parameter(nn.init.xavier_uniform_(torch.empty(hidden, hidden)))
         self.w2 = nn.Parameter(nn.init.xavier_uniform_(torch.empty(hidden, hidden)))
         self.wz = nn.Parameter(nn.init.xavier_uniform_(torch.empty(2 * hidden, hidden)))
-        self.layers = nn.ModuleList(_DecoderLayer(c, first=i == 0) for i in range(layers))
+        self.layers = nn.ModuleList(HeadLayer(c, first=i == 0) for i in range(layers))
         self.rotary = Rotary(c, c.max_position, target.device)
         self._head_t: torch.Tensor | None = None  # [hidden, vocab] fp32 LM head for training (autograd)
         self.to(device=target.device, dtype=dtype)
@@ -114,13 +153,13 @@ class DGFHead(nn.Module):
         length, which then advances. Without: one sequence from position 0, causal, nothing kept (training)."""
         h = self.fuse(features, token_ids)
         if cache is None:
-            positions, attend = torch.arange(h.shape[0], device=h.device), _causal
+            positions, attend = torch.arange(h.shape[0], device=h.device), lambda index: _causal
         else:
             assert batch is not None
             positions, attend = batch.positions, self._cached_attention(batch, cache)
         rope = self.rotary.tables(positions, self.dtype)
         for index, layer in enumerate(self.layers):
-            h = layer(index, h, rope, attend)
+            h = decoder_layer(h, layer.weights(), self.config, rope, attend(index))
         if cache is not None:
             for slot, rows in zip(batch.slots, batch.num_rows):
                 cache.advance(slot, rows)
@@ -138,19 +177,28 @@ class DGFHead(nn.Module):
         norm = self.target.weights.norm.float()
         return rms_norm(h.float(), norm, self.config.rms_norm_eps) @ self._head_t
 
-    def _cached_attention(self, batch: ForwardBatch, cache: KVCache) -> Attend:
-        starts = [cache.lengths[s] for s in batch.slots]
-        plan = ExactPlan.build(batch, starts, None, cache.capacity, self.target.device)
-        scale = self.config.head_dim ** -0.5
+    def _cached_attention(self, batch: ForwardBatch, cache: KVCache) -> Callable[[int], Attend]:
+        """Per layer index, attention of the batch's rows over their sequences' cached pairs (written first)."""
+        return cached_attention(batch, cache, self.config.head_dim ** -0.5, self.target.device)
 
-        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+
+def cached_attention(batch: ForwardBatch, cache: KVCache, scale: float,
+                     device: torch.device) -> Callable[[int], Attend]:
+    """Layer index -> an `Attend` that writes the rows' K/V at their sequences' cache lengths, then attends over
+    exactly the keys each row may see (`ExactPlan`)."""
+    starts = [cache.lengths[s] for s in batch.slots]
+    plan = ExactPlan.build(batch, starts, None, cache.capacity, device)
+
+    def layer(index: int) -> Attend:
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             for slot, start, kb, vb in zip(batch.slots, starts, k.split(batch.num_rows), v.split(batch.num_rows)):
                 cache.write(index, slot, start, kb, vb)  # write first: every query reads its keys from the cache
             return plan.attend(q, *cache.layer(index), scale)
         return attend
+    return layer
 
 
-def _causal(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention over one whole sequence (training): [N, heads, hd] from [N, kv_heads, hd] keys."""
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
                                          enable_gqa=True)
@@ -181,8 +229,8 @@ def load_head(path: str | Path, target: Transformer) -> DGFHead:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != HEAD_FORMAT:
-            raise ValueError(f"{path} is not a Dovetail draft head (metadata format {meta.get('format')!r}, "
-                             f"want {HEAD_FORMAT!r}); write one with `outrider train-dgf`")
+            raise ValueError(f"{path} is not a Dovetail draft head of this version (metadata format "
+                             f"{meta.get('format')!r}, want {HEAD_FORMAT!r}); write one with `outrider train-dgf`")
         state = {name: f.get_tensor(name) for name in f.keys()}
     shape = json.loads(meta["config"])
     want = head_shape(replace(target.config, num_layers=shape["layers"]))
@@ -205,10 +253,10 @@ class FeatureDrafter(CachedSequences):
     pairs of the last proposal, built from the head's own predicted features), and feeds the new pairs, at
     least the last one, whose output drafts d_1."""
 
-    wants_features = True  # the Engine hands each request the target's features (DraftRequest.features)
-
-    def __init__(self, head: DGFHead, num_slots: int = 1, capacity: int = 4096, prefill_chunk: int = 256):
+    def __init__(self, head: DGFHead, features: FeatureSource, num_slots: int = 1, capacity: int = 4096,
+                 prefill_chunk: int = 256):
         self.head = head
+        self.features = features  # the target's record: each request's features by its target slot
         self.cache = head.new_cache(num_slots, capacity)
         self.prefill_chunk = prefill_chunk
         self.seqs: dict[int, DraftSeq] = {}  # fed: x_{j+1} of the pairs in the head cache built from target features
@@ -218,7 +266,7 @@ class FeatureDrafter(CachedSequences):
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         # a sequence needs one pair (a scored position) before it can draft: a 1-token prompt waits a round
-        live = [r for r in requests if r.k > 0 and r.features is not None and len(r.features) > 0]
+        live = [r for r in requests if r.k > 0 and len(self.features.features(r.target_slot)) > 0]
         tokens: dict[int, list[int]] = {r.seq_id: [] for r in requests}
         probs: dict[int, list[torch.Tensor]] = {r.seq_id: [] for r in requests}
         if live:
@@ -248,12 +296,13 @@ class FeatureDrafter(CachedSequences):
         feats, pairs = [], []
         for r in requests:
             n = len(r.tokens) - 1
-            assert len(r.features) == n, "FeatureDrafter drafts from the last scored position (no window ahead)"
+            features = self.features.features(r.target_slot)
+            assert len(features) == n, "FeatureDrafter drafts from the last scored position (no window ahead)"
             seq = self._seq(r.seq_id)
-            keep = min(_common_prefix(seq.fed, r.tokens[1:]), n - 1)  # re-feed >= 1 pair: its output is d_1's
+            keep = min(common_prefix(seq.fed, r.tokens[1:]), n - 1)  # re-feed >= 1 pair: its output is d_1's
             seq.fed = seq.fed[:keep]
             self.cache.truncate(seq.slot, keep)
-            feats.append(r.features[keep:n])
+            feats.append(features[keep:n])
             pairs.append(r.tokens[keep + 1:])
             seq.fed += pairs[-1]
         while max(len(p) for p in pairs) > self.prefill_chunk:  # a long prompt: bounded chunks first
@@ -272,4 +321,4 @@ class FeatureDrafter(CachedSequences):
         batch = ForwardBatch.chain(slots, [t for _, _, t in active], [self.cache.lengths[s] for s in slots],
                                    self.head.target.device)
         h = self.head(torch.cat([f for _, f, _ in active]), batch.token_ids, batch, self.cache)
-        return h[torch.tensor(batch.num_rows).cumsum(0) - 1]
+        return h[batch.last_rows()]

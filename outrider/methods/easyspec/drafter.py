@@ -1,7 +1,8 @@
-"""EasySpec (layer-parallel drafting, ALGORITHMS §3): fuzzy draft steps, then an exact calibration pass.
+"""EasySpec ("EasySpec: Layer-Parallel Speculative Decoding for Efficient Multi-GPU Utilization", 2025): fuzzy
+draft steps, then an exact calibration pass.
 
 The draft's layers are split into groups of N consecutive layers whose members all read the group's input
-(`Transformer.forward_grouped`): on N devices a group costs about one layer, at the price of approximate hidden
+(`forward_grouped`): on N devices a group costs about one layer, at the price of approximate hidden
 states and approximate ("fuzzy") K/V for the draft tokens. A round is
 
     1. calibrate: roll the draft cache back to the last position whose K/V is exact, then run the committed
@@ -19,21 +20,23 @@ feeds [d_1, y] exactly: position 10 is recomputed, position 11 written afresh.
 
 Within one process the members of a group run one after another, so the fuzzy step is no faster there; the
 timers report what each phase costs. `forward_across` runs the same forwards with member j of every group on
-group actor j (`outrider.actors.draft_groups`), the members of a group at once, combined over torch.distributed.
+draft group actor j, the members of a group at once, combined over torch.distributed (`sharded.py`).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Protocol
 
 import torch
 
+from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.kv_cache import KVCache
-from outrider.runtime.model import ForwardBatch, Transformer
-from outrider.scheduler.drafters import DraftRequest, ModelDrafter
+from outrider.runtime.model import ForwardContext, ForwardOutput, Transformer
+from outrider.scheduler.drafters import Collective, DraftRequest, ModelDrafter
 
-VARIANTS = ("attention", "layer")  # ALGORITHMS 3.2: A = parallel attention sub-layers, B = whole layers
+# What runs in parallel within a group: "attention" (only the attention sub-layers read the group input; the
+# MLPs chain exactly) or "layer" (whole layers read it and their residual deltas are summed)
+VARIANTS = ("attention", "layer")
 
 
 @dataclass
@@ -50,6 +53,20 @@ class PhaseTimers:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class LayerParallel:
+    """The drafter factory: `LayerParallelDrafter` with groups of `group_size` layers, in this process or inside
+    a draft actor."""
+
+    group_size: int = 2
+    variant: str = "attention"
+
+    def __call__(self, model: Transformer, num_slots: int, capacity: int,
+                 kept_ids: torch.Tensor | None) -> "LayerParallelDrafter":
+        return LayerParallelDrafter(model, num_slots, capacity, kept_ids=kept_ids, group_size=self.group_size,
+                                    variant=self.variant)
 
 
 def layer_groups(num_layers: int, group_size: int, exact_edges: int = 0) -> list[range]:
@@ -97,6 +114,10 @@ class LayerParallelDrafter(ModelDrafter):
         super().release(seq_id)
         self.exact_len.pop(seq_id, None)
 
+    def report(self) -> dict:
+        """Where drafting time went (a `ReportingDrafter`: a draft actor adds this to its info)."""
+        return {"timers": self.timers.as_dict()}
+
     def _sync(self, requests: list[DraftRequest]) -> list[torch.Tensor]:
         """Forget every fuzzy entry first: the base rollback then keeps min(common prefix, exact_len)."""
         for r in requests:
@@ -118,7 +139,7 @@ class LayerParallelDrafter(ModelDrafter):
         t0 = self._clock()
         batch = ForwardBatch.chain([s.slot for s in seqs], [t for _, t in active],
                                    [self.cache.lengths[s.slot] for s in seqs], self.model.device)
-        last = torch.tensor(batch.num_rows).cumsum(0) - 1
+        last = batch.last_rows()
         out = self._forward(batch, fuzzy, last if logits else last[:0])
         for seq, (r, t) in zip(seqs, active):
             seq.fed += t
@@ -131,7 +152,7 @@ class LayerParallelDrafter(ModelDrafter):
         """One draft forward in this process (`ShardedDrafter` overrides it to run across group actors):
         the parallel groups when fuzzy, else every layer in order. Returns logits [len(logits_rows), vocab]."""
         if fuzzy:
-            return self.model.forward_grouped(batch, self.cache, self.groups, self.whole_layers, logits_rows).logits
+            return forward_grouped(self.model, batch, self.cache, self.groups, self.whole_layers, logits_rows).logits
         return self.model.forward(batch, self.cache, logits_rows).logits
 
     def _time(self, seconds: float, fuzzy: bool, drafting: bool, rows: int) -> None:
@@ -152,14 +173,39 @@ class LayerParallelDrafter(ModelDrafter):
         return time.perf_counter()
 
 
-class Collective(Protocol):
-    """What the group actors exchange over torch.distributed (`outrider.actors.transport.GroupComm`)."""
+def forward_grouped(model: Transformer, batch: ForwardBatch, cache: KVCache, groups: list[range],
+                    whole_layers: bool = False, logits_rows: torch.Tensor | None = None) -> ForwardOutput:
+    """`Transformer.forward` with the layers in consecutive `groups` (covering 0..num_layers-1) whose members run in
+    parallel from the group's input (`parallel_group`); a group of one layer is that layer, exact. With every
+    group a single layer this is `forward`, bit for bit."""
+    assert [i for g in groups for i in g] == list(range(model.num_layers)), groups
+    ctx = model.context(batch, cache)
+    h = model.embed(batch.token_ids)
+    for group in groups:
+        h = model.layer(group[0], h, ctx) if len(group) == 1 else parallel_group(model, group, h, ctx, whole_layers)
+    ctx.advance()
+    return ForwardOutput(model.logits(h if logits_rows is None else h[logits_rows]), {})
 
-    rank: int  # this actor's member index: it hosts layer group[rank] of every group
 
-    def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor: ...  # src's t, on every rank
+def parallel_group(model: Transformer, group: range, h: torch.Tensor, ctx: ForwardContext,
+                   whole_layers: bool) -> torch.Tensor:
+    """EasySpec's approximation: every layer of the group reads the group input h, so on N devices they would run
+    at once. Every member after the first reads the wrong input, so its K/V are fuzzy, and so is everything after
+    the group.
 
-    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]: ...  # every rank's t, in rank order
+    attention (variant A): a_j = Attn_j(h) for all j, then exactly chained h += a_j; h += MLP_j(h).
+    whole layers (variant B): Δ_j = a_j + MLP_j(h + a_j) for all j, then h += Σ_j Δ_j."""
+    if whole_layers:
+        deltas = []
+        for index in group:
+            a = model.attention(index, h, ctx)
+            deltas.append(a + model.mlp(index, h + a))
+        return h + torch.stack(deltas).sum(0)
+    branches = [model.attention(index, h, ctx) for index in group]
+    for index, a in zip(group, branches):
+        h = h + a
+        h = h + model.mlp(index, h)
+    return h
 
 
 def forward_across(model: Transformer, batch: ForwardBatch, cache: KVCache, groups: list[range], comm: Collective,
@@ -175,37 +221,35 @@ def forward_across(model: Transformer, batch: ForwardBatch, cache: KVCache, grou
                    so member j then adds a_j and MLP_j and broadcasts h to the next member;
       layer        every member computes Δ_j from the group input; an all_gather gives every rank all of them
                    and each sums them as `h + torch.stack([Δ_0, …, Δ_{m-1}]).sum(0)` — member order, the sum
-                   `_parallel_group` takes. Not an all_reduce: gloo's ring sums each chunk starting at a
+                   `parallel_group` takes. Not an all_reduce: gloo's ring sums each chunk starting at a
                    different rank, so its bits would depend on the rank count and differ from one process's.
     The embeddings go out from rank 0 first (only rank 0 holds the embedding table and the head)."""
-    starts = [cache.lengths[s] for s in batch.slots]
     rank = comm.rank
     rows = int(batch.token_ids.numel())
     h = model.embed(batch.token_ids) if rank == 0 else \
         torch.empty(rows, model.config.hidden_size, dtype=model.dtype, device=model.device)
     h = comm.broadcast(h, 0)
-    ctx = model._context(batch, cache, starts)
+    ctx = model.context(batch, cache)
     for group in groups:
         if not fuzzy or len(group) == 1:
             for j, index in enumerate(group):
                 if j == rank:
-                    h = model._layer(index, h, ctx)
+                    h = model.layer(index, h, ctx)
                 h = comm.broadcast(h, j)
         elif whole_layers:
             delta = torch.zeros_like(h)  # a rank past a short group's members sends zeros, left out of the sum
             if rank < len(group):
-                a = model._attention(group[rank], h, ctx)
-                delta = a + model._mlp(group[rank], h + a)
+                a = model.attention(group[rank], h, ctx)
+                delta = a + model.mlp(group[rank], h + a)
             h = h + torch.stack(comm.all_gather(delta)[:len(group)]).sum(0)
         else:
-            a = model._attention(group[rank], h, ctx) if rank < len(group) else None
+            a = model.attention(group[rank], h, ctx) if rank < len(group) else None
             for j, index in enumerate(group):
                 if j == rank:
                     h = h + a
-                    h = h + model._mlp(index, h)
+                    h = h + model.mlp(index, h)
                 h = comm.broadcast(h, j)
-    for slot, n in zip(batch.slots, batch.num_rows):
-        cache.advance(slot, n)
+    ctx.advance()
     if rank != 0:
         return None
     return model.logits(h if logits_rows is None else h[logits_rows])
