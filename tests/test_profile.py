@@ -20,8 +20,6 @@ from outrider.profile import (DEFAULT_PROFILE, PROFILES_DIR, Profile, ProfileErr
 SHIPPED = ["cpu", "local", "gpu", "dovetail", "gpu2", "gpu4", "tiny", "pearl", "easyspec"]
 TINY = PROFILES_DIR / "tiny.yaml"
 SMOLLM = "smollm2-135m-instruct"
-needs_smollm = pytest.mark.skipif(not any(m["name"] == SMOLLM and m["present"] for m in hub.list_models()),
-                                  reason="run `outrider models pull smollm2-135m-instruct`")
 MINIMAL = "models:\n  target: {model: x}\n  draft: {model: x}\n"
 
 
@@ -186,11 +184,19 @@ def test_runtime_stays_free_of_yaml_and_pydantic():
 
 # --- memory ---------------------------------------------------------------------------------------------------
 
+@pytest.fixture
+def smollm() -> str:
+    """The tiny profile's model, pulled and verified: a missing model fails with the fix, never skips."""
+    present = any(m["name"] == SMOLLM and m["present"] for m in hub.list_models())
+    assert present, f"{SMOLLM} is not pulled: run `outrider models pull {SMOLLM}` (make test does)"
+    return SMOLLM
+
+
 def with_limits(profile: Profile, **limits) -> Profile:
     return profile.model_copy(update={"scheduler": profile.scheduler.model_copy(update=limits)})
 
 
-@needs_smollm
+@pytest.mark.usefixtures("smollm")
 def test_memory_needed_on_tiny_is_plausible():
     profile = load_profile(TINY)
     needs = memory_needed(profile)
@@ -204,7 +210,7 @@ def test_memory_needed_on_tiny_is_plausible():
     assert doubled.kv_bytes == 2 * target.kv_bytes and doubled.weight_bytes == target.weight_bytes
 
 
-@needs_smollm
+@pytest.mark.usefixtures("smollm")
 def test_split_stages_add_up_to_the_whole_model(tmp_path):
     text = TINY.read_text().replace("- {device: cpu, num_cpus: 1, threads: 1}\n  draft:",
                                     "- {device: cpu, layers: [0, 12]}\n    - {device: cpu, layers: [12, 30]}\n  draft:")
@@ -218,13 +224,12 @@ def test_split_stages_add_up_to_the_whole_model(tmp_path):
     assert not line.ok and "placement.target[1].layers" in line.message and "end the last stage at 30" in line.message
 
 
-@needs_smollm
-def test_weight_estimate_matches_the_served_layout():
+def test_weight_estimate_matches_the_served_layout(smollm):
     """Linears cost 1/2 (int8) and ~5/16 (int4: half a byte + bf16 scale and zero per 32) of dense bf16; where a
     converted-weights cache exists (written by load_model from the real kernels) its size is the ground truth."""
     from outrider.runtime.loading import converted_cache_path
 
-    config, _ = model_config(SMOLLM)
+    config, _ = model_config(smollm)
     layers = range(config.num_layers)
     sizes = {f: weight_bytes(config, f, "bfloat16", layers) for f in ("dense", "int8", "int4")}
     embed = config.vocab_size * config.hidden_size * 2  # the bf16 embedding, the same in every format
@@ -233,7 +238,7 @@ def test_weight_estimate_matches_the_served_layout():
     import torch
 
     for fmt, size in sizes.items():
-        cache = converted_cache_path(hub.resolve(SMOLLM), torch.bfloat16, fmt)
+        cache = converted_cache_path(hub.resolve(smollm), torch.bfloat16, fmt)
         if cache.exists():  # safetensors adds a JSON header of some kB
             assert size <= cache.stat().st_size < size * 1.001, fmt
 
@@ -265,7 +270,7 @@ def test_cuda_visible_devices_numbering(monkeypatch, env, expected):
     assert _visible(2) == expected
 
 
-@needs_smollm
+@pytest.mark.usefixtures("smollm")
 def test_cuda1_stage_does_not_fit_a_cpu_only_machine(tmp_path):
     text = TINY.read_text().replace("weights: int4", "weights: dense").replace(
         "  draft:\n    - {device: cpu, num_cpus: 1, threads: 1}", "  draft:\n    - {device: 'cuda:1'}")
@@ -277,7 +282,7 @@ def test_cuda1_stage_does_not_fit_a_cpu_only_machine(tmp_path):
     assert "use device: cpu or a machine with 2 GPUs" in draft.message
 
 
-@needs_smollm
+@pytest.mark.usefixtures("smollm")
 def test_stages_on_one_device_share_its_memory():
     profile = load_profile(TINY)
     needed = sum(n.bytes for stages in memory_needed(profile).values() for n in stages)
@@ -312,7 +317,7 @@ def test_profile_check_prints_every_error(tmp_path, capsys):
     assert run_cli("profile", "check", str(tmp_path / "absent.yaml")) == 2
 
 
-@needs_smollm
+@pytest.mark.usefixtures("smollm")
 def test_profile_check_fit_and_devices(capsys):
     assert run_cli("profile", "check", str(TINY), "--fit") == 0
     assert "target[0] on cpu" in capsys.readouterr().out
