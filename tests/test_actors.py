@@ -12,6 +12,7 @@ import ray
 import torch
 
 from outrider.actors.worker import DraftWorker, ModelSource, ModelWorker, TreeRows, from_wire
+from outrider.methods import METHODS
 from outrider.profile import Profile
 from outrider.runtime.loading import load_model
 from outrider.runtime.batch import ForwardBatch
@@ -240,7 +241,7 @@ def test_a_model_that_fails_to_load_in_its_actor_is_one_clear_error(pair, cluste
 def test_pearl_through_actors_equals_the_in_process_engine(pair, cluster, in_process):
     """Overlapped rounds: the draft actor drafts the next block while the target actor verifies."""
     p = profile(pair, "ray", speculation_gate=False)
-    service = Service.start(p.model_copy(update={"strategy": p.strategy.model_copy(update={"name": "pearl"})}))
+    service = Service.start(p.model_copy(update={"strategy": METHODS["pearl"].Options()}))
     try:
         assert generate_all(service, [SamplingParams()] * 16) == in_process
         assert service.kv_slots_in_use() == {"target": [0], "draft": 0}
@@ -250,7 +251,7 @@ def test_pearl_through_actors_equals_the_in_process_engine(pair, cluster, in_pro
 
 def test_easyspec_with_its_layer_groups_in_the_draft_actor_equals_the_in_process_engine(pair, cluster, in_process):
     p = profile(pair, "ray", speculation_gate=False)
-    strategy = p.strategy.model_copy(update={"name": "easyspec", "draft_group": 2})
+    strategy = METHODS["easyspec"].Options(draft_group=2)
     service = Service.start(p.model_copy(update={"strategy": strategy}))
     try:
         assert service.placed.drafter.info()["drafter"] == "LayerParallel(group_size=2, variant='attention')"

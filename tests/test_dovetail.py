@@ -20,7 +20,7 @@ from outrider.methods import METHODS
 from outrider.methods.dovetail.train import TrainConfig, collect, new_head, sample_loss, train
 from outrider.runtime.loading import load_model
 from outrider.runtime.batch import ForwardBatch
-from outrider.methods.dovetail.head import FeatureDrafter, load_head, save_head
+from outrider.methods.dovetail.head import FeatureDrafter, cached_attention, decoder_layer, load_head, save_head
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import FixedK
 from outrider.scheduler.target import LocalTarget, features_of
@@ -34,7 +34,7 @@ OTHER_PROMPTS = [PROMPT[:1], PROMPT[:4], [7, 8, 9, 10, 11, 12, 13]]  # a 1-token
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """These models are tiny: one thread is several times faster on a shared machine. Every target call of this
-    module runs at the same count, which keeps the target's logits bitwise reproducible (rule R6)."""
+    module runs at the same count, which keeps the target's logits bitwise reproducible (a reduction's split follows the thread count)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -82,6 +82,19 @@ def test_dgf_gate_matches_a_plain_reference(target):
     assert torch.allclose(head.fuse(f, x), z * h1 + (1 - z) * h2, atol=1e-6)
     assert head.layers[0].input_norm is None and head.layers[1].input_norm is not None  # layer 0: no input norm
     assert not any(t is p for p in head.parameters() for t in (target.weights.embed, target.weights.norm))
+
+
+def test_the_heads_layer_is_the_runtimes_layer():
+    """The head's decoder layer is the runtime's layer math: given the target's own weights and the same attention
+    (exact per-sequence attention over the cache, what the head drafts with), it gives the target's layer bit for
+    bit."""
+    model = tiny_model("llama", batch_invariant=False, native=False)
+    batch = ForwardBatch.chain([0], [PROMPT], [0])
+    h = model.embed(batch.token_ids)
+    expected = model.layer(1, h, model.context(batch, model.new_cache(1, 64)))
+    rope = model.rotary.tables(batch.positions, model.dtype)
+    attend = cached_attention(batch, model.new_cache(1, 64), model.scale, model.device)(1)
+    assert torch.equal(decoder_layer(h, model.weights.layers[1], model.config, rope, attend), expected)
 
 
 def test_cached_feeding_in_chunks_equals_the_training_forward(target):

@@ -204,7 +204,7 @@ def test_a_request_past_the_draft_capacity_fails_on_the_leader_and_the_group_kee
 def test_profiles_with_several_draft_stages_are_validated(folders):
     assert Profile.model_validate(profile_dict(folders, 3)).placement.draft_backend == "gloo"
     cases = [
-        (profile_dict(folders, 2, name="vanilla"), "only strategy easyspec splits the draft"),
+        (profile_dict(folders, 2) | {"strategy": {"name": "vanilla"}}, "only strategy easyspec splits the draft"),
         (profile_dict(folders, 2, draft_group=3), "strategy.draft_group: 3, but placement.draft has 2 stages"),
         (profile_dict(folders, 2) | {"placement": {"draft": [{"layers": [0, 2]}, {"layers": [2, 4]}]}},
          r"placement.draft\[0\].layers: easyspec's draft stage j hosts member j of every layer group"),

@@ -1,11 +1,11 @@
-"""Security anchors F2 and F3 (shared/RELIABILITY.md 5.1).
+"""Security: what a profile or a request can make the server load or run.
 
-F3, no unsafe deserialization: nothing in `outrider/` can turn bytes into arbitrary Python objects — no pickle
+No unsafe deserialization: nothing in `outrider/` can turn bytes into arbitrary Python objects — no pickle
 family import, no eval/exec, no yaml loader that builds objects, no `torch.load` without `weights_only=True`, no
 `recv_pyobj`. Ray pickles what our own processes send each other (actor arguments); that is between processes we
 started, never a client's bytes, and lives in Ray, not in this source tree.
 
-F2, secure defaults: the server binds loopback and sends no CORS headers unless told to, every shipped profile
+Secure defaults: the server binds loopback and sends no CORS headers unless told to, every shipped profile
 keeps that, the local Ray cluster starts without its dashboard, and the API key never reaches a log line.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tiny_folders import write_tiny_pair
 SOURCE = Path(__file__).resolve().parent.parent / "outrider"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
-# --- F3: the static scan ----------------------------------------------------------------------------------------
+# --- no unsafe deserialization: the static scan --------------------------------------------------------------------
 
 PICKLE_FAMILY = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "joblib", "jsonpickle"}
 # yaml names that construct arbitrary Python objects; yaml.load/load_all are fine only with a SafeLoader.
@@ -125,7 +125,7 @@ def test_no_unsafe_deserialization_in_the_source():
         rel = str(path.relative_to(SOURCE.parent))
         found += [f"{rel}:{f}" for f in unsafe_calls(path.read_text(encoding="utf-8"))
                   if (rel, f.split(": ", 1)[1]) not in ALLOWED]
-    assert found == [], "unsafe deserialization (see F3 in shared/RELIABILITY.md):\n" + "\n".join(found)
+    assert found == [], "unsafe deserialization (pickle, torch.load without weights_only, yaml.load: a file could run code):\n" + "\n".join(found)
 
 
 def test_the_scan_catches_every_unsafe_form():
@@ -164,7 +164,7 @@ model.eval(); engine.exec_round()
     assert unsafe_calls(good) == []
 
 
-# --- F2: secure defaults ---------------------------------------------------------------------------------------
+# --- secure defaults --------------------------------------------------------------------------------------------
 
 def test_profile_defaults_bind_loopback_without_cors():
     minimal = {"models": {"target": {"model": "any"}}, "strategy": {"name": "autoregressive"}}

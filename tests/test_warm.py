@@ -14,7 +14,7 @@ from outrider.runtime.checkpoint import _load_gguf, load_checkpoint
 from outrider.runtime.loading import load_model
 from outrider.runtime.tokenizer import Tokenizer, _load_gguf as parse_tokenizer
 from outrider.runtime.gguf_file import open_gguf
-from outrider.runtime.warm import meta_path, read_config, read_tokenizer
+from outrider.runtime.warm import meta_path, read_config, read_tokenizer_state
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "café naïve 日本語 😀 <|im_start|>user\nhi<|im_end|>", "  \t\r\n"]
 CHAT = [{"role": "user", "content": "Write a haiku."}]
@@ -41,7 +41,7 @@ def test_the_record_gives_what_parsing_gives(tiny_gguf):
     assert meta_path(tiny_gguf).is_file()
     parsed = _load_gguf(tiny_gguf)
     assert read_config(tiny_gguf) == parsed.config == ckpt.config
-    same_tokenizer(read_tokenizer(tiny_gguf), parse_tokenizer(open_gguf(tiny_gguf)))
+    same_tokenizer(Tokenizer.from_state(read_tokenizer_state(tiny_gguf), tiny_gguf), parse_tokenizer(open_gguf(tiny_gguf)))
     warm, warm_ckpt = load_model(tiny_gguf, "float32", "int8")  # config from the record, weights from the cache
     ids = torch.tensor([5, 9, 17])
     assert torch.equal(warm.logits(warm.embed(ids)), model.logits(model.embed(ids)))
@@ -61,7 +61,7 @@ def test_a_changed_gguf_makes_the_record_stale_and_a_damaged_record_is_ignored(t
     assert read_config(tiny_gguf) is not None
     st = tiny_gguf.stat()
     os.utime(tiny_gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # re-fetched: another mtime
-    assert read_config(tiny_gguf) is None and read_tokenizer(tiny_gguf) is None
+    assert read_config(tiny_gguf) is None and read_tokenizer_state(tiny_gguf) is None
     load_model(tiny_gguf, "float32", "dense")  # rewrites the record
     assert read_config(tiny_gguf) is not None
     meta_path(tiny_gguf).write_text("{not json")

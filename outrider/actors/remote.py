@@ -186,7 +186,11 @@ class ActorTarget:
 
     def slots_in_use(self) -> list[int]:
         """Per stage, as the actors count them (tests assert a released request returns to the baseline)."""
-        return [i["slots_in_use"] for i in ray.get([s.info.remote() for s in self.stages])]
+        return [i["slots_in_use"] for i in self.infos()]
+
+    def infos(self) -> list[dict]:
+        """Each stage's `info` (its counters: busy seconds, KV bytes, slots in use)."""
+        return ray.get([s.info.remote() for s in self.stages])
 
     def _get(self, ref):
         try:

@@ -81,7 +81,7 @@ class GlooLink:
 
 
 class GroupComm:
-    """torch.distributed among EasySpec's draft group actors (`outrider.actors.draft_groups`): this process is
+    """torch.distributed among the members of a draft group (`outrider.actors.draft_groups`): this process is
     rank `rank` of `world`. gloo moves CPU tensors (what runs and is tested here); nccl moves GPU tensors for
     group actors on GPUs — one word in the profile (placement.draft_backend), untested here: no machine with
     several GPUs was available. Only broadcasts and all_gathers, never a reduction, so the bits that arrive are

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from outrider.runtime.batch import ForwardBatch
+from outrider.runtime.loading import load_model
 from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import Chain, CachedSequences, DrafterFactory, DraftRequest, ReportingDrafter
 
@@ -58,8 +60,6 @@ class ModelSource:
     batch_invariant: bool = True
 
     def load(self) -> Transformer:
-        from outrider.runtime.loading import load_model
-
         return load_model(self.model, self.dtype, self.weights, self.device, self.max_positions,
                           batch_invariant=self.batch_invariant)[0]
 
@@ -201,15 +201,11 @@ class ModelWorker:
 
     def join_link(self, url: str) -> None:
         """Become rank 1 of a two-rank gloo group with the scheduler (see outrider.actors.transport)."""
-        import torch.distributed as dist
-
         dist.init_process_group("gloo", init_method=url, rank=1, world_size=2)
 
     def score_to_link(self, slots: list[int], token_lists: list[list[int]], hidden: np.ndarray | None = None,
                       trees: list[TreeRows | None] | None = None) -> None:
         """`score`, with the logits sent to the scheduler over the gloo link instead of returned through Ray."""
-        import torch.distributed as dist
-
         dist.send(torch.from_numpy(self.score(slots, token_lists, hidden, True, trees)), dst=0)
 
     def calibrate(self, slot: int, keep: int, tokens: list[int], hidden: np.ndarray | None = None):

@@ -1,17 +1,17 @@
 """`outrider bench gpu`: decode, verify and draft in CUDA graphs, Dovetail's CPU-target + GPU-draft split, and
 draft/verify overlap — with random weights of the real shapes, because the real weights cannot reach a lent GPU
-machine (KERNELS.md §6, MODELS.md). Speed does not depend on the weights' values; acceptance does, so the speedup
+machine (no model hub, no package registry there). Speed does not depend on the weights' values; acceptance does, so the speedup
 lines combine the times measured here with a mean acceptance length measured on the real pair on the CPU
 (`--tokens-per-round`), and say so.
 
 Sections (each prints a table and goes into --json-out):
 - graphs: per shape, ms per step eager and in one CUDA graph, at width 1 and at the served width W (decode and
-  every verify share W: rule R5), so "verify 8 ≈ decode 1"; plus whether a position's logits are bitwise the same
+  every verify share W: one shape, one set of kernels), so "verify 8 ≈ decode 1"; plus whether a position's logits are bitwise the same
   alone and among W rows;
 - spec: the engine's loop over `GraphTarget` + `GraphDrafter` on the GPU: plain decoding against speculative
   rounds (greedy outputs must match), with a draft equal to the target (every draft accepted: the loop's best
   case) and with the 0.5B-shaped draft (the round's cost);
-- dovetail: the 1.5B target on the CPU with the 0.5B draft on the GPU against the same draft on the CPU, and the
+- split: the 1.5B target on the CPU with the 0.5B draft on the GPU against the same draft on the CPU, and the
   GPU draft round run beside the CPU verify (PEARL's overlapped round on this placement) against one after the
   other.
 """
@@ -42,8 +42,8 @@ QWEN25 = {  # the real models' shapes (Qwen2.5 config.json)
 
 
 def add_gpu_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu-sections", default="graphs,spec,dovetail",
-                   help="gpu: which sections to run (graphs, spec, dovetail)")
+    p.add_argument("--gpu-sections", default="graphs,spec,split",
+                   help="gpu: which sections to run (graphs, spec, split: a CPU target with a GPU draft)")
     p.add_argument("--gpu-shapes", default="0.5b,1.5b,7b", help="gpu: model shapes for the graphs section")
     p.add_argument("--width", type=int, default=8, help="gpu: the served width W every target step is padded to")
     p.add_argument("--tokens-per-round", type=float, default=None,
@@ -181,7 +181,7 @@ def spec_section(width: int, k: int, max_tokens: int, tokens_per_round: float | 
     return out
 
 
-def dovetail_section(width: int, k: int, iters: int, tokens_per_round: float | None, threads: int | None,
+def split_section(width: int, k: int, iters: int, tokens_per_round: float | None, threads: int | None,
                      device: str) -> dict:
     """Target on the CPU (int4, our served CPU format), draft on the GPU (graph loop) or on the CPU."""
     from outrider.runtime.batch import ForwardBatch
@@ -278,9 +278,8 @@ def run_gpu_bench(args: argparse.Namespace) -> int:
         report["graphs"] = graphs_section(args.gpu_shapes.split(","), args.width, args.iters, device)
     if "spec" in sections:
         report["spec"] = spec_section(args.width, k, args.max_tokens, args.tokens_per_round, device)
-    if "dovetail" in sections:
-        report["dovetail"] = dovetail_section(args.width, k, args.iters, args.tokens_per_round, args.cpu_threads,
-                                              device)
+    if "split" in sections:
+        report["split"] = split_section(args.width, k, args.iters, args.tokens_per_round, args.cpu_threads, device)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json_out}")

@@ -142,13 +142,11 @@ async def _level(service, ids: list[list[int]], concurrency: int, args) -> Level
 
 def _busy(service) -> dict[str, float]:
     """Seconds the actors spent computing so far (ray mode only)."""
-    import ray
-
     if service.placed is None:
         return {}
     placed, out = service.placed, {}
     if placed.target is not None:
-        out = {f"target{i}": ray.get(s.info.remote())["busy_seconds"] for i, s in enumerate(placed.target.stages)}
+        out = {f"target{i}": info["busy_seconds"] for i, info in enumerate(placed.target.infos())}
     if placed.drafter is not None:
         out["draft"] = placed.drafter.info()["busy_seconds"]
     return out

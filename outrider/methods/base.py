@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Protocol
+from typing import Any, Callable, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -19,9 +19,6 @@ from outrider.scheduler.drafters import Drafter, DrafterFactory, GroupDrafterFac
 from outrider.scheduler.engine import DraftThenVerify, Rounds
 from outrider.scheduler.policy import MAX_DRAFT, AdaptiveK, DraftPolicy, FixedK
 from outrider.scheduler.target import FeatureSource, TargetModel
-
-if TYPE_CHECKING:  # the profile schema is built from the methods, so it is only named here, never imported
-    from outrider.profile import Profile
 
 
 class StrategyOptions(BaseModel):
@@ -133,9 +130,10 @@ class Method:
         """Whether its drafter reads the target's hidden states (the target must then run in this process)."""
         return False
 
-    def check(self, options: StrategyOptions, profile: "Profile") -> None:
-        """Refuse a profile these options cannot run with: ValueError `field: problem; fix`. The common checks
-        (a draft model present, several draft stages, target features) run before, from the declarations."""
+    def check(self, options: StrategyOptions, profile: Any) -> None:
+        """Refuse a profile (an `outrider.profile.Profile`, whose schema is built from the methods, so it is not
+        imported here) these options cannot run with: ValueError `field: problem; fix`. The common checks (a draft
+        model present, several draft stages, target features) run before, from the declarations."""
 
     def parts(self, options: StrategyOptions, env: BuildEnv) -> EngineParts:
         raise NotImplementedError

@@ -165,7 +165,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", weights:
                 _save_atomic(state, cached, ckpt)
             w = weights_from_state(ckpt.config, weights, in_huge_pages(state))
     if use_cache and cached is not None and read_config(ckpt.path) is None:
-        write_meta(ckpt.path, ckpt.config, Tokenizer.load(ckpt.path))  # the next start skips the metadata parse
+        write_meta(ckpt.path, ckpt.config, Tokenizer.load(ckpt.path).to_state())  # the next start skips the metadata parse
     return Transformer(ckpt.config, w, dtype, dev, max_positions, batch_invariant), ckpt
 
 

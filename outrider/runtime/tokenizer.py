@@ -18,6 +18,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as _Backend
 
 from outrider.runtime.gguf_file import REFETCH_HINT, GGUFFile, end_of_generation_ids, open_gguf
+from outrider.runtime.warm import read_tokenizer_state
 
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -52,9 +53,8 @@ class Tokenizer:
         if p.is_dir():
             return _load_folder(p)
         if p.is_file():
-            from outrider.runtime.warm import read_tokenizer  # warm imports this module
-
-            return read_tokenizer(p) or _load_gguf(open_gguf(p))
+            state = read_tokenizer_state(p)
+            return cls.from_state(state, p) if state is not None else _load_gguf(open_gguf(p))
         raise FileNotFoundError(f"{p}: no such folder or GGUF file; pass the model folder holding tokenizer.json "
                                 f"or the model's .gguf file")
 

@@ -17,7 +17,6 @@ from functools import lru_cache
 from pathlib import Path
 
 from outrider.runtime.config import ModelConfig, RopeScaling
-from outrider.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -33,10 +32,11 @@ def _stamp(gguf: Path) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def write_meta(gguf: Path, config: ModelConfig, tokenizer: Tokenizer) -> None:
-    """Record the config and tokenizer of `gguf` beside it (best effort: a read-only folder costs only speed)."""
+def write_meta(gguf: Path, config: ModelConfig, tokenizer_state: dict) -> None:
+    """Record the config and tokenizer (`Tokenizer.to_state()`) of `gguf` beside it (best effort: a read-only
+    folder costs only speed)."""
     doc = {"version": VERSION, "gguf": _stamp(gguf), "config": dataclasses.asdict(config),
-           "tokenizer": tokenizer.to_state()}
+           "tokenizer": tokenizer_state}
     path = meta_path(gguf)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
@@ -58,9 +58,10 @@ def read_config(gguf: Path) -> ModelConfig | None:
     return ModelConfig(**cfg)
 
 
-def read_tokenizer(gguf: Path) -> Tokenizer | None:
+def read_tokenizer_state(gguf: Path) -> dict | None:
+    """The recorded tokenizer (`Tokenizer.from_state` takes it), or None when absent, stale or unreadable."""
     doc = _read(gguf)
-    return None if doc is None else Tokenizer.from_state(doc["tokenizer"], gguf)
+    return None if doc is None else doc["tokenizer"]
 
 
 def _read(gguf: Path) -> dict | None:

@@ -2,7 +2,9 @@
 
 `warp` is applied to the target logits (giving p) *and* to the draft logits (giving q). Verification divides
 p(x) by q(x), so q must be exactly the distribution the draft token was drawn from: warp both sides with the same
-function and the same parameters, and never sample from one warp while dividing by another (ALGORITHMS §1.1).
+function and the same parameters, and never sample from one warp while dividing by another (the acceptance
+ratio of Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding", §2.3, holds only
+for the q the token was drawn from).
 """
 from __future__ import annotations
 

@@ -12,9 +12,11 @@ Glossary (Outrider uses these words in this sense everywhere):
 - *acceptance length* = accepted tokens + 1 (it counts the extra token): tokens committed per target forward,
   between 1 and k + 1.
 
-Notation (Leviathan et al. 2023; Chen et al. 2023; ALGORITHMS §1): p_i is the target's *warped* distribution at
+Notation (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding"; Chen et al. 2023,
+"Accelerating Large Language Model Decoding with Speculative Sampling"): p_i is the target's *warped* distribution at
 draft position i, and q_i is the distribution x_i was *actually drawn from*. A deterministic proposal (greedy
-draft, n-gram, top-k tree children) has q_i = δ_{x_i}, the point mass (ALGORITHMS §1.3). Greedy decoding needs no
+draft, n-gram, top-k tree children) has q_i = δ_{x_i}, the point mass: the accept test is then p(x_i) against a
+uniform draw, and the residual is p with x_i removed. Greedy decoding needs no
 special case: with one-hot p every accept probability is 0 or 1 and every residual is one-hot, so no outcome
 depends on the random draws (they are still drawn).
 
@@ -61,7 +63,7 @@ def residual(p: Tensor, q: Tensor) -> Tensor:
 
     It puts back exactly the mass that rejection removed from p. With q = δ_x it is p with p(x) zeroed,
     renormalised. p == q gives 0/0: a rejection then has probability 0, but rounding can still land there,
-    so such rows fall back to p (ALGORITHMS §1.1).
+    so such rows fall back to p.
     """
     return _normalize((p - q).clamp(min=0.0), fallback=p)
 
@@ -258,7 +260,8 @@ class SiblingBranches:
 
 
 def sibling_branches(p: Tensor, q: Tensor | None, tokens: Tensor) -> SiblingBranches:
-    """The accept rule at one node with target p [V] and children `tokens` [m] tried in order (ALGORITHMS §1.4).
+    """The accept rule at one node with target p [V] and children `tokens` [m] tried in order (SpecInfer's
+    multi-step speculative sampling, Miao et al. 2024, for sampled children).
 
     Sampled children (q [V]: drawn from q without replacement; recursive rejection sampling, Jeon et al.):
         accept c_j w.p. min(1, p_j(c_j)/q_j(c_j))

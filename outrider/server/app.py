@@ -32,6 +32,7 @@ from outrider.scheduler.serving import QueueFull, RequestFailed, RequestHandle, 
 from outrider.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from outrider.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, Envelope, Outcome,
                                       error_body)
+from outrider.methods import get_method
 from outrider.service import Service
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,11 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         service: Service = request.app.state.service
+        strategy = service.profile.strategy
         card = {"id": service.model_name, "object": "model", "created": 0, "owned_by": "outrider",
-                "max_model_len": service.engine.target.capacity}
+                "max_model_len": service.engine.target.capacity,
+                "speculation": {"strategy": strategy.name, "lossless": get_method(strategy.name).lossless,
+                                "options": strategy.model_dump(exclude={"name"})}}
         return {"object": "list", "data": [card]}
 
     @app.get("/health")

@@ -2,7 +2,7 @@
 one draft actor, or with member j of every layer group in draft group actor j (`sharded.py`)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -27,7 +27,7 @@ class EasySpec(Method):
     def drafts_with_model(self, options: StrategyOptions) -> bool:
         return True
 
-    def check(self, options: StrategyOptions, profile) -> None:
+    def check(self, options: StrategyOptions, profile: Any) -> None:
         """Several draft stages are the group actors: stage j hosts member j of every layer group."""
         assert isinstance(options, EasySpecOptions)
         draft = profile.placement.draft
