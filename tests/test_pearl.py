@@ -36,6 +36,14 @@ def test_a_draft_that_always_disagrees_commits_one_token_per_round(target, refer
     assert seq.generated == reference
     assert seq.stats.rounds >= 40 - seq.stats.accepted_tokens
     assert seq.stats.accepted_tokens < seq.stats.draft_tokens
+    # A round commits its accepted drafts plus the recovered token, except one that accepts every draft (no
+    # bonus row), which commits just those. Here no draft is ever accepted, so the window stays empty: every
+    # round is a one-row pre-verify whose rejected e_0 commits one token, and the last (no room left under
+    # max_tokens) is a plain one-token round. So rounds == new_tokens - accepted_tokens == 40, 39 of them
+    # drafting; a loop committing more or fewer than one token per round fails here.
+    assert seq.stats.accepted_tokens == 0 and seq.stats.new_tokens == 40
+    assert seq.stats.rounds == seq.stats.new_tokens - seq.stats.accepted_tokens == 40
+    assert seq.stats.draft_tokens == seq.stats.rounds - 1
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
