@@ -70,8 +70,8 @@ def cmd_vocab_trim(a: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from outrider.prompts import load_prompts
     from outrider.pipeline import Pipeline
+    from outrider.prompts import load_prompts
     from outrider.scheduler.vocab_trim import TrimmedVocab
 
     pipe = Pipeline.load(profile_from_args(a, strategy_options(a, BASELINE)))
@@ -185,11 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "decode/verify/draft, Dovetail's CPU target + GPU draft and overlap, on random weights of the "
                         "real shapes")
     from outrider.bench.gpu import add_gpu_args
+    from outrider.bench.kernels import add_kernel_args
     from outrider.bench.load import add_load_args
     from outrider.bench.overlap import add_overlap_args
     from outrider.bench.run import add_bench_args
     from outrider.bench.serving import add_serving_args
-    from outrider.bench.kernels import add_kernel_args
     from outrider.bench.transport import add_transport_args
 
     add_bench_args(b)

@@ -65,7 +65,7 @@ def test_every_section_runs_and_reports_what_it_promises(small_shapes, engine_ru
     assert len(reference) == 12 and all(tokens == reference for _, tokens in measured)
     assert spec["self-draft"]["mean_acceptance_length"] == 4.0  # a draft equal to the target: all k accepted
     assert spec["combined_spec_tok_s"] == pytest.approx(3.4 * 1e3 / spec["0.5b-draft"]["ms_per_round"], rel=0.01)
-    dovetail = report["dovetail"]
+    dovetail = report["split"]  # the target on the CPU, the draft on the GPU (Dovetail's placement)
     assert dovetail["cpu_threads"] == 2
     assert {"draft_on_cpu_ms", "draft_on_gpu_ms", "combined_tok_s_draft_on_gpu"} <= set(dovetail)
     assert dovetail["overlap_gpu_draft_with_cpu_verify"]["together_ms"] > 0

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import random
 import socket
-from pathlib import Path
 from datetime import timedelta
+from pathlib import Path
 
 import ray
 import torch

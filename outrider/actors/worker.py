@@ -22,7 +22,7 @@ import torch.distributed as dist
 from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.loading import load_model
 from outrider.runtime.model import Transformer
-from outrider.scheduler.drafters import Chain, CachedSequences, DrafterFactory, DraftRequest, ReportingDrafter
+from outrider.scheduler.drafters import CachedSequences, Chain, DrafterFactory, DraftRequest, ReportingDrafter
 
 PREFILL_CHUNK = 256  # rows per prefill forward: bounds activation memory; the kernels make any chunking exact
 FAULT_ENV = "OUTRIDER_FAULT_INJECTION"  # "1" enables `inject_fault` (tests only; refused otherwise)

@@ -1,13 +1,13 @@
 """`outrider bench gpu`: decode, verify and draft in CUDA graphs, Dovetail's CPU-target + GPU-draft split, and
 draft/verify overlap — with random weights of the real shapes, because the real weights cannot reach a lent GPU
-machine (no model hub, no package registry there). Speed does not depend on the weights' values; acceptance does, so the speedup
-lines combine the times measured here with a mean acceptance length measured on the real pair on the CPU
-(`--tokens-per-round`), and say so.
+machine (no model hub, no package registry there). Speed does not depend on the weights' values; acceptance does,
+so the speedup lines combine the times measured here with a mean acceptance length measured on the real pair on
+the CPU (`--tokens-per-round`), and say so.
 
 Sections (each prints a table and goes into --json-out):
 - graphs: per shape, ms per step eager and in one CUDA graph, at width 1 and at the served width W (decode and
-  every verify share W: one shape, one set of kernels), so "verify 8 ≈ decode 1"; plus whether a position's logits are bitwise the same
-  alone and among W rows;
+  every verify share W: one shape, one set of kernels), so "verify 8 ≈ decode 1"; plus whether a position's logits
+  are bitwise the same alone and among W rows;
 - spec: the engine's loop over `GraphTarget` + `GraphDrafter` on the GPU: plain decoding against speculative
   rounds (greedy outputs must match), with a draft equal to the target (every draft accepted: the loop's best
   case) and with the 0.5B-shaped draft (the round's cost);
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from outrider.bench.timing import call_times_ms
-from outrider.kernels.linear import DenseLinear, Int4Linear, INT4_GROUP, LinearKernel
+from outrider.kernels.linear import INT4_GROUP, DenseLinear, Int4Linear, LinearKernel
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.model import LayerWeights, ModelWeights, Transformer
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from outrider.bench.timing import interleaved_times_ms
-
 from outrider.kernels.linear import WEIGHT_FORMATS, make_linear
 from outrider.kernels.native import available as native_available
 

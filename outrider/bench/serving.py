@@ -59,8 +59,8 @@ class Level:
 
 
 def run_serving_bench(args: argparse.Namespace) -> int:
-    from outrider.prompts import load_prompts
     from outrider.profile import DEFAULT_PROFILE, load_profile
+    from outrider.prompts import load_prompts
 
     profile = load_profile(args.profile or DEFAULT_PROFILE)
     if args.speculation_gate != "profile":

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from outrider.build.hosts import DraftHost, LocalDraft
 from outrider.hub import resolve
 from outrider.methods import get_method
 from outrider.methods.base import BuildEnv, StrategyOptions
@@ -25,7 +26,6 @@ from outrider.runtime.checkpoint import load_checkpoint
 from outrider.runtime.loading import load_model
 from outrider.runtime.model import Transformer
 from outrider.runtime.tokenizer import Tokenizer
-from outrider.build.hosts import DraftHost, LocalDraft
 from outrider.scheduler.drafters import Chain, Drafter, DrafterFactory, GroupDrafterFactory, check_vocabularies
 from outrider.scheduler.engine import Engine
 from outrider.scheduler.graphed import GraphTarget

@@ -18,7 +18,7 @@ from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import Drafter, DrafterFactory, GroupDrafterFactory
 from outrider.scheduler.engine import DraftThenVerify, Rounds
 from outrider.scheduler.policy import MAX_DRAFT, AdaptiveK, DraftPolicy, FixedK
-from outrider.scheduler.target import FeatureSource, TargetModel
+from outrider.scheduler.target import FeatureSource
 
 
 class StrategyOptions(BaseModel):

@@ -117,8 +117,9 @@ def _rows(window: Draft, block: Draft) -> torch.Tensor | None:
 @dataclass
 class AutoK:
     """PEARL's automatic window size, as its authors' follow-up engine nano-PEARL sets it: draft the next block in
-    about the time the target takes to verify this one, γ ≈ c = T_verify / T_draft_step. More would keep the target waiting for the draft; fewer
-    would leave the draft idle while the target verifies (and shorten the accepted runs).
+    about the time the target takes to verify this one, γ ≈ c = T_verify / T_draft_step. More would keep the
+    target waiting for the draft; fewer would leave the draft idle while the target verifies (and shorten the
+    accepted runs).
 
     An overlapped round drafts k + `ahead` tokens while the target verifies (PEARL's block: e_0, checked this
     round, and the next window e_1..e_k), so k = clamp(round(c) − ahead, 1, k_max). T_verify and T_draft_step

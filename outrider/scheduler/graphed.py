@@ -13,6 +13,7 @@ from outrider.runtime.graphs import DEFAULT_WIDTH, DraftLoop, StaticRunner
 from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import Draft, DraftRequest, common_prefix
 
+
 class GraphTarget:
     """`TargetModel` over one `StaticRunner` per slot: every score and prefill chunk is one fixed-width replay."""
 

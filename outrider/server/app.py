@@ -25,14 +25,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from outrider.methods import get_method
 from outrider.profile import dotted
 from outrider.runtime.tokenizer import Tokenizer
 from outrider.scheduler.policy import MAX_DRAFT
 from outrider.scheduler.serving import QueueFull, RequestFailed, RequestHandle, Unavailable
 from outrider.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from outrider.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, Envelope, Outcome,
-                                      error_body)
-from outrider.methods import get_method
+from outrider.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, Envelope, Outcome, error_body
 from outrider.service import Service
 
 log = logging.getLogger(__name__)
