@@ -15,7 +15,7 @@ d_2.. feeds the head its own prediction: (f̂_{n-1}, d_1), (f̂_n, d_2), ...
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from outrider.kernels.linear import DenseLinear
 from outrider.runtime.attention import ExactPlan
 from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.config import ModelConfig
@@ -42,34 +43,12 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "
                 "qkv_bias")  # the target fields a head's weights depend on
 
 
-@dataclass
-class TrainableLinear:
-    """A `LinearKernel` over trainable fp32 weights: one F.linear, so gradients flow. A head's numerics never reach
-    the output (the target verifies every draft), so it needs no batch invariance."""
-
-    weight: torch.Tensor  # [out, in]
-    bias: torch.Tensor | None  # [out]
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias) if t is not None)
+class TrainableLinear(DenseLinear):
+    """`DenseLinear` over trainable fp32 weights as one F.linear, so gradients flow (the blocked call is for batch
+    invariance, which a head does not need: the target verifies every draft it makes)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight} | ({} if self.bias is None else {"bias": self.bias})
 
 
 class HeadLayer(nn.Module):
