@@ -12,7 +12,7 @@ from outrider.scheduler.drafters import ModelDrafter
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import AdaptiveK, FixedK
 from outrider.scheduler.sampling import SamplingParams
-from outrider.scheduler.serving import AsyncScheduler, QueueFull, RequestFailed, SpeculationGate
+from outrider.scheduler.serving import AsyncScheduler, QueueFull, RequestFailed, RoundReport, SpeculationGate
 from outrider.scheduler.target import LocalTarget
 
 PROMPTS = [[5 + i, 9, 17, 5, 9, 33 + 2 * i, 80][: 3 + i % 5] for i in range(16)]
@@ -33,15 +33,28 @@ def serving_engine(target, draft, slots=16, policy=lambda: FixedK(3)) -> Engine:
 
 
 async def run_all(scheduler: AsyncScheduler, requests: list[Request]) -> list[list[int]]:
+    reports: list[RoundReport] = []
+    scheduler.after_round.append(reports.append)
     await scheduler.start()
     try:
         handles = [scheduler.submit(r) for r in requests]
         streams = [[t async for chunk in h for t in chunk] for h in handles]  # consumed one after another
         assert all(h.finish_reason == "length" for h in handles)
         assert streams == [h.token_ids for h in handles]  # the stream carries every token once, in order
-        return streams
     finally:
         await scheduler.stop()
+    # Equality with decoding alone says something about speculation only if it happened: drafts were proposed
+    # and the unrelated draft had some rejected (so rollbacks and recovered tokens were on the path too).
+    proposed, accepted = sum(h.stats.draft_tokens for h in handles), sum(h.stats.accepted_tokens for h in handles)
+    assert proposed == sum(map(sum, (r.proposed for r in reports))) > 0
+    assert accepted < proposed, "every draft was accepted: the rejection path went untested"
+    return streams
+
+
+def rounds_of(reports: list[RoundReport], request: Request) -> list[tuple[bool, int, int]]:
+    """(the round speculated, drafts proposed, of which accepted) for every round the request took part in."""
+    return [(r.speculated, r.proposed[i], r.accepted[i]) for r in reports for i, h in enumerate(r.handles)
+            if h.request is request]
 
 
 @pytest.mark.parametrize("policy", [lambda: FixedK(3), lambda: AdaptiveK(k_max=6)], ids=["fixed", "adaptive"])
@@ -81,9 +94,20 @@ def test_seeded_sampling_does_not_depend_on_the_speculation_gate(target, draft):
     seeded = [Request(p, 15, SamplingParams(temperature=0.9, seed=200 + i)) for i, p in enumerate(PROMPTS[:4])]
     greedy = [Request(p, 15) for p in PROMPTS[4:8]]
     engine = serving_engine(target, draft)
-    got = asyncio.run(run_all(AsyncScheduler(engine, gate=Alternating()), seeded + greedy))
+    scheduler, reports = AsyncScheduler(engine, gate=Alternating()), []
+    scheduler.after_round.append(reports.append)
+    got = asyncio.run(run_all(scheduler, seeded + greedy))
     assert got[:4] == [serving_engine(target, draft, slots=1).generate(r).generated for r in seeded]
     assert got[4:] == [alone(target, r.prompt_ids, 15) for r in greedy]
+    # Both kinds of round happened to both kinds of request: seeded ones drafted in rounds the gate turned off,
+    # greedy ones drafted only in rounds it left on, and had drafts rejected there.
+    for r in seeded:
+        assert any(proposed for on, proposed, _ in rounds_of(reports, r) if not on)
+    for r in greedy:
+        rounds = rounds_of(reports, r)
+        assert not any(proposed for on, proposed, _ in rounds if not on)
+        assert any(proposed for on, proposed, _ in rounds if on)
+    assert any(accepted < proposed for r in greedy for _, proposed, accepted in rounds_of(reports, r))
 
 
 def test_cancel_mid_stream_frees_kv_in_both_models(target, draft):
