@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from outrider.kernels.attention import KEY_BUCKET, QUERY_TILE, reference_attention, tiled_attention
 from outrider.kernels.linear import Int4Linear, make_linear
@@ -60,9 +61,18 @@ def test_rows_are_bitwise_invariant_to_count_and_neighbours(fmt, dtype):
     assert torch.equal(kernel(x[perm]), full[perm])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hd", [16, 128])
-def test_tiled_attention_matches_reference_and_is_row_invariant(dtype, hd):
+def test_control_plain_linear_rows_depend_on_the_row_count():
+    """Control for the row invariance above: at its shapes one plain F.linear per call gives a row other bits at
+    some row counts than at 8, so the invariance is the kernels' doing and its test can fail. fp32 only: on an
+    AVX2 CPU (torch 2.13) bf16 F.linear gave every row the same bits at every count of these shapes."""
+    w, _ = weights(256, 128, seed=1)
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(2))
+    full = F.linear(x, w)
+    assert any(not torch.equal(F.linear(x[:m], w), full[:m]) for m in range(1, 8))
+
+
+def attention_case(dtype: torch.dtype, hd: int):
+    """Two query tiles over one key bucket, a random mask that always lets a row see key 0; and the generator."""
     g = torch.Generator().manual_seed(0)
     tiles, heads, kv_heads, keys = 2, 4, 2, KEY_BUCKET
     q = torch.randn(tiles, QUERY_TILE, heads, hd, generator=g).to(dtype)
@@ -70,6 +80,14 @@ def test_tiled_attention_matches_reference_and_is_row_invariant(dtype, hd):
     v = torch.randn(tiles, kv_heads, keys, hd, generator=g).to(dtype)
     mask = torch.rand(tiles, QUERY_TILE, keys, generator=g) < 0.5
     mask[..., 0] = True
+    return q, k, v, mask, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hd", [16, 128])
+def test_tiled_attention_matches_reference_and_is_row_invariant(dtype, hd):
+    q, k, v, mask, g = attention_case(dtype, hd)
+    tiles, heads, kv_heads = q.shape[0], q.shape[2], k.shape[1]
     out = tiled_attention(q, k, v, mask, hd ** -0.5)
     ref = reference_attention(q, k, v, mask, hd ** -0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -87,3 +105,30 @@ def test_tiled_attention_matches_reference_and_is_row_invariant(dtype, hd):
                                torch.cat([mask, torch.zeros(tiles, QUERY_TILE, extra, dtype=torch.bool)], 2),
                                hd ** -0.5)
         assert torch.equal(long, out), f"{extra} extra masked keys changed the result"
+
+
+@pytest.mark.parametrize("hd", [16, 128])
+def test_control_sdpa_rows_depend_on_the_query_count(hd):
+    """Control for the fixed query tile: at the test's shapes, SDPA over fewer rows than a tile gives those rows
+    other bits than the full tile does, so keeping a row's bits needs the tile. fp32 only: on an AVX2 CPU
+    (torch 2.13) bf16 SDPA gave the same bits at every query count of these shapes."""
+    q, k, v, mask, _ = attention_case(torch.float32, hd)
+    out = tiled_attention(q, k, v, mask, hd ** -0.5)
+    assert any(not torch.equal(tiled_attention(q[:1, :n], k[:1], v[:1], mask[:1, :n], hd ** -0.5), out[:1, :n])
+               for n in range(1, QUERY_TILE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hd", [16, 128])
+def test_control_sdpa_depends_on_the_key_count(dtype, hd):
+    """Control for the key bucket: attending over only the live keys (a count that is not a bucket) gives other
+    bits than the same keys padded with masked ones to KEY_BUCKET, so the padding is what keeps them."""
+    q, k, v, mask, _ = attention_case(dtype, hd)
+    differs = []
+    for live in (100, 300, 400):
+        seen = mask.clone()
+        seen[..., live:] = False
+        bucketed = tiled_attention(q, k, v, seen, hd ** -0.5)
+        differs.append(not torch.equal(tiled_attention(q, k[:, :, :live], v[:, :, :live], seen[..., :live],
+                                                       hd ** -0.5), bucketed))
+    assert any(differs)
