@@ -63,6 +63,10 @@ class Service:
         # spin-waiting between parallel regions, and each of the thousands of regions per forward pays a
         # wake-up: measured 30% slower rounds (verify 119 vs 96 ms, draft 111 vs 74 ms on the default pair).
         engine_thread = ThreadPoolExecutor(1, thread_name_prefix="outrider-engine")
+        if profile.placement.mode != "local":
+            from outrider.actors.placement import connect  # Ray is imported only where actors run
+
+            connect()  # on this (the main) thread: Ray installs its signal handlers only there
         if profile.placement.mode == "ray":
             # Here the engine thread only verifies. One thread: an idle OpenMP worker of this process would
             # spin-wait on a core the actors are computing on (measured: plain rounds 82 ms against 68).
