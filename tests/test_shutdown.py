@@ -1,4 +1,4 @@
-"""Graceful shutdown of a real `outrider serve` process with its models in Ray actors (RELIABILITY B6/B7):
+"""Graceful shutdown of a real `outrider serve` process with its models in Ray actors:
 
 - SIGTERM with a drain time: the in-flight stream finishes normally, the process exits 0 in bounded time and
   leaves no process behind (actors, raylet, GCS);
