@@ -3,6 +3,9 @@ batch invariance they promise: a row's bits never depend on the rows beside it, 
 count, or — for attention — where in the cache its keys sit, only on which keys it sees and in what order."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -205,3 +208,45 @@ def test_a_stale_build_lock_does_not_block_loading():
         stale.unlink(missing_ok=True)
     assert done.returncode == 0, done.stderr
     assert "outrider.gguf_mm" in done.stdout
+
+
+def test_the_level_that_runs_is_the_best_this_cpu_supports(monkeypatch):
+    """Each level runs where /proc/cpuinfo lists all its flags; a process loads the best of them (or the one
+    OUTRIDER_ISA names, never one the CPU lacks), and its build directory says which."""
+    from outrider.hub import home
+    from outrider.kernels import native
+
+    flags = native.cpu_flags()
+    supported = native.supported_levels()
+    assert supported == [lv.name for lv in native.LEVELS if set(lv.cpu_flags) <= flags]
+    assert supported, "this project's machines run the native kernels"
+    assert native.isa() == (os.environ.get("OUTRIDER_ISA") or supported[0])
+    assert native.missing_cpu_features() == [] and supported[-1] == "avx2"  # AVX2 + FMA + F16C: the lowest
+    assert (home() / "kernels" / native._build_name()).is_dir() and native.isa() in native._build_name()
+    with pytest.raises(ValueError, match="unknown kernel level"):
+        native._build_name("sse2")
+    for level in native.LEVELS:
+        monkeypatch.setenv("OUTRIDER_ISA", level.name)
+        if level.name in supported:
+            assert native.isa() == level.name
+        else:
+            with pytest.raises(RuntimeError, match="which this CPU lacks"):
+                native.isa()
+
+
+def test_every_level_this_cpu_runs_passes_the_kernel_tests():
+    """The kernel tests above and in test_gguf_kernels.py run at the level this process loaded; here they run again
+    at every other level the CPU supports (AVX2 on an AVX512-VNNI machine), each against the same references."""
+    import subprocess
+    import sys
+
+    from outrider.kernels import native
+
+    tests = Path(__file__).parent
+    for level in native.supported_levels():
+        if level == native.isa():
+            continue
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+                               "not every_level", str(tests / "test_native_ops.py"), str(tests / "test_gguf_kernels.py")],
+                              env=os.environ | {"OUTRIDER_ISA": level}, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{level}:\n{done.stdout[-4000:]}"
