@@ -50,7 +50,7 @@ def random_case(dtype, head_dim, heads=6, kv_heads=2, capacity=80, slots=3, seed
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("head_dim", [8, 24, 64, 128])
+@pytest.mark.parametrize("head_dim", [8, 20, 24, 64, 128])  # 20: a partial vector on every level
 def test_attention_matches_the_float64_reference(dtype, tol, head_dim):
     q, kc, vc, rows = random_case(dtype, head_dim)
     out = attention(q, kc, vc, scale=head_dim ** -0.5, **rows)
@@ -106,19 +106,21 @@ def test_attention_refuses_rows_outside_the_cache():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_matches_torch_and_is_row_invariant(dtype):
+@pytest.mark.parametrize("width", [200, 203])  # 203: a partial vector on every level
+def test_rms_norm_matches_torch_and_is_row_invariant(dtype, width):
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(7, 200, generator=g).to(dtype), torch.randn(200, generator=g).to(dtype)
+    x, w = torch.randn(7, width, generator=g).to(dtype), torch.randn(width, generator=g).to(dtype)
     out = torch.ops.outrider.rms_norm(x, w, 1e-6)
-    expected = F.rms_norm(x.float(), (200,), w.float(), 1e-6)
+    expected = F.rms_norm(x.float(), (width,), w.float(), 1e-6)
     torch.testing.assert_close(out.float(), expected, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-2)
     for i in range(7):
         assert torch.equal(torch.ops.outrider.rms_norm(x[i:i + 1], w, 1e-6)[0], out[i])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_store_rotates_q_and_k_and_writes_k_v_into_the_cache(dtype):
-    heads, kv_heads, hd, n = 4, 2, 32, 3
+@pytest.mark.parametrize("hd", [32, 20])  # 20: half a head is a partial vector on every level
+def test_rope_store_rotates_q_and_k_and_writes_k_v_into_the_cache(dtype, hd):
+    heads, kv_heads, n = 4, 2, 3
     g = torch.Generator().manual_seed(1)
     qkv = torch.randn(n, (heads + 2 * kv_heads) * hd, generator=g).to(dtype)
     positions = torch.tensor([5, 6, 9])

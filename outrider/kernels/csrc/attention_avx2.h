@@ -17,6 +17,21 @@ namespace {
 
 using namespace outrider;
 
+// scale * (q . k) over CH chunks of 8 lanes: even and odd chunks in two FMA chains (half the latency of one), then
+// the lanes summed, one fixed order for every key and head.
+template <int CH>
+[[gnu::always_inline]] inline float score(const float* q, const __m256* k, float scale) {
+  __m256 even = _mm256_mul_ps(_mm256_loadu_ps(q), k[0]);
+  if constexpr (CH == 1) return hsum8(even) * scale;
+  __m256 odd = _mm256_mul_ps(_mm256_loadu_ps(q + 8), k[1]);
+  for (int c = 2; c + 1 < CH; c += 2) {
+    even = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), k[c], even);
+    odd = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c + 8), k[c + 1], odd);
+  }
+  if constexpr (CH % 2) even = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * (CH - 1)), k[CH - 1], even);
+  return hsum8(_mm256_add_ps(even, odd)) * scale;
+}
+
 // Scores of G query heads (fp32, CH chunks of 8 each, zero past head_dim) against the L keys: the key row is
 // converted once and meets every query head; s[h * Lpad + t] = scale * (q_h . k_t).
 template <typename T, int CH>
@@ -26,12 +41,7 @@ void scores(const float* qf, int64_t G, int64_t D, const T* kbase, const int64_t
     const T* krow = kbase + keys[t] * D;
     __m256 kv[CH];
     for (int c = 0; c < CH; ++c) kv[c] = load8(krow + 8 * c, D - 8 * c);
-    for (int64_t h = 0; h < G; ++h) {
-      const float* qh = qf + h * CH * 8;
-      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qh), kv[0]);
-      for (int c = 1; c < CH; ++c) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), kv[c], acc);
-      s[h * Lpad + t] = hsum8(acc) * scale;
-    }
+    for (int64_t h = 0; h < G; ++h) s[h * Lpad + t] = score<CH>(qf + h * CH * 8, kv, scale);
   }
 }
 
@@ -49,35 +59,43 @@ inline float softmax_weights(float* sh, int64_t L) {
   return hsum8(sum);
 }
 
-// out_h = (sum_t p_t v_t) / total_h, each lane of each head summed over the keys in list order. 16 ymm hold a pass
-// of HP heads x CB chunks (12 accumulators, the value chunks, a weight): each value chunk is converted once per pass
-// of heads, and the passes depend only on head_dim and the head count.
+// One pass of the value sums for heads h0 .. h0 + HN - 1 and chunks c0 .. c0 + CN - 1: out_h = (sum_t p_t v_t) /
+// total_h, each lane summed over the keys in list order, whatever the pass.
+template <typename T, int HN, int CN>
+void values_pass(const float* s, const float* total, int64_t h0, int c0, int64_t D, const T* vbase,
+                 const int64_t* keys, int64_t L, int64_t Lpad, T* out, int64_t out_stride) {
+  __m256 acc[HN][CN];
+  for (int h = 0; h < HN; ++h)
+    for (int c = 0; c < CN; ++c) acc[h][c] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < L; ++t) {
+    const T* vrow = vbase + keys[t] * D + 8 * c0;
+    __m256 vv[CN];
+    for (int c = 0; c < CN; ++c) vv[c] = load8(vrow + 8 * c, D - 8 * (c0 + c));
+    for (int h = 0; h < HN; ++h) {
+      const __m256 p = _mm256_set1_ps(s[(h0 + h) * Lpad + t]);
+      for (int c = 0; c < CN; ++c) acc[h][c] = _mm256_fmadd_ps(p, vv[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < HN; ++h) {
+    const __m256 denom = _mm256_set1_ps(total[h0 + h]);
+    for (int c = 0; c < CN; ++c)
+      store8(out + (h0 + h) * out_stride + 8 * (c0 + c), _mm256_div_ps(acc[h][c], denom), D - 8 * (c0 + c));
+  }
+}
+
+// The value sums in passes of 6 heads x 2 chunks (12 accumulators, 2 value chunks and a weight in the 16 ymm), so a
+// value chunk is converted once per 6 heads; the heads and chunks left over take passes of one head or chunk.
 template <typename T, int CH>
 void weighted_values(const float* s, const float* total, int64_t G, int64_t D, const T* vbase, const int64_t* keys,
                      int64_t L, int64_t Lpad, T* out, int64_t out_stride) {
-  constexpr int CB = CH < 2 ? CH : 2, HP = 12 / CB;
-  for (int c0 = 0; c0 < CH; c0 += CB) {
-    const int cn = std::min(CB, CH - c0);
-    for (int64_t h0 = 0; h0 < G; h0 += HP) {
-      const int64_t hn = std::min<int64_t>(HP, G - h0);
-      __m256 acc[HP][CB];
-      for (int h = 0; h < HP; ++h)
-        for (int c = 0; c < CB; ++c) acc[h][c] = _mm256_setzero_ps();
-      for (int64_t t = 0; t < L; ++t) {
-        const T* vrow = vbase + keys[t] * D + 8 * c0;
-        __m256 vv[CB];
-        for (int c = 0; c < cn; ++c) vv[c] = load8(vrow + 8 * c, D - 8 * (c0 + c));
-        for (int h = 0; h < hn; ++h) {
-          const __m256 p = _mm256_set1_ps(s[(h0 + h) * Lpad + t]);
-          for (int c = 0; c < cn; ++c) acc[h][c] = _mm256_fmadd_ps(p, vv[c], acc[h][c]);
-        }
-      }
-      for (int h = 0; h < hn; ++h) {
-        const __m256 denom = _mm256_set1_ps(total[h0 + h]);
-        for (int c = 0; c < cn; ++c)
-          store8(out + (h0 + h) * out_stride + 8 * (c0 + c), _mm256_div_ps(acc[h][c], denom), D - 8 * (c0 + c));
-      }
-    }
+  constexpr int HP = 6;
+  for (int c0 = 0; c0 < CH; c0 += 2) {
+    const bool pair = c0 + 2 <= CH;
+    int64_t h0 = 0;
+    for (; h0 + HP <= G; h0 += HP)
+      (pair ? values_pass<T, HP, 2> : values_pass<T, HP, 1>)(s, total, h0, c0, D, vbase, keys, L, Lpad, out, out_stride);
+    for (; h0 < G; ++h0)
+      (pair ? values_pass<T, 1, 2> : values_pass<T, 1, 1>)(s, total, h0, c0, D, vbase, keys, L, Lpad, out, out_stride);
   }
 }
 

@@ -1,13 +1,12 @@
 // Small AVX2 helpers shared by our CPU kernels' AVX2 build: 8-lane loads and stores of fp32 or bf16 with a tail,
 // fixed-order horizontal sums, and an exp whose result depends only on its input (no lane or order effects), which
-// the batch-invariant kernels need. AVX2 has no masked 16-bit loads or stores, so bf16 tails go through a buffer.
+// the batch-invariant kernels need. AVX2 has no masked 16-bit loads or stores, so bf16 tails go element by element.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstring>
 
 namespace outrider {
 
@@ -25,11 +24,36 @@ inline __m256 bf16x8_to_ps(__m128i h) {  // bf16 is the top half of an fp32
 inline __m256 load8(const float* p, int64_t n) {
   return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, tail_mask8(n));
 }
+// A bf16 tail element by element (no library call: a call in a kernel's loop makes the compiler keep that loop's
+// vector registers in memory, since a call may clobber them).
+inline __m128i load_u16_tail(const uint16_t* p, int64_t n) {
+  __m128i h = _mm_setzero_si128();
+  switch (n) {
+    case 7: h = _mm_insert_epi16(h, p[6], 6); [[fallthrough]];
+    case 6: h = _mm_insert_epi16(h, p[5], 5); [[fallthrough]];
+    case 5: h = _mm_insert_epi16(h, p[4], 4); [[fallthrough]];
+    case 4: h = _mm_insert_epi16(h, p[3], 3); [[fallthrough]];
+    case 3: h = _mm_insert_epi16(h, p[2], 2); [[fallthrough]];
+    case 2: h = _mm_insert_epi16(h, p[1], 1); [[fallthrough]];
+    case 1: h = _mm_insert_epi16(h, p[0], 0);
+  }
+  return h;
+}
+inline void store_u16_tail(uint16_t* p, __m128i h, int64_t n) {
+  switch (n) {
+    case 7: p[6] = static_cast<uint16_t>(_mm_extract_epi16(h, 6)); [[fallthrough]];
+    case 6: p[5] = static_cast<uint16_t>(_mm_extract_epi16(h, 5)); [[fallthrough]];
+    case 5: p[4] = static_cast<uint16_t>(_mm_extract_epi16(h, 4)); [[fallthrough]];
+    case 4: p[3] = static_cast<uint16_t>(_mm_extract_epi16(h, 3)); [[fallthrough]];
+    case 3: p[2] = static_cast<uint16_t>(_mm_extract_epi16(h, 2)); [[fallthrough]];
+    case 2: p[1] = static_cast<uint16_t>(_mm_extract_epi16(h, 1)); [[fallthrough]];
+    case 1: p[0] = static_cast<uint16_t>(_mm_extract_epi16(h, 0));
+  }
+}
+
 inline __m256 load8(const c10::BFloat16* p, int64_t n) {
   if (n >= 8) return bf16x8_to_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  uint16_t buf[8] = {};
-  std::memcpy(buf, p, n * sizeof(uint16_t));
-  return bf16x8_to_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(buf)));
+  return bf16x8_to_ps(load_u16_tail(reinterpret_cast<const uint16_t*>(p), n));
 }
 
 // Round to nearest even, as c10::BFloat16(float) does (NaN stays NaN: its quiet bit survives the shift).
@@ -54,13 +78,10 @@ inline void store8(float* p, __m256 v, int64_t n) {
 }
 inline void store8(c10::BFloat16* p, __m256 v, int64_t n) {
   const __m128i h = ps_to_bf16x8(v);
-  if (n >= 8) {
+  if (n >= 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
-    return;
-  }
-  uint16_t buf[8];
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(buf), h);
-  std::memcpy(p, buf, n * sizeof(uint16_t));
+  else
+    store_u16_tail(reinterpret_cast<uint16_t*>(p), h, n);
 }
 
 // Lane sums in one fixed order: the two halves, then pairs.
