@@ -98,6 +98,41 @@ def test_rows_are_bitwise_invariant_to_count_neighbours_and_threads(qtype, dtype
     assert torch.equal(lin(torch.cat([others, x[2:3]]))[-1], alone[2])
 
 
+CODE_RANGE = {"Q4_K": (0, 15), "Q6_K": (0, 63), "Q4_0": (0, 15), "Q5_0": (0, 31), "Q8_0": (-128, 127)}
+
+
+def extreme_linear(qtype: str, code: int, n: int = 24, k: int = 512) -> G.GGUFLinear:
+    """Every code `code`, every sub-scale and min at the end of its range: the largest integer sums a kernel lane
+    or a 16-bit partial sum ever holds (AVX2's VPMADDUBSW saturates at 2^15; Q8_0's codes span both signs)."""
+    b = G.random_blocks(qtype, n, k, torch.Generator().manual_seed(7))
+    b.codes.fill_(code)
+    if qtype == "Q4_K":
+        b.sub.fill_(63)
+        b.mins.fill_(63)
+    elif qtype == "Q6_K":
+        b.sub[..., 0::2] = -128  # both signs of the int8 sub-scales
+        b.sub[..., 1::2] = 127
+    return G.GGUFLinear.from_blocks([b], None, torch.float32)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
+def test_extreme_codes_and_activations_keep_the_integer_sums_exact(qtype):
+    """Saturation or wrap-around in any partial sum would move the output far from the reference; exact sums keep
+    it at float rounding. Activations of one magnitude quantize to +-127 everywhere, the largest products."""
+    k = 512
+    signs = torch.tensor([1.0, -1.0]).repeat_interleave(4).repeat(k // 8)  # a sign per 4 inputs (one code step)
+    x = torch.stack([torch.ones(k), -torch.ones(k), signs, -signs, torch.ones(k)])  # 5 rows: several per pass
+    for code in CODE_RANGE[qtype]:
+        lin = extreme_linear(qtype, code)
+        y, ref = lin(x), lin.reference(x)
+        scale = ref.abs().max()
+        if scale == 0:  # all-zero codes of an offset-free type
+            assert torch.equal(y, ref)
+            continue
+        assert ((y - ref).abs().max() / scale).item() < 1e-5, (code, (y - ref).abs().max().item())
+        assert torch.equal(lin(x[:1]), y[:1]) and torch.equal(lin(x[2:3]), y[2:3])
+
+
 def test_fused_parts_of_different_types_concatenate():
     """Q4_K_M stores some v projections as Q6_K beside Q4_K q and k: one call runs both, in order."""
     g = torch.Generator().manual_seed(0)

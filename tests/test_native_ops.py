@@ -3,6 +3,9 @@ batch invariance they promise: a row's bits never depend on the rows beside it, 
 count, or — for attention — where in the cache its keys sit, only on which keys it sees and in what order."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,7 +50,7 @@ def random_case(dtype, head_dim, heads=6, kv_heads=2, capacity=80, slots=3, seed
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("head_dim", [8, 24, 64, 128])
+@pytest.mark.parametrize("head_dim", [8, 20, 24, 64, 128])  # 20: a partial vector on every level
 def test_attention_matches_the_float64_reference(dtype, tol, head_dim):
     q, kc, vc, rows = random_case(dtype, head_dim)
     out = attention(q, kc, vc, scale=head_dim ** -0.5, **rows)
@@ -103,19 +106,21 @@ def test_attention_refuses_rows_outside_the_cache():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_matches_torch_and_is_row_invariant(dtype):
+@pytest.mark.parametrize("width", [200, 203])  # 203: a partial vector on every level
+def test_rms_norm_matches_torch_and_is_row_invariant(dtype, width):
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(7, 200, generator=g).to(dtype), torch.randn(200, generator=g).to(dtype)
+    x, w = torch.randn(7, width, generator=g).to(dtype), torch.randn(width, generator=g).to(dtype)
     out = torch.ops.outrider.rms_norm(x, w, 1e-6)
-    expected = F.rms_norm(x.float(), (200,), w.float(), 1e-6)
+    expected = F.rms_norm(x.float(), (width,), w.float(), 1e-6)
     torch.testing.assert_close(out.float(), expected, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-2)
     for i in range(7):
         assert torch.equal(torch.ops.outrider.rms_norm(x[i:i + 1], w, 1e-6)[0], out[i])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_store_rotates_q_and_k_and_writes_k_v_into_the_cache(dtype):
-    heads, kv_heads, hd, n = 4, 2, 32, 3
+@pytest.mark.parametrize("hd", [32, 20])  # 20: half a head is a partial vector on every level
+def test_rope_store_rotates_q_and_k_and_writes_k_v_into_the_cache(dtype, hd):
+    heads, kv_heads, n = 4, 2, 3
     g = torch.Generator().manual_seed(1)
     qkv = torch.randn(n, (heads + 2 * kv_heads) * hd, generator=g).to(dtype)
     positions = torch.tensor([5, 6, 9])
@@ -205,3 +210,45 @@ def test_a_stale_build_lock_does_not_block_loading():
         stale.unlink(missing_ok=True)
     assert done.returncode == 0, done.stderr
     assert "outrider.gguf_mm" in done.stdout
+
+
+def test_the_level_that_runs_is_the_best_this_cpu_supports(monkeypatch):
+    """Each level runs where /proc/cpuinfo lists all its flags; a process loads the best of them (or the one
+    OUTRIDER_ISA names, never one the CPU lacks), and its build directory says which."""
+    from outrider.hub import home
+    from outrider.kernels import native
+
+    flags = native.cpu_flags()
+    supported = native.supported_levels()
+    assert supported == [lv.name for lv in native.LEVELS if set(lv.cpu_flags) <= flags]
+    assert supported, "this project's machines run the native kernels"
+    assert native.isa() == (os.environ.get("OUTRIDER_ISA") or supported[0])
+    assert native.missing_cpu_features() == [] and supported[-1] == "avx2"  # AVX2 + FMA + F16C: the lowest
+    assert (home() / "kernels" / native._build_name()).is_dir() and native.isa() in native._build_name()
+    with pytest.raises(ValueError, match="unknown kernel level"):
+        native._build_name("sse2")
+    for level in native.LEVELS:
+        monkeypatch.setenv("OUTRIDER_ISA", level.name)
+        if level.name in supported:
+            assert native.isa() == level.name
+        else:
+            with pytest.raises(RuntimeError, match="which this CPU lacks"):
+                native.isa()
+
+
+def test_every_level_this_cpu_runs_passes_the_kernel_tests():
+    """The kernel tests above and in test_gguf_kernels.py run at the level this process loaded; here they run again
+    at every other level the CPU supports (AVX2 on an AVX512-VNNI machine), each against the same references."""
+    import subprocess
+    import sys
+
+    from outrider.kernels import native
+
+    tests = Path(__file__).parent
+    for level in native.supported_levels():
+        if level == native.isa():
+            continue
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+                               "not every_level", str(tests / "test_native_ops.py"), str(tests / "test_gguf_kernels.py")],
+                              env=os.environ | {"OUTRIDER_ISA": level}, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{level}:\n{done.stdout[-4000:]}"

@@ -1,7 +1,7 @@
 """GGUF weight blocks kept exact: Q4_K, Q6_K, Q4_0, Q5_0 and Q8_0 run in our int8-activation kernel
 (`csrc/gguf_mm.cpp`) with the file's own codes, scales and mins, and a plain-torch reference beside it.
 
-Layouts (llama.cpp `ggml-common.h`; KERNELS.md 4.1), per block of the file:
+Layouts (llama.cpp `ggml/src/ggml-common.h`, the block structs), per block of the file:
 - Q4_K, 256 weights in 144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit sub-scales and mins, 128 bytes of nibbles;
   w = d * sc_j * q - dmin * m_j for sub-block j of 32.
 - Q6_K, 256 in 210: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 sub-scales, fp16 d; w = d * sc_j * (q - 32)
@@ -9,8 +9,9 @@ Layouts (llama.cpp `ggml-common.h`; KERNELS.md 4.1), per block of the file:
 - Q4_0, 32 in 18: fp16 d, 16 bytes of nibbles; w = d * (q - 8). Q5_0, 32 in 22: fp16 d, 32 fifth bits, 16 bytes of
   nibbles; w = d * (q - 16). Q8_0, 32 in 34: fp16 d, 32 int8; w = d * q.
 
-`pack` lays the blocks out for the kernel (see "our layout" below): output rows in groups of 16, one VPDPBUSD lane
-per row, the same bytes and values (padded to whole groups and cache lines).
+`pack` lays the blocks out for the kernel (see "our layout" below): output rows in groups of 16, one 32-bit integer
+lane per row, the same bytes and values (padded to whole groups and cache lines); both instruction-set builds of the
+kernel (AVX512-VNNI, AVX2) read this one layout.
 `dequantize_packed(repack(raw))` equals gguf-py's `dequantize(raw)` bit for bit (tested).
 """
 from __future__ import annotations
@@ -121,14 +122,15 @@ def dequantize(raw: torch.Tensor, qtype: str) -> torch.Tensor:
 
 # ---- our layout ---------------------------------------------------------------------------------------------
 #
-# Output rows go in groups of 16 (a part's last group padded with zero rows): one VPDPBUSD lane belongs to one
-# output row, so a block's scales are decoded once for 16 rows and shared by every activation row, and a lane's
-# sum needs no horizontal reduction. A group's row is one ascending stream of records of RECORD blocks (one for
+# Output rows go in groups of 16 (a part's last group padded with zero rows): one 32-bit lane belongs to one output
+# row (a zmm's 16 on AVX512, two ymm halves of 8 on AVX2), so a block's scales are decoded once for 16 rows and
+# shared by every activation row, and a lane's sum needs no horizontal reduction. A group's row is one ascending stream of records of RECORD blocks (one for
 # Q4_K, two for the rest): the blocks' parameters, then their codes, so that a full record is whole 64-byte lines
 # and no code vector in it straddles one (the last record may hold one block; zeros pad the row to a line), and the
 # kernel reads each record front to back, parameters first, as it uses them. Per block, the bytes of 16 of the
 # file's blocks:
-# - a "step" is 64 bytes: lane i's 4 bytes are row i's codes for 4 consecutive inputs (what one VPDPBUSD takes);
+# - a "step" is 64 bytes: lane i's 4 bytes are row i's codes for 4 consecutive inputs (what one VPDPBUSD lane, or
+#   one VPMADDUBSW + VPMADDWD lane, sums);
 # - codes: Q4_0 4 x 64 nibble bytes, vector v holding step v low and step v + 4 high; Q5_0 the same, then
 #   8 x u64 (bit 4 i + j of u64 t is the fifth bit of step t's byte 4 i + j); Q8_0 8 steps of code + 128;
 #   Q4_K per sub-block of 32 four nibble vectors as Q4_0; Q6_K per sub-block of 16 steps 0, 1, 2 as bytes with

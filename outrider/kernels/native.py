@@ -1,9 +1,16 @@
-"""Our C++ CPU kernels (`csrc/`): built once per source version with torch's extension builder, loaded as torch ops.
+"""Our C++ CPU kernels (`csrc/`): built once per source version and instruction-set level with torch's extension
+builder, loaded as torch ops.
 
-`make venv` builds them at install time (`python -m outrider.kernels.native`); a process that finds them missing
-builds them on first use (about a minute on 2 cores) under a file lock, so parallel workers build once; a built
-library is loaded directly.
-The build dir lives in $OUTRIDER_HOME/kernels, keyed by a hash of the sources and the torch version.
+Every source is compiled once per level, each with its own -m flags; the compiler's target macros (`csrc/isa.h`)
+pick that level's arithmetic, behind the same op names, schemas and weight layout:
+- `avx512_vnni` (Zen 4+, Ice Lake+): VPDPBUSD integer dots, 16-lane fp32 vectors;
+- `avx2` (Haswell+, Zen 1+; AVX2 + FMA + F16C): VPMADDUBSW integer dots, 8-lane fp32 vectors.
+A process loads one library, the best level its CPU runs (`isa()`; OUTRIDER_ISA=avx2 picks a lower one, to compare).
+
+`make venv` builds the CPU's level at install time (`python -m outrider.kernels.native`); a process that finds it
+missing builds it on first use (about a minute on 2 cores) under a file lock, so parallel workers build once; a built
+library is loaded directly. Build dirs live in $OUTRIDER_HOME/kernels, named by the level and a hash of the sources,
+the flags and the torch version, so the levels' builds sit side by side.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import hashlib
 import logging
 import os
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,43 +29,93 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = sorted(CSRC.glob("*.cpp"))
 HEADERS = sorted(CSRC.glob("*.h"))
-# Zen 4/5 and Ice Lake+ have all of these; `cpu_supported` checks before anything is built or run.
-ISA_FLAGS = ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi", "f16c", "fma"]
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mf16c",
-          "-mfma", "-fno-math-errno", "-fopenmp"]  # -fopenmp: at::parallel_for is inline; without it, one thread
+COMMON_CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]  # -fopenmp: at::parallel_for is inline; without it, one thread
 
 
-def missing_cpu_features() -> list[str]:
-    """CPU flags the kernels need that this machine lacks (empty when it can run them)."""
+@dataclass(frozen=True)
+class Level:
+    name: str
+    cpu_flags: tuple[str, ...]  # as /proc/cpuinfo names them
+    cflags: tuple[str, ...]
+
+
+LEVELS = (  # best first
+    Level("avx512_vnni", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi", "f16c", "fma"),
+          ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mf16c", "-mfma")),
+    # -ffp-contract=off: every float operation rounds as written, so no fused multiply-add the compiler chose can
+    # differ between two instances of a kernel (rows per pass) and break a row's bitwise identity across calls.
+    Level("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")),
+)
+LEVEL_NAMES = tuple(level.name for level in LEVELS)
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ISA_FLAGS
+        return frozenset()
     m = re.search(r"^flags\s*:(.*)$", text, re.M)
-    have = set(m.group(1).split()) if m else set()
-    return [f for f in ISA_FLAGS if f not in have]
+    return frozenset(m.group(1).split()) if m else frozenset()
 
 
-def _build_name() -> str:
+def _level(name: str) -> Level:
+    for level in LEVELS:
+        if level.name == name:
+            return level
+    raise ValueError(f"unknown kernel level {name!r}; choose one of {', '.join(LEVEL_NAMES)}")
+
+
+def _missing(level: Level) -> list[str]:
+    return [f for f in level.cpu_flags if f not in cpu_flags()]
+
+
+def supported_levels() -> list[str]:
+    """The levels this CPU runs, best first."""
+    return [level.name for level in LEVELS if not _missing(level)]
+
+
+def missing_cpu_features() -> list[str]:
+    """CPU flags the lowest level needs that this machine lacks (empty when some level of the kernels runs here)."""
+    return _missing(LEVELS[-1])
+
+
+def isa() -> str | None:
+    """The level this process runs: OUTRIDER_ISA if set (it must be one the CPU runs), else the best the CPU runs;
+    None where none does."""
+    forced = os.environ.get("OUTRIDER_ISA")
+    if forced:
+        lacking = _missing(_level(forced))
+        if lacking:
+            raise RuntimeError(f"OUTRIDER_ISA={forced} needs CPU flags {', '.join(lacking)}, which this CPU lacks")
+        return forced
+    levels = supported_levels()
+    return levels[0] if levels else None
+
+
+def _build_name(level: str | None = None) -> str:
+    level = level or isa()
     h = hashlib.sha256(torch.__version__.encode())
     for src in SOURCES + HEADERS:
+        h.update(src.name.encode())
         h.update(src.read_bytes())
-    h.update(" ".join(CFLAGS).encode())
-    return f"outrider_kernels_{h.hexdigest()[:12]}"
+    h.update(" ".join(COMMON_CFLAGS + list(_level(level).cflags)).encode())
+    return f"outrider_kernels_{level}_{h.hexdigest()[:12]}"
 
 
 @lru_cache(maxsize=1)
 def load() -> None:
-    """Build (if needed) and load the kernels; afterwards `torch.ops.outrider.*` (gguf_mm, attention, ...) exist."""
-    missing = missing_cpu_features()
-    if missing:
-        raise RuntimeError(f"--weights gguf needs a CPU with {', '.join(missing)} (AVX512-VNNI class: Zen 4+, "
-                           "Ice Lake+); use --weights int4 or int8 on this machine")
+    """Build (if needed) and load the kernels of `isa()`; afterwards `torch.ops.outrider.*` (gguf_mm, attention, ...)
+    exist."""
     from torch.utils.cpp_extension import load as build
 
     from outrider.hub import home
 
-    name = _build_name()
+    level = isa()
+    if level is None:
+        raise RuntimeError(f"--weights gguf needs a CPU with {', '.join(missing_cpu_features())} (AVX2 class: "
+                           "Haswell+, Zen 1+); use --weights int4 or int8 on this machine")
+    name = _build_name(level)
     directory = home() / "kernels" / name
     directory.mkdir(parents=True, exist_ok=True)
     library = directory / f"{name}.so"
@@ -70,10 +128,11 @@ def load() -> None:
             fcntl.flock(guard, fcntl.LOCK_EX)
             if not library.exists():
                 (directory / "lock").unlink(missing_ok=True)
-                build(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                      build_directory=str(directory), is_python_module=False, verbose=False)
+                build(name=name, sources=[str(s) for s in SOURCES], extra_cflags=COMMON_CFLAGS + list(
+                    _level(level).cflags), extra_ldflags=["-fopenmp"], build_directory=str(directory),
+                      is_python_module=False, verbose=False)
     torch.ops.load_library(str(library))
-    log.info("loaded native kernels %s", directory)
+    log.info("loaded native kernels %s (%s)", directory, level)
 
 
 @lru_cache(maxsize=1)
@@ -91,9 +150,9 @@ def available() -> bool:
 
 
 if __name__ == "__main__":
-    lacking = missing_cpu_features()
-    if lacking:  # install still succeeds; only --weights gguf is unavailable on this CPU
-        print(f"native kernels skipped: this CPU lacks {', '.join(lacking)}")
+    chosen = isa()
+    if chosen is None:  # install still succeeds; only --weights gguf is unavailable on this CPU
+        print(f"native kernels skipped: this CPU lacks {', '.join(missing_cpu_features())}")
     else:
         load()
-        print(f"native kernels ready: {_build_name()}")
+        print(f"native kernels ready: {_build_name(chosen)}")

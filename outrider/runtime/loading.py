@@ -121,16 +121,17 @@ def converted_cache_path(source: Path, dtype: torch.dtype, fmt: str) -> Path:
 
 
 def resolve_format(fmt: str, source: Path, config: ModelConfig, device: torch.device, draft: bool = False) -> str:
-    """`auto`: on a CPU that runs our kernels, a GGUF file's own blocks (exact, the fastest format measured here),
-    and for a draft (its numerics never reach the output) every linear requantized to Q4_0, cheaper per step still;
-    without the kernels int4 on a CPU, dense on a GPU. Any other name is taken as given."""
+    """`auto`: on a CPU that runs our kernels at any of their levels (AVX2 + FMA + F16C or AVX512-VNNI), a GGUF
+    file's own blocks (exact, the fastest format measured here), and for a draft (its numerics never reach the
+    output) every linear requantized to Q4_0, cheaper per step still; on a CPU with neither int4, on a GPU dense.
+    Any other name is taken as given."""
     if fmt != "auto":
         return fmt
     if device.type != "cpu":
         return "dense"
-    from outrider.kernels.native import missing_cpu_features
+    from outrider.kernels.native import supported_levels
 
-    if missing_cpu_features():
+    if not supported_levels():
         return "int4"
     inputs = (config.hidden_size, config.num_heads * config.head_dim, config.intermediate_size)
     if draft and all(k % 32 == 0 for k in inputs):  # Q4_0 blocks of 32

@@ -12,32 +12,14 @@
 #include <cmath>
 #include <cstring>
 
-#include "vec.h"
+#include "isa.h"
+#if OUTRIDER_AVX512
+#include "ops_avx512.h"
+#else
+#include "ops_avx2.h"
+#endif
 
 namespace {
-
-using namespace outrider;
-
-// y = x / sqrt(mean(x^2) + eps) * w, the sum of squares taken in 16 lanes over the row, then one fixed reduction.
-template <typename T, typename W>
-void rms_norm_rows(const T* x, const W* w, T* y, int64_t rows, int64_t n, float eps) {
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * n;
-      __m512 ss = _mm512_setzero_ps();
-      for (int64_t i = 0; i < n; i += 16) {
-        const __m512 v = load16(xr + i, tail_mask(n - i));
-        ss = _mm512_fmadd_ps(v, v, ss);
-      }
-      const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(n) + eps);
-      const __m512 vinv = _mm512_set1_ps(inv);
-      for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = tail_mask(n - i);
-        store16(y + r * n + i, _mm512_mul_ps(_mm512_mul_ps(load16(xr + i, m), vinv), load16(w + i, m)), m);
-      }
-    }
-  });
-}
 
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.size(-1) == w_in.numel(), "rms_norm: x [..., n] and w [n] on the CPU");
@@ -59,20 +41,6 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
   else
     TORCH_CHECK(false, "rms_norm: x must be fp32 or bf16");
   return y;
-}
-
-// HF's rotate_half RoPE on one head: out[d] = x[d] cos[d] - x[d + D/2] sin[d] for d < D/2 and
-// x[d] cos[d] + x[d - D/2] sin[d] above, in fp32.
-template <typename T>
-void rope_head(const T* x, const float* cos, const float* sin, int64_t D, T* out) {
-  const int64_t half = D / 2;
-  for (int64_t d = 0; d < half; d += 16) {
-    const __mmask16 m = tail_mask(half - d);
-    const __m512 a = load16(x + d, m), b = load16(x + half + d, m);
-    store16(out + d, _mm512_fnmadd_ps(b, _mm512_maskz_loadu_ps(m, sin + d), _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, cos + d))), m);
-    store16(out + half + d, _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m, sin + half + d),
-                                            _mm512_mul_ps(b, _mm512_maskz_loadu_ps(m, cos + half + d))), m);
-  }
 }
 
 // qkv [N, (H + 2 KVH) D] (q heads, then k heads, then v heads): rotates q and k by the rows' cos/sin [N, D] (fp32),
@@ -129,23 +97,6 @@ at::Tensor rope_store(const at::Tensor& qkv_in, const at::Tensor& cos, const at:
   return q;
 }
 
-// gate_up [N, 2 I] (gate, then up) -> SiLU(gate) * up [N, I]; SiLU(g) = g / (1 + e^-g).
-template <typename T>
-void silu_mul_rows(const T* gu, T* out, int64_t N, int64_t I) {
-  at::parallel_for(0, N * ((I + 1023) / 1024), 1, [&](int64_t begin, int64_t end) {
-    const int64_t per_row = (I + 1023) / 1024;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / per_row, lo = (task % per_row) * 1024, hi = std::min<int64_t>(I, lo + 1024);
-      for (int64_t i = lo; i < hi; i += 16) {
-        const __mmask16 m = tail_mask(hi - i);
-        const __m512 g = load16(gu + r * 2 * I + i, m), u = load16(gu + r * 2 * I + I + i, m);
-        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        store16(out + r * I + i, _mm512_mul_ps(silu, u), m);
-      }
-    }
-  });
-}
-
 at::Tensor silu_mul(const at::Tensor& gu_in) {
   const at::Tensor gu = gu_in.contiguous();
   TORCH_CHECK(gu.dim() == 2 && gu.size(1) % 2 == 0, "silu_mul: gate_up must be [N, 2 I]");
@@ -158,34 +109,6 @@ at::Tensor silu_mul(const at::Tensor& gu_in) {
   else
     TORCH_CHECK(false, "silu_mul: fp32 or bf16 only");
   return out;
-}
-
-// The index of each row's maximum, as torch.argmax(-1) picks it: the first of equal maxima, and a NaN above
-// everything (the first NaN). torch's CPU argmax took about 210 us for one 151,936-wide row of logits here and
-// 500 us for four; two vector passes over the row (its maximum, then where it first occurs) take a few.
-int64_t argmax_row(const float* x, int64_t n) {
-  __m512 best = _mm512_set1_ps(-INFINITY);
-  __mmask16 nan = 0;
-  int64_t i = 0;
-  for (; i + 16 <= n && !nan; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    best = _mm512_max_ps(best, v);
-  }
-  if (nan) return i - 16 + __builtin_ctz(nan);
-  float m = _mm512_reduce_max_ps(best);
-  for (; i < n; ++i) {
-    if (std::isnan(x[i])) return i;
-    m = std::max(m, x[i]);
-  }
-  const __m512 vm = _mm512_set1_ps(m);
-  for (i = 0; i + 16 <= n; i += 16) {
-    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), vm, _CMP_EQ_OQ);
-    if (hit) return i + __builtin_ctz(hit);
-  }
-  for (; i < n; ++i)
-    if (x[i] == m) return i;
-  return 0;  // unreachable: some element equals the maximum
 }
 
 at::Tensor argmax_rows(const at::Tensor& x_in) {
@@ -215,18 +138,7 @@ int64_t read_bytes(at::TensorList tensors) {
     const int64_t row_bytes = static_cast<int64_t>(t.nbytes()) / rows;
     std::atomic<int64_t> sum{0};
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      const uint8_t* q = p + begin * row_bytes;
-      const int64_t n = (end - begin) * row_bytes;
-      const __m512i zero = _mm512_setzero_si512();
-      __m512i a = zero, b = zero;  // byte sums in 64-bit lanes (VPSADBW), two chains
-      int64_t i = 0;
-      for (; i + 128 <= n; i += 128) {
-        a = _mm512_add_epi64(a, _mm512_sad_epu8(_mm512_loadu_si512(q + i), zero));
-        b = _mm512_add_epi64(b, _mm512_sad_epu8(_mm512_loadu_si512(q + i + 64), zero));
-      }
-      int64_t s = _mm512_reduce_add_epi64(_mm512_add_epi64(a, b));
-      for (; i < n; ++i) s += q[i];
-      sum += s;
+      sum += sum_bytes(p + begin * row_bytes, (end - begin) * row_bytes);
     });
     total += sum;
   }
