@@ -42,8 +42,10 @@ def random_state(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
         p = f"model.layers.{i}."
         s |= {p + "input_layernorm.weight": 1 + rnd(c.hidden_size),
               p + "post_attention_layernorm.weight": 1 + rnd(c.hidden_size),
-              p + "self_attn.q_proj.weight": rnd(q, c.hidden_size), p + "self_attn.k_proj.weight": rnd(kv, c.hidden_size),
-              p + "self_attn.v_proj.weight": rnd(kv, c.hidden_size), p + "self_attn.o_proj.weight": rnd(c.hidden_size, q),
+              p + "self_attn.q_proj.weight": rnd(q, c.hidden_size),
+              p + "self_attn.k_proj.weight": rnd(kv, c.hidden_size),
+              p + "self_attn.v_proj.weight": rnd(kv, c.hidden_size),
+              p + "self_attn.o_proj.weight": rnd(c.hidden_size, q),
               p + "mlp.gate_proj.weight": rnd(c.intermediate_size, c.hidden_size),
               p + "mlp.up_proj.weight": rnd(c.intermediate_size, c.hidden_size),
               p + "mlp.down_proj.weight": rnd(c.hidden_size, c.intermediate_size)}

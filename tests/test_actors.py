@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import ray
 import torch
+from tiny_folders import write_tiny_pair
 
 from outrider.actors.worker import DraftWorker, ModelSource, ModelWorker, TreeRows, from_wire
 from outrider.methods import METHODS
 from outrider.profile import Profile
-from outrider.runtime.loading import load_model
 from outrider.runtime.batch import ForwardBatch
+from outrider.runtime.loading import load_model
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.target import LocalTarget
 from outrider.service import Service
-from tiny_folders import write_tiny_pair
 
 PROMPTS = [[70 + i, 71, 72, 267, 276, 10 + i][: 2 + i % 5] for i in range(16)]
 MAX_TOKENS = [10 + 2 * (i % 5) for i in range(16)]
@@ -43,7 +43,8 @@ def profile(pair, mode: str, target_stages=None, transport: str = "ray", **sched
     target, draft = pair
     spec = {"weights": "dense", "dtype": "float32"}
     return Profile.model_validate({
-        "name": f"test-{mode}", "models": {"target": {"model": str(target), **spec}, "draft": {"model": str(draft), **spec}},
+        "name": f"test-{mode}",
+        "models": {"target": {"model": str(target), **spec}, "draft": {"model": str(draft), **spec}},
         "placement": {"mode": mode, "target": target_stages or [{"device": "cpu"}], "transport": transport},
         "scheduler": {"max_running": 16, "max_seq_len": 256, "max_tokens": 64} | scheduler})
 
@@ -208,9 +209,8 @@ def test_tree_verify_through_stage_actors_equals_the_in_process_model(pair, clus
 def test_a_draft_with_another_vocabulary_is_refused_at_start(pair, cluster, tmp_path):
     import json
 
-    from safetensors.torch import save_file
-
     from conftest import random_state, tiny_config
+    from safetensors.torch import save_file
 
     cfg = tiny_config("llama")  # 256 tokens; the target has 300
     (tmp_path / "config.json").write_text(json.dumps(cfg))

@@ -6,11 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import random_state
 from gguf_writer import tiny_hf_config, train_tiny_vocab, write_gguf
-from outrider.bench.report import (expected_acceptance_length, first_difference, render_table, solve_alpha,
-                                   speedup_bound, summarize)
+
+from outrider.bench.report import (
+    expected_acceptance_length,
+    first_difference,
+    render_table,
+    solve_alpha,
+    speedup_bound,
+    summarize,
+)
 from outrider.bench.run import greedy_mismatches, lossless_violations, parse_peers, parse_strategies
 from outrider.cli import main
 

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-
 from conftest import random_state
 from gguf_writer import tiny_hf_config, train_tiny_vocab, write_gguf
+
 from outrider.cli import main
 from outrider.runtime.loading import converted_cache_path, load_model, parse_dtype
 

@@ -10,22 +10,21 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import PROMPT, in_process, plain, tiny_model
 from safetensors.torch import save_file
+from test_engine_sampling import chi_square_p, exact_two_token_distribution, sampled_counts, small_vocab_model
+from tiny_folders import write_tiny_folder
 
-from conftest import PROMPT, plain, tiny_model
-from conftest import in_process
 from outrider.cli import main
 from outrider.flags import parse, profile_from_args
 from outrider.methods import METHODS
-from outrider.methods.dovetail.train import TrainConfig, collect, new_head, sample_loss, train
-from outrider.runtime.loading import load_model
-from outrider.runtime.batch import ForwardBatch
 from outrider.methods.dovetail.head import FeatureDrafter, cached_attention, decoder_layer, load_head, save_head
+from outrider.methods.dovetail.train import TrainConfig, collect, new_head, sample_loss, train
+from outrider.runtime.batch import ForwardBatch
+from outrider.runtime.loading import load_model
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import FixedK
 from outrider.scheduler.target import LocalTarget, features_of
-from test_engine_sampling import chi_square_p, exact_two_token_distribution, sampled_counts, small_vocab_model
-from tiny_folders import write_tiny_folder
 
 pytestmark = pytest.mark.timeout(180)
 OTHER_PROMPTS = [PROMPT[:1], PROMPT[:4], [7, 8, 9, 10, 11, 12, 13]]  # a 1-token prompt has no feature at first
@@ -34,7 +33,8 @@ OTHER_PROMPTS = [PROMPT[:1], PROMPT[:4], [7, 8, 9, 10, 11, 12, 13]]  # a 1-token
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """These models are tiny: one thread is several times faster on a shared machine. Every target call of this
-    module runs at the same count, which keeps the target's logits bitwise reproducible (a reduction's split follows the thread count)."""
+    module runs at the same count, which keeps the target's logits bitwise reproducible (a reduction's split
+    follows the thread count)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

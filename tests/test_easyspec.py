@@ -9,21 +9,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import PROMPT, in_process, plain, random_state, speculative, tiny_config
+from test_engine_sampling import PARAMS, VOCAB, chi_square_p, exact_two_token_distribution, small_vocab_model
 
-from conftest import in_process
-from conftest import PROMPT, plain, random_state, speculative, tiny_config
-from outrider.runtime.config import ModelConfig
-from outrider.runtime.loading import build_weights
-from outrider.runtime.batch import ForwardBatch
-from outrider.runtime.model import Transformer
-from outrider.scheduler.drafters import Draft, DraftRequest, ModelDrafter
 from outrider.methods import METHODS
 from outrider.methods.easyspec.drafter import VARIANTS, LayerParallelDrafter, layer_groups
+from outrider.runtime.batch import ForwardBatch
+from outrider.runtime.config import ModelConfig
+from outrider.runtime.loading import build_weights
+from outrider.runtime.model import Transformer
+from outrider.scheduler.drafters import Draft, DraftRequest, ModelDrafter
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import FixedK
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.target import LocalTarget
-from test_engine_sampling import PARAMS, VOCAB, chi_square_p, exact_two_token_distribution, small_vocab_model
 
 
 def four_layer_model(seed: int) -> Transformer:

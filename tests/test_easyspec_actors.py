@@ -11,20 +11,20 @@ import pytest
 import ray
 import torch
 from pydantic import ValidationError
+from tiny_folders import write_tiny_folder
 
 from outrider.actors.draft_groups import ActorGroupDrafter, DraftShard
 from outrider.actors.worker import ModelSource, from_wire
-from outrider.profile import Profile
-from outrider.runtime.loading import load_model
-from outrider.runtime.batch import ForwardBatch
-from outrider.scheduler.drafters import DraftRequest
 from outrider.methods.easyspec.drafter import LayerParallelDrafter
 from outrider.methods.easyspec.sharded import Sharded
+from outrider.profile import Profile
+from outrider.runtime.batch import ForwardBatch
+from outrider.runtime.loading import load_model
+from outrider.scheduler.drafters import DraftRequest
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.target import LocalTarget
 from outrider.service import Service
-from tiny_folders import write_tiny_folder
 
 pytestmark = pytest.mark.timeout(240)  # actors that never answer fail the test instead of hanging it
 

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import PROMPT, plain, speculative, tiny_model
 from fakes import OracleDrafter
+
 from outrider.methods.prompt_lookup import PromptLookupDrafter
 from outrider.scheduler.drafters import ModelDrafter
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import AdaptiveK, FixedK
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.target import LocalTarget
+
 
 @pytest.mark.parametrize("k", range(1, 9))
 def test_full_acceptance_when_the_draft_is_the_target(target, reference, k):

@@ -6,12 +6,12 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import random_state, tiny_config
 from scipy.stats import chisquare
 
-from conftest import random_state, tiny_config
+from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.loading import build_weights
-from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import Draft, DraftRequest, ModelDrafter
 from outrider.scheduler.engine import Engine, Request

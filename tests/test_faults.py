@@ -23,12 +23,12 @@ import httpx
 import psutil
 import pytest
 import ray
+from test_server import DEADLINE_S, gated, live, metric_values, sse_events, wait_until
+from tiny_folders import write_tiny_folder
 
 from outrider.actors.worker import FAULT_ENV, ModelSource, ModelWorker
 from outrider.bench.served import free_port
 from outrider.profile import Profile
-from test_server import DEADLINE_S, gated, live, metric_values, sse_events, wait_until
-from tiny_folders import write_tiny_folder
 
 MAX_TOKENS = 40
 WATCHDOG_S = 4.0

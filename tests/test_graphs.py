@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import PROMPT as SHORT
+from conftest import tiny_model
 
-from conftest import PROMPT as SHORT, tiny_model
-from outrider.runtime.graphs import DraftLoop, StaticRunner
 from outrider.runtime.batch import ForwardBatch
+from outrider.runtime.graphs import DraftLoop, StaticRunner
 from outrider.scheduler.drafters import ModelDrafter
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.graphed import GraphDrafter, GraphTarget

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_folders import write_tiny_pair
 
 from outrider.bench.load import LoadOptions, LoadReport, Reference, Stream, make_specs, run_load
 from outrider.bench.served import served
-from tiny_folders import write_tiny_pair
 
 MAX_SEQ_LEN = 256
 MAX_TOKENS = 64

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from gguf_writer import TinyVocab, smollm2_path, tiny_hf_config, train_tiny_vocab, write_gguf
+
 from outrider.runtime.checkpoint import expected_tensor_names, load_checkpoint
 from outrider.runtime.config import ModelConfig, RopeScaling
 from outrider.runtime.gguf_file import open_gguf
@@ -222,6 +222,7 @@ def test_auto_weights_serve_a_gguf_files_own_blocks_on_this_cpu():
     """`auto`, the default: GGUF blocks through our kernel where the CPU runs it (Q4_0 for a draft, whose numerics
     never reach the output), int4 for other checkpoints on a CPU, dense on a GPU; a named format is taken as given."""
     from conftest import tiny_config
+
     from outrider.kernels.native import missing_cpu_features
     from outrider.runtime.loading import resolve_format
 

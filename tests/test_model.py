@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import hf_model, tiny_model
+
 from outrider.kernels.attention import KEY_BUCKET
 from outrider.kernels.linear import DenseLinear
 from outrider.runtime import attention
@@ -117,7 +117,8 @@ def test_prefill_chunking_is_exact(native):
     ids = prompt(21)
     one, chunked, single = (model.new_cache(1, 64) for _ in range(3))
     run(model, one, 0, ids)
-    run(model, chunked, 0, ids[:13]); run(model, chunked, 0, ids[13:])
+    run(model, chunked, 0, ids[:13])
+    run(model, chunked, 0, ids[13:])
     for t in ids:
         run(model, single, 0, [t])
     for a, b, c in zip(one.keys + one.values, chunked.keys + chunked.values, single.keys + single.values):

@@ -249,6 +249,7 @@ def test_every_level_this_cpu_runs_passes_the_kernel_tests():
         if level == native.isa():
             continue
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-                               "not every_level", str(tests / "test_native_ops.py"), str(tests / "test_gguf_kernels.py")],
+                               "not every_level", str(tests / "test_native_ops.py"),
+                               str(tests / "test_gguf_kernels.py")],
                               env=os.environ | {"OUTRIDER_ISA": level}, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{level}:\n{done.stdout[-4000:]}"

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import PROMPT, plain, tiny_model
 from fakes import OracleDrafter
+from test_engine_sampling import chi_square_p, exact_two_token_distribution, sampled_counts, small_vocab_model
+
+from outrider.methods.pearl import Overlapped
 from outrider.scheduler.drafters import ModelDrafter
 from outrider.scheduler.engine import Engine, Request
-from outrider.methods.pearl import Overlapped
 from outrider.scheduler.policy import FixedK
 from outrider.scheduler.target import LocalTarget
-from test_engine_sampling import chi_square_p, exact_two_token_distribution, sampled_counts, small_vocab_model
 
 
 def pearl(target, drafter, k: int, slots: int = 1) -> Engine:

@@ -7,22 +7,21 @@ import asyncio
 
 import pytest
 import ray
-from pydantic import ValidationError
-
 from conftest import PROMPT, in_process, plain, tiny_model
+from pydantic import ValidationError
+from tiny_folders import write_tiny_pair
+
+from outrider.flags import parse, strategy_options
+from outrider.methods import METHODS
+from outrider.methods.pearl import AutoK, Overlapped
 from outrider.profile import Profile
 from outrider.runtime.loading import load_model
 from outrider.scheduler.drafters import Draft, DraftRequest, ModelDrafter
 from outrider.scheduler.engine import Engine, Request
-from outrider.methods.pearl import Overlapped
-from outrider.flags import parse, strategy_options
-from outrider.methods import METHODS
-from outrider.methods.pearl import AutoK
 from outrider.scheduler.policy import MAX_DRAFT, FixedK
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.target import LocalTarget
 from outrider.service import Service
-from tiny_folders import write_tiny_pair
 
 pytestmark = pytest.mark.timeout(180)
 

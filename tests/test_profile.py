@@ -12,10 +12,19 @@ import pytest
 from pydantic import ValidationError
 
 from outrider import hub
-from outrider.devices import (DeviceInfo, _visible, cpu_info, discover, fits, memory_needed, model_config,
-                              nvidia_gpus, register_cli, weight_bytes)
-from outrider.profile import (DEFAULT_PROFILE, PROFILES_DIR, Profile, ProfileError, explain, load_profile,
-                              resolve_device)
+from outrider.devices import (
+    DeviceInfo,
+    _visible,
+    cpu_info,
+    discover,
+    fits,
+    memory_needed,
+    model_config,
+    nvidia_gpus,
+    register_cli,
+    weight_bytes,
+)
+from outrider.profile import DEFAULT_PROFILE, PROFILES_DIR, Profile, ProfileError, explain, load_profile, resolve_device
 
 SHIPPED = ["cpu", "local", "gpu", "dovetail", "gpu2", "gpu4", "tiny", "pearl", "easyspec"]
 TINY = PROFILES_DIR / "tiny.yaml"
@@ -125,7 +134,8 @@ def test_wrong_literal_and_empty_section(tmp_path):
 
 
 def test_quantized_weights_on_gpu_are_rejected(tmp_path):
-    text = "models:\n  target: {model: x}\n  draft: {model: x, weights: int4}\nplacement:\n  draft: [{device: 'cuda:0'}]\n"
+    text = ("models:\n  target: {model: x}\n  draft: {model: x, weights: int4}\n"
+            "placement:\n  draft: [{device: 'cuda:0'}]\n")
     msg = problems(write(tmp_path, text))
     assert "models.draft.weights: int4 runs on the CPU only" in msg and "set weights: dense" in msg
     # auto (the default) resolves to dense on a GPU, so the same placement without a format is fine

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from outrider import hub
-from outrider.pipeline import Pipeline
 from outrider.methods.dovetail.head import DGFHead, FeatureDrafter
+from outrider.pipeline import Pipeline
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import FixedK
 from outrider.scheduler.sampling import SamplingParams

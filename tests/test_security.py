@@ -27,10 +27,10 @@ import httpx
 import psutil
 import pytest
 import uvicorn
-
-from outrider.profile import PROFILES_DIR, Profile, load_profile
 from test_server import make_profile, wait_until, with_server
 from tiny_folders import write_tiny_pair
+
+from outrider.profile import PROFILES_DIR, Profile, load_profile
 
 SOURCE = Path(__file__).resolve().parent.parent / "outrider"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -125,7 +125,8 @@ def test_no_unsafe_deserialization_in_the_source():
         rel = str(path.relative_to(SOURCE.parent))
         found += [f"{rel}:{f}" for f in unsafe_calls(path.read_text(encoding="utf-8"))
                   if (rel, f.split(": ", 1)[1]) not in ALLOWED]
-    assert found == [], "unsafe deserialization (pickle, torch.load without weights_only, yaml.load: a file could run code):\n" + "\n".join(found)
+    assert found == [], ("unsafe deserialization (pickle, torch.load without weights_only, yaml.load: a file could "
+                         "run code):\n" + "\n".join(found))
 
 
 def test_the_scan_catches_every_unsafe_form():

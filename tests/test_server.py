@@ -24,13 +24,13 @@ import openai
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+from tiny_folders import write_tiny_pair
 
 from outrider.bench.served import free_port
 from outrider.profile import Profile
 from outrider.server import create_app
 from outrider.server.app import StopStrings
 from outrider.service import Service
-from tiny_folders import write_tiny_pair
 
 DEADLINE_S = 20.0
 MAX_SEQ_LEN = 256
@@ -246,6 +246,8 @@ def test_stop_strings_cut_across_piece_boundaries(stops):
 def test_models_and_health(http):
     models = http.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny"] and models["data"][0]["max_model_len"] == MAX_SEQ_LEN
+    assert models["data"][0]["speculation"] == {"strategy": "vanilla", "lossless": True,
+                                                "options": {"k": 3, "policy": "fixed"}}
     assert http.get("/health").status_code == 200
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from conftest import tiny_model
+
 from outrider.scheduler.drafters import ModelDrafter
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import AdaptiveK, FixedK

@@ -17,10 +17,10 @@ from typing import Iterator
 import httpx
 import psutil
 import pytest
-
-from outrider.bench.served import free_port
 from test_server import sse_events, wait_serving
 from tiny_folders import write_tiny_folder
+
+from outrider.bench.served import free_port
 
 pytestmark = pytest.mark.timeout(240)
 

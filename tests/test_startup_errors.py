@@ -21,11 +21,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from conftest import random_state
 from gguf_writer import tiny_hf_config, train_tiny_vocab, write_gguf
-from outrider.bench.served import free_port
 from tiny_folders import write_tiny_folder
+
+from outrider.bench.served import free_port
 
 LOCAL_LIMIT_S = 60  # import torch + read a tiny profile: seconds; the bound only turns a hang into a failure
 RAY_LIMIT_S = 120  # starting a local Ray cluster costs ~7 s here
@@ -224,5 +224,6 @@ def test_ray_placement_the_cluster_cannot_hold_stops_its_cluster(tmp_path, model
     """D7: Ray really starts, refuses the bundle, and the command takes its whole local cluster down with it."""
     cpus = 64 * (os.cpu_count() or 1)
     bad = profile(tmp_path, models / "good", mode="ray", num_cpus=cpus)
-    result = refused(bad, f"needs {cpus} CPU but the Ray cluster has", "lower placement.target[*].num_cpus", limit_s=RAY_LIMIT_S)
+    result = refused(bad, f"needs {cpus} CPU but the Ray cluster has", "lower placement.target[*].num_cpus",
+                     limit_s=RAY_LIMIT_S)
     assert result.ray_started  # else this would not test taking a started cluster down

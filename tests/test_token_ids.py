@@ -8,10 +8,10 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-
-from outrider.service import Service
 from test_server import DEADLINE_S, PROMPT, chat, live, make_profile, sse_events
 from tiny_folders import write_tiny_pair
+
+from outrider.service import Service
 
 K = 3  # make_profile's strategy: a round yields at most k + 1 tokens
 pytestmark = pytest.mark.timeout(120)

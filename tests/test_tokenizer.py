@@ -5,9 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from gguf_writer import (
+    CHATML_TEMPLATE,
+    TinyVocab,
+    save_tokenizer_folder,
+    smollm2_path,
+    tiny_hf_config,
+    train_tiny_vocab,
+    write_gguf,
+)
 
-from gguf_writer import (CHATML_TEMPLATE, TinyVocab, save_tokenizer_folder, smollm2_path, tiny_hf_config,
-                         train_tiny_vocab, write_gguf)
 from outrider.runtime.tokenizer import Tokenizer
 
 TEXTS = [

@@ -7,10 +7,15 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model
-from test_engine_sampling import PROMPT, VOCAB, chi_square_p, exact_two_token_distribution, sampled_counts, \
-    small_vocab_model
+from test_engine_sampling import (
+    VOCAB,
+    chi_square_p,
+    exact_two_token_distribution,
+    sampled_counts,
+    small_vocab_model,
+)
+
 from outrider.scheduler.drafters import ModelDrafter
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import FixedK

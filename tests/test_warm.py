@@ -7,13 +7,14 @@ import shutil
 
 import pytest
 import torch
-
-from gguf_writer import CHATML_TEMPLATE, smollm2_path, tiny_hf_config, train_tiny_vocab, write_gguf
 from conftest import random_state
+from gguf_writer import CHATML_TEMPLATE, smollm2_path, tiny_hf_config, train_tiny_vocab, write_gguf
+
 from outrider.runtime.checkpoint import _load_gguf, load_checkpoint
-from outrider.runtime.loading import load_model
-from outrider.runtime.tokenizer import Tokenizer, _load_gguf as parse_tokenizer
 from outrider.runtime.gguf_file import open_gguf
+from outrider.runtime.loading import load_model
+from outrider.runtime.tokenizer import Tokenizer
+from outrider.runtime.tokenizer import _load_gguf as parse_tokenizer
 from outrider.runtime.warm import meta_path, read_config, read_tokenizer_state
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "café naïve 日本語 😀 <|im_start|>user\nhi<|im_end|>", "  \t\r\n"]
@@ -41,7 +42,8 @@ def test_the_record_gives_what_parsing_gives(tiny_gguf):
     assert meta_path(tiny_gguf).is_file()
     parsed = _load_gguf(tiny_gguf)
     assert read_config(tiny_gguf) == parsed.config == ckpt.config
-    same_tokenizer(Tokenizer.from_state(read_tokenizer_state(tiny_gguf), tiny_gguf), parse_tokenizer(open_gguf(tiny_gguf)))
+    warm = Tokenizer.from_state(read_tokenizer_state(tiny_gguf), tiny_gguf)
+    same_tokenizer(warm, parse_tokenizer(open_gguf(tiny_gguf)))
     warm, warm_ckpt = load_model(tiny_gguf, "float32", "int8")  # config from the record, weights from the cache
     ids = torch.tensor([5, 9, 17])
     assert torch.equal(warm.logits(warm.embed(ids)), model.logits(model.embed(ids)))

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from conftest import random_state
 from gguf_writer import save_tokenizer_folder, tiny_hf_config, train_tiny_vocab
+from safetensors.torch import save_file
 
 
 def write_tiny_folder(folder: Path, seed: int, layers: int = 2, arch: str = "llama") -> Path:

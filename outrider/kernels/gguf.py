@@ -124,10 +124,11 @@ def dequantize(raw: torch.Tensor, qtype: str) -> torch.Tensor:
 #
 # Output rows go in groups of 16 (a part's last group padded with zero rows): one 32-bit lane belongs to one output
 # row (a zmm's 16 on AVX512, two ymm halves of 8 on AVX2), so a block's scales are decoded once for 16 rows and
-# shared by every activation row, and a lane's sum needs no horizontal reduction. A group's row is one ascending stream of records of RECORD blocks (one for
-# Q4_K, two for the rest): the blocks' parameters, then their codes, so that a full record is whole 64-byte lines
-# and no code vector in it straddles one (the last record may hold one block; zeros pad the row to a line), and the
-# kernel reads each record front to back, parameters first, as it uses them. Per block, the bytes of 16 of the
+# shared by every activation row, and a lane's sum needs no horizontal reduction. A group's row is one ascending
+# stream of records of RECORD blocks (one for Q4_K, two for the rest): the blocks' parameters, then their codes,
+# so that a full record is whole 64-byte lines and no code vector in it straddles one (the last record may hold one
+# block; zeros pad the row to a line), and the kernel reads each record front to back, parameters first, as it
+# uses them. Per block, the bytes of 16 of the
 # file's blocks:
 # - a "step" is 64 bytes: lane i's 4 bytes are row i's codes for 4 consecutive inputs (what one VPDPBUSD lane, or
 #   one VPMADDUBSW + VPMADDWD lane, sums);

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from outrider.kernels.linear import WEIGHT_CHOICES, WEIGHT_FORMATS, LinearKernel, linear_from_state, make_linear
+from outrider.kernels.linear import WEIGHT_CHOICES, LinearKernel, linear_from_state, make_linear
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.memory import in_huge_pages
 from outrider.runtime.model import LayerWeights, ModelWeights, Transformer
@@ -166,7 +166,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16", weights:
                 _save_atomic(state, cached, ckpt)
             w = weights_from_state(ckpt.config, weights, in_huge_pages(state))
     if use_cache and cached is not None and read_config(ckpt.path) is None:
-        write_meta(ckpt.path, ckpt.config, Tokenizer.load(ckpt.path).to_state())  # the next start skips the metadata parse
+        # the next start skips the metadata parse
+        write_meta(ckpt.path, ckpt.config, Tokenizer.load(ckpt.path).to_state())
     return Transformer(ckpt.config, w, dtype, dev, max_positions, batch_invariant), ckpt
 
 
