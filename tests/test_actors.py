@@ -12,10 +12,10 @@ import ray
 import torch
 from tiny_folders import write_tiny_pair
 
-from outrider.actors.worker import DraftWorker, ModelSource, ModelWorker, TreeRows, from_wire
+from outrider.actors.worker import DraftWorker, ModelSource, ModelWorker, from_wire
 from outrider.methods import METHODS
 from outrider.profile import Profile
-from outrider.runtime.batch import ForwardBatch
+from outrider.runtime.batch import ForwardBatch, TreeRows
 from outrider.runtime.loading import load_model
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.sampling import SamplingParams

@@ -26,7 +26,8 @@ import torch
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from outrider.actors.transport import GlooLink
-from outrider.actors.worker import TreeRows, from_wire
+from outrider.actors.worker import from_wire
+from outrider.runtime.batch import TreeRows
 from outrider.runtime.loading import parse_dtype
 from outrider.scheduler.drafters import NO_DRAFT, Draft, DraftRequest
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from outrider.runtime.batch import ForwardBatch
+from outrider.runtime.batch import ForwardBatch, TreeRows
 from outrider.runtime.loading import load_model
 from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import CachedSequences, Chain, DrafterFactory, DraftRequest, ReportingDrafter
@@ -37,15 +37,6 @@ def to_wire(t: torch.Tensor) -> np.ndarray:
 def from_wire(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     t = torch.from_numpy(np.array(a))  # a writable copy: Ray hands out read-only views of its object store
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
-
-
-@dataclass(frozen=True)
-class TreeRows:
-    """A sequence's new rows as a tree: row 0 is the pending token (depth 0), each draft node sits at its depth;
-    `mask[i, j]` says row i attends to row j (itself and its ancestors). Positions are cache length + depth."""
-
-    depths: list[int]  # [rows]
-    mask: np.ndarray  # [rows, rows] bool
 
 
 @dataclass(frozen=True)
@@ -179,15 +170,7 @@ class ModelWorker:
 
     def _batch(self, slots: list[int], token_lists: list[list[int]],
                trees: list[TreeRows | None] | None) -> ForwardBatch:
-        starts = [self.cache.lengths[s] for s in slots]
-        chain = ForwardBatch.chain(slots, token_lists, starts, self.model.device)
-        if not trees or not any(trees):
-            return chain
-        positions = [s + (t.depths[i] if t else i) for s, toks, t in zip(starts, token_lists, trees)
-                     for i in range(len(toks))]
-        masks = [None if t is None else torch.from_numpy(np.array(t.mask, dtype=bool)) for t in trees]
-        return ForwardBatch(chain.token_ids, torch.tensor(positions, dtype=torch.long, device=self.model.device),
-                            chain.slots, chain.num_rows, masks)
+        return ForwardBatch.rows(slots, token_lists, [self.cache.lengths[s] for s in slots], trees, self.model.device)
 
     def _score(self, batch: ForwardBatch, hidden: np.ndarray | None, logits: bool) -> np.ndarray | None:
         ctx = self.model.context(batch, self.cache)

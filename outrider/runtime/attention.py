@@ -28,13 +28,21 @@ class AttentionPlan(Protocol):
 
 def sequence_mask(start: int, rows: int, tree: torch.Tensor | None, window: int | None, keys: int) -> torch.Tensor:
     """[rows, keys] bool: new row i (at cache position start+i) may see the committed prefix and, among the new
-    rows, itself and its ancestors (causal order for a chain, `tree` for a tree)."""
+    rows, itself and its ancestors (causal order for a chain, `tree` for a tree; a tree mask wider than its rows
+    also covers that many cached positions before them: see ForwardBatch.tree_masks)."""
     m = torch.zeros(rows, keys, dtype=torch.bool)
-    m[:, :start] = True
-    m[:, start:start + rows] = torch.ones(rows, rows, dtype=torch.bool).tril() if tree is None else tree.cpu()
+    prior = 0 if tree is None else tree.shape[1] - rows
+    _check_window(prior, window)
+    m[:, :start - prior] = True
+    m[:, start - prior:start + rows] = torch.ones(rows, rows, dtype=torch.bool).tril() if tree is None else tree.cpu()
     if window is not None:  # Mistral: a query sees at most `window` keys back
         m &= (torch.arange(start, start + rows)[:, None] - torch.arange(keys)[None]) < window
     return m
+
+
+def _check_window(prior: int, window: int | None) -> None:
+    if prior and window is not None:
+        raise ValueError("a tree mask over cached positions does not combine with a sliding window")
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,8 @@ class NativePlan:
 
     slot: torch.Tensor  # [N] int64
     lo: torch.Tensor  # [N] int64 first committed key in the window (0 without one)
-    prefix_end: torch.Tensor  # [N] int64 the sequence's cache length before this forward: its new rows start there
+    prefix_end: torch.Tensor  # [N] int64 end of the keys every row sees; the masked columns start there (the
+    #                           cache length before this forward, less the prior positions a tree mask covers)
     write_pos: torch.Tensor  # [N] int64 where the row's own K/V go: prefix_end + its index among the new rows
     mask: torch.Tensor  # [N, R] bool over the new rows of the row's own sequence (R = most rows of a sequence)
 
@@ -55,11 +64,14 @@ class NativePlan:
     @classmethod
     def build(cls, batch: ForwardBatch, starts: list[int], window: int | None, capacity: int,
               device: torch.device) -> "NativePlan":
-        widest = max(batch.num_rows)
-        masks, slot, first, write = [], [], [], []
-        for b_slot, start, rows, tree in zip(batch.slots, starts, batch.num_rows, batch.tree_masks):
+        widest = max(n + batch.prior(b) for b, n in enumerate(batch.num_rows))
+        masks, slot, first, write, visible = [], [], [], [], []
+        for b, (b_slot, start, rows, tree) in enumerate(zip(batch.slots, starts, batch.num_rows, batch.tree_masks)):
+            prior = batch.prior(b)  # the masked columns start that many cached positions before the new rows
+            _check_window(prior, window)
             m = torch.zeros(rows, widest, dtype=torch.bool)
-            m[:, :rows] = torch.ones(rows, rows, dtype=torch.bool).tril() if tree is None else tree.cpu()
+            m[:, :prior + rows] = torch.ones(rows, rows, dtype=torch.bool).tril() if tree is None else tree.cpu()
+            visible += [start - prior] * rows
             i = torch.arange(rows)
             if window is not None:  # a query sees at most `window` keys back, new rows included
                 m[:, :rows] &= (i[:, None] - i[None]) < window
@@ -69,8 +81,8 @@ class NativePlan:
             masks.append(m)
             slot += [b_slot] * rows
             write.append(start + i)
-        starts_per_row = torch.tensor([s for s, n in zip(starts, batch.num_rows) for _ in range(n)], dtype=torch.long)
-        return cls(torch.tensor(slot, dtype=torch.long), torch.cat(first), starts_per_row, torch.cat(write),
+        return cls(torch.tensor(slot, dtype=torch.long), torch.cat(first), torch.tensor(visible, dtype=torch.long),
+                   torch.cat(write),
                    torch.cat(masks))
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:

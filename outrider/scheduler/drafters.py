@@ -31,8 +31,21 @@ class DraftRequest:
 
 @dataclass(frozen=True)
 class Draft:
-    tokens: list[int]  # [k'] proposed, k' <= k (a drafter may propose fewer)
+    """A chain of tokens, or with `parents` a tree of them (`scheduler.verify.DraftTree` says how it verifies)."""
+
+    tokens: list[int]  # [k'] proposed, k' <= k (a drafter may propose fewer; a tree: its nodes, at most k deep)
     probs: torch.Tensor | None  # [k', vocab] the q rows the tokens were drawn from; None = deterministic proposals
+    parents: list[int] | None = None  # a tree: node i's parent node (-1: the pending token), parents first
+
+    @property
+    def depth(self) -> int:
+        """Draft positions the proposal reaches: a chain's length, a tree's deepest node."""
+        if self.parents is None:
+            return len(self.tokens)
+        depths: list[int] = []
+        for parent in self.parents:
+            depths.append(1 if parent < 0 else depths[parent] + 1)
+        return max(depths, default=0)
 
 
 NO_DRAFT = Draft([], None)

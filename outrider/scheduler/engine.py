@@ -9,7 +9,10 @@ Bookkeeping, worked through once: a sequence's committed tokens are `tokens`; th
 its K/V is not in the target cache yet, so the target cache holds len(tokens) − 1 positions. A round feeds
 [pending, d1..dk] to the target (k + 1 rows, logits row i scores d_{i+1}; row k is the bonus distribution),
 accepts n drafts and one extra token y, keeps the target K/V of [pending, d1..dn] and makes y the new pending
-token. The drafter re-syncs itself from `tokens` at its next proposal.
+token. The drafter re-syncs itself from `tokens` at its next proposal. A tree draft is the same round: its nodes
+are scored under a tree mask (node at depth d at the position of a chain's d-th draft), verification accepts a
+root-to-node path, and the target cache keeps the K/V of that path (`TargetModel.compact`). A chain is the tree
+whose node i is node i − 1's child.
 """
 from __future__ import annotations
 
@@ -21,11 +24,20 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
+from outrider.runtime.batch import TreeRows
 from outrider.scheduler.drafters import NO_DRAFT, Draft, Drafter, DraftRequest
-from outrider.scheduler.policy import MAX_DRAFT, DraftPolicy, FixedK
+from outrider.scheduler.policy import MAX_DRAFT, MAX_VERIFY_ROWS, DraftPolicy, FixedK
 from outrider.scheduler.sampling import SamplingParams, warp
 from outrider.scheduler.target import TargetModel
-from outrider.scheduler.verify import VerifyResult, verify_chain, verify_greedy
+from outrider.scheduler.verify import (
+    DraftTree,
+    TreeVerifyResult,
+    VerifyResult,
+    verify_chain,
+    verify_greedy,
+    verify_tree,
+    verify_tree_greedy,
+)
 
 
 @dataclass(frozen=True)
@@ -58,11 +70,12 @@ class SpecStats:
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "mean_acceptance_length": round(self.mean_acceptance_length, 4)}
 
-    def record(self, proposed: int, accepted: int) -> None:
+    def record(self, proposed: int, accepted: int, depth: int | None = None) -> None:
+        """One round: `proposed` draft tokens (a tree's nodes) reaching `depth` positions (a chain: proposed)."""
         self.rounds += 1
         self.draft_tokens += proposed
         self.accepted_tokens += accepted
-        for i in range(proposed):
+        for i in range(proposed if depth is None else depth):
             self.drafted_per_position[i] += 1
             self.accepted_per_position[i] += i < accepted
 
@@ -180,14 +193,23 @@ class Engine:
         return speculate or _always_drafts(seq)
 
     def score(self, seqs: list[Sequence], drafts: list[Draft]) -> list[torch.Tensor]:
-        """One target forward: each sequence's pending token and its drafts."""
-        return self.target.score([s.slot for s in seqs], [[s.tokens[-1]] + d.tokens for s, d in zip(seqs, drafts)])
+        """One target forward: each sequence's pending token and its drafts (a chain, or a tree's nodes)."""
+        slots, rows = [s.slot for s in seqs], [[s.tokens[-1]] + d.tokens for s, d in zip(seqs, drafts)]
+        if all(d.parents is None for d in drafts):
+            return self.target.score(slots, rows)
+        return self.target.score(slots, rows, [None if d.parents is None else TreeRows.of(d.parents) for d in drafts])
 
     def verify(self, seq: Sequence, drafted: list[int], probs: torch.Tensor | None,
-               logits: torch.Tensor) -> VerifyResult:
-        """Accept a prefix of `drafted` against the target rows `logits`. With as many rows as drafts (the
-        last draft scored by the row after the others) there is no bonus row: all accepted adds no extra."""
+               logits: torch.Tensor, parents: list[int] | None = None) -> VerifyResult | TreeVerifyResult:
+        """Accept a prefix of `drafted` (with `parents`, a root-to-node path of the tree) against the target rows
+        `logits`. A chain with as many rows as drafts (the last draft scored by the row after the others) has no
+        bonus row: all accepted adds no extra."""
         tokens = torch.tensor(drafted, dtype=torch.long)  # [k]
+        if parents is not None:
+            tree = DraftTree(tokens, torch.tensor(parents, dtype=torch.long), probs)
+            if seq.request.params.greedy:
+                return verify_tree_greedy(logits, tree)
+            return verify_tree(warp(logits, seq.request.params), tree, seq.generator)
         bonus = logits.shape[0] == len(drafted) + 1
         if not bonus:  # a stand-in bonus row; the token it yields is dropped below
             logits = torch.cat([logits, logits[-1:]])
@@ -198,15 +220,21 @@ class Engine:
             result = VerifyResult(result.num_accepted, result.tokens[:-1])
         return result
 
-    def commit(self, seq: Sequence, scored: int, proposed: int, result: VerifyResult, draft_time: float,
-               verify_time: float, cost: float | None = None) -> list[int]:
+    def commit(self, seq: Sequence, scored: int, proposed: int, result: VerifyResult | TreeVerifyResult,
+               draft_time: float, verify_time: float, cost: float | None = None,
+               depth: int | None = None) -> list[int]:
         """Keep the target K/V of the pending token and the accepted drafts among the `scored` draft rows this
-        round appended, roll back the rest, and commit the accepted tokens and the extra one."""
-        kept_kv = self.target.length(seq.slot) - scored + min(result.num_accepted, scored)
-        self.target.truncate(seq.slot, kept_kv)  # roll back the target K/V of rejected drafts
+        round appended, roll back the rest, and commit the accepted tokens and the extra one. `depth`: positions a
+        tree draft reached (a chain's is its length)."""
+        base = self.target.length(seq.slot) - scored  # just past the pending token's K/V
+        kept = [i for i in result.path if i < scored]
+        if kept == list(range(len(kept))):  # a chain's prefix (or a tree path down its first nodes)
+            self.target.truncate(seq.slot, base + len(kept))  # roll back the target K/V of rejected drafts
+        else:
+            self.target.compact(seq.slot, base, kept)
         new = self._clip(seq, result.tokens)
         seq.tokens += new
-        seq.stats.record(proposed, result.num_accepted)
+        seq.stats.record(proposed, result.num_accepted, depth)
         seq.stats.new_tokens += len(new)
         seq.stats.draft_seconds += draft_time
         seq.stats.verify_seconds += verify_time
@@ -234,10 +262,10 @@ class Engine:
             raise ValueError("the prompt is empty: give at least one token")
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        need = len(request.prompt_ids) + request.max_tokens + MAX_DRAFT + 1
+        need = len(request.prompt_ids) + request.max_tokens + MAX_VERIFY_ROWS
         if need > self.target.capacity:
             raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
-                             f"+ {MAX_DRAFT + 1} verify rows exceeds the context limit of {self.target.capacity} "
+                             f"+ {MAX_VERIFY_ROWS} verify rows exceeds the context limit of {self.target.capacity} "
                              "tokens; shorten the prompt or lower max_tokens")
         bad = [t for t in request.prompt_ids if not 0 <= t < self.target.vocab_size]
         if bad:
@@ -254,10 +282,10 @@ class DraftThenVerify:
         draft_time = time.perf_counter() - t0 if any(ks) else 0.0
         t0 = time.perf_counter()
         logits = engine.score(seqs, drafts)
-        results = [engine.verify(s, d.tokens, d.probs, rows) for s, d, rows in zip(seqs, drafts, logits)]
+        results = [engine.verify(s, d.tokens, d.probs, rows, d.parents) for s, d, rows in zip(seqs, drafts, logits)]
         verify_time = time.perf_counter() - t0
         return [engine.commit(s, len(d.tokens), len(d.tokens), r, draft_time, verify_time,
-                              _cost(draft_time, len(d.tokens), verify_time))
+                              _cost(draft_time, d.depth, verify_time), d.depth)
                 for s, d, r in zip(seqs, drafts, results)]
 
     def release(self, seq_id: int) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from outrider.runtime.batch import TreeRows
 from outrider.runtime.graphs import DEFAULT_WIDTH, DraftLoop, StaticRunner
 from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import Draft, DraftRequest, common_prefix
@@ -42,7 +43,10 @@ class GraphTarget:
             runner.run(part)
             runner.commit(runner.length + len(part))
 
-    def score(self, slots: list[int], token_lists: list[list[int]]) -> list[torch.Tensor]:
+    def score(self, slots: list[int], token_lists: list[list[int]],
+              trees: list[TreeRows | None] | None = None) -> list[torch.Tensor]:
+        if trees and any(trees):
+            raise ValueError("graph steps score chains only: a tree strategy runs with placement.graphs off")
         out = []
         for slot, tokens in zip(slots, token_lists):
             runner = self.runners[slot]
@@ -52,6 +56,9 @@ class GraphTarget:
 
     def truncate(self, slot: int, length: int) -> None:
         self.runners[slot].commit(length)
+
+    def compact(self, slot: int, start: int, keep: list[int]) -> None:
+        raise ValueError("graph steps score chains only, so there is no tree path to keep")
 
     def length(self, slot: int) -> int:
         return self.runners[slot].length

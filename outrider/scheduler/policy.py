@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-MAX_DRAFT = 8  # widest verify: k + 1 = 9 rows (two query tiles); k <= 7 fits one ROW_BLOCK
+MAX_DRAFT = 8  # longest chain (deepest tree): k + 1 = 9 rows (two query tiles); k <= 7 fits one ROW_BLOCK
+MAX_TREE_NODES = 16  # most nodes of a draft tree
+MAX_VERIFY_ROWS = MAX_TREE_NODES + 1  # widest verify: a tree's nodes and the pending token
 
 
 class DraftPolicy(Protocol):

@@ -9,7 +9,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from outrider.runtime.batch import ForwardBatch
+from outrider.runtime.batch import ForwardBatch, TreeRows
 from outrider.runtime.kv_cache import KVCache
 from outrider.runtime.model import Transformer
 
@@ -26,11 +26,17 @@ class TargetModel(Protocol):
 
     def prefill(self, slot: int, tokens: list[int]) -> None: ...  # append tokens' KV, no logits
 
-    def score(self, slots: list[int], token_lists: list[list[int]]) -> list[torch.Tensor]:
-        """Append each sequence's rows and return their logits, one [rows_b, vocab] float32 tensor each."""
+    def score(self, slots: list[int], token_lists: list[list[int]],
+              trees: list[TreeRows | None] | None = None) -> list[torch.Tensor]:
+        """Append each sequence's rows and return their logits, one [rows_b, vocab] float32 tensor each. With
+        `trees`, a sequence's rows are its pending token and a draft tree (its entry None: a chain)."""
         ...
 
     def truncate(self, slot: int, length: int) -> None: ...
+
+    def compact(self, slot: int, start: int, keep: list[int]) -> None:
+        """Keep an accepted tree path: positions start + keep[i] move to start + i, the rest is dropped."""
+        ...
 
     def length(self, slot: int) -> int: ...
 
@@ -88,9 +94,10 @@ class LocalTarget:
             self._forward(ForwardBatch.chain([slot], [part], [self.cache.lengths[slot]], self.model.device),
                           torch.empty(0, dtype=torch.long))
 
-    def score(self, slots: list[int], token_lists: list[list[int]]) -> list[torch.Tensor]:
+    def score(self, slots: list[int], token_lists: list[list[int]],
+              trees: list[TreeRows | None] | None = None) -> list[torch.Tensor]:
         starts = [self.cache.lengths[s] for s in slots]
-        batch = ForwardBatch.chain(slots, token_lists, starts, self.model.device)
+        batch = ForwardBatch.rows(slots, token_lists, starts, trees, self.model.device)
         logits = self._forward(batch)
         return list(logits.split(batch.num_rows))
 
@@ -119,6 +126,12 @@ class LocalTarget:
 
     def truncate(self, slot: int, length: int) -> None:
         self.cache.truncate(slot, length)
+
+    def compact(self, slot: int, start: int, keep: list[int]) -> None:
+        if self.recorded is not None:  # the recorded hidden states follow their K/V
+            src = torch.tensor([start + i for i in keep], dtype=torch.long, device=self.recorded.device)
+            self.recorded[slot, start:start + len(keep)] = self.recorded[slot, src]
+        self.cache.compact(slot, start, keep)
 
     def length(self, slot: int) -> int:
         return self.cache.lengths[slot]

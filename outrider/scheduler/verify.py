@@ -99,6 +99,12 @@ class VerifyResult:
         return self.num_accepted + 1
 
 
+    @property
+    def path(self) -> list[int]:
+        """The accepted drafts' indices (a chain's accepted prefix; `TreeVerifyResult.path` for a tree)."""
+        return list(range(self.num_accepted))
+
+
 @dataclass(frozen=True)
 class ChainBranches:
     """Every probability verify_chain draws from; the exact-distribution tests enumerate these."""
@@ -312,6 +318,25 @@ def verify_tree(
         if True not in accepted:
             return _tree_result(path, tokens, sample(branches.residual, generator))  # recovered
         node = kids[accepted.index(True)]
+        path.append(node)
+
+
+def verify_tree_greedy(target_logits: Tensor, tree: DraftTree) -> TreeVerifyResult:
+    """Greedy fast path (no warp): from the root, descend into the first child equal to the target's argmax at
+    that node; the extra token is the argmax where no child matches. target_logits [n+1, V] as in verify_tree.
+
+    Equal to verify_tree(warp(target_logits, greedy), tree, any generator): with one-hot p a deterministic child
+    is accepted iff it is the argmax, and rejecting the others leaves the residual one-hot at the argmax."""
+    assert target_logits.shape[0] == tree.tokens.shape[0] + 1, "target_logits must be [n+1, V]"
+    best = argmax(target_logits).tolist()  # [n+1] the one host sync; ties → lowest index, as warp's one-hot
+    children, tokens = tree.children(), tree.tokens.tolist()
+    path: list[int] = []
+    node = -1
+    while True:
+        match = [c for c in children[node + 1] if tokens[c] == best[node + 1]]
+        if not match:
+            return TreeVerifyResult(path=path, tokens=[tokens[i] for i in path] + [best[node + 1]])
+        node = match[0]
         path.append(node)
 
 
