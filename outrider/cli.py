@@ -181,9 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "load, every stream checked token by token (--url, or --profile to start one); "
                         "transport: per-round actor overhead alone; kernels: linear-layer cost against rows scored, "
                         "per weight format; overlap: a draft block in its actor against a verify, alone and "
-                        "together (whether PEARL's overlapped rounds can pay on this machine); gpu: CUDA-graph "
-                        "decode/verify/draft, Dovetail's CPU target + GPU draft and overlap, on random weights of the "
-                        "real shapes")
+                        "together (whether rounds that draft during the verify can pay on this machine); gpu: "
+                        "CUDA-graph decode/verify/draft, a CPU target with a GPU draft and their overlap, on random "
+                        "weights of the real shapes")
     from outrider.bench.gpu import add_gpu_args
     from outrider.bench.kernels import add_kernel_args
     from outrider.bench.load import add_load_args

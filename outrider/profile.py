@@ -90,7 +90,7 @@ class Placement(_Closed):
     target: list[Stage] = Field(default_factory=lambda: [Stage()])
     draft: list[Stage] = Field(default_factory=lambda: [Stage()])
     draft_backend: Literal["gloo", "nccl"] = Field(
-        "gloo", description="easyspec with N draft stages: how the N draft group actors exchange each layer "
+        "gloo", description="a draft split over N stages: how the N draft group actors exchange each layer "
                             "group's results (torch.distributed): gloo (CPU, tested) or nccl (every draft stage on "
                             "a GPU; untested here)")
     max_restarts: int = Field(
@@ -100,18 +100,18 @@ class Placement(_Closed):
         300, gt=0, description="watchdog: an actor call not answered by then counts as hung; the actor is "
                                "killed and restarted (300 s, as SGLang's watchdog)")
 
-    @field_validator("draft")
+    @field_validator("target", "draft")
     @classmethod
-    def _draft_stages(cls, stages: list[Stage]) -> list[Stage]:
-        if not stages:  # several draft stages: only easyspec's group actors (checked with the strategy)
+    def _some_stage(cls, stages: list[Stage]) -> list[Stage]:
+        if not stages:
             raise ValueError("give at least one stage, e.g. `- {device: cpu}`")
         return stages
 
     @field_validator("target")
     @classmethod
     def _stages(cls, stages: list[Stage]) -> list[Stage]:
-        if not stages:
-            raise ValueError("give at least one stage, e.g. `- {device: cpu}`")
+        """Target stages split its layers; several draft stages are a method that splits its draft (checked with
+        the strategy)."""
         if len(stages) > 1:
             ranges = [s.layers for s in stages]
             if any(r is None for r in ranges):

@@ -1,4 +1,4 @@
-"""`outrider bench gpu`: decode, verify and draft in CUDA graphs, Dovetail's CPU-target + GPU-draft split, and
+"""`outrider bench gpu`: decode, verify and draft in CUDA graphs, a CPU target with a GPU draft, and
 draft/verify overlap — with random weights of the real shapes, because the real weights cannot reach a lent GPU
 machine (no model hub, no package registry there). Speed does not depend on the weights' values; acceptance does,
 so the speedup lines combine the times measured here with a mean acceptance length measured on the real pair on
@@ -12,8 +12,8 @@ Sections (each prints a table and goes into --json-out):
   rounds (greedy outputs must match), with a draft equal to the target (every draft accepted: the loop's best
   case) and with the 0.5B-shaped draft (the round's cost);
 - split: the 1.5B target on the CPU with the 0.5B draft on the GPU against the same draft on the CPU, and the
-  GPU draft round run beside the CPU verify (PEARL's overlapped round on this placement) against one after the
-  other.
+  GPU draft round run beside the CPU verify (an overlapped round: the next draft during this verify) against
+  one after the other.
 """
 from __future__ import annotations
 
@@ -240,7 +240,7 @@ def split_section(width: int, k: int, iters: int, tokens_per_round: float | None
 
 def _together(a, b, iters: int, device: str) -> dict:
     """a and b alone, one after the other, and started together on two threads (a's GPU work on its own
-    stream): PEARL's overlapped round costs the `together` time instead of the sum."""
+    stream): an overlapped round costs the `together` time instead of the sum."""
     a()  # first call on the default stream: graphs are captured there, not inside a side-stream context
     _sync(device)
     stream = torch.cuda.Stream() if device.startswith("cuda") else None

@@ -1,6 +1,7 @@
 """`outrider bench overlap`: does drafting in an actor really overlap the target's verify on this machine?
 
-PEARL's rounds cost max(draft, verify) instead of their sum only if the two run at full speed side by side.
+Overlapped rounds (the next draft during this verify) cost max(draft, verify) instead of their sum only if
+the two run at full speed side by side.
 This times, on the real models, a draft block in the draft actor alone, a verify of k + 1 rows in this process
 alone, and both started together (the draft sent first, as an overlapped round does), and prints the timeline:
 when each finished, and how much slower each ran for sharing the machine (cores, memory bandwidth).

@@ -40,7 +40,8 @@ class StrategyOptions(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _policy_offered(cls, data: Any) -> Any:
-        """A policy another strategy offers (pearl's auto) gets a message saying which, not a bare literal error."""
+        """A policy another strategy adds (such as auto) gets a message saying which strategy offers it, not a
+        bare literal error."""
         policy = data.get("policy") if isinstance(data, dict) else None
         offered = [c for c in _option_classes() if policy in c.policies()]
         if isinstance(policy, str) and policy not in cls.policies() and offered:
