@@ -55,8 +55,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_strategy_args(p: argparse.ArgumentParser) -> None:
     """k, the policy flags, and every method's own options (the profile's `strategy` section)."""
-    p.add_argument("--draft-k", type=int, default=DRAFT_K, help="draft tokens per round (the upper bound with a "
-                                                                "policy that chooses k)")
+    p.add_argument("--draft-k", type=int, default=None,
+                   help="draft tokens per round, a tree's depth (the upper bound with a policy that chooses k); "
+                        f"default: the strategy's own ({DRAFT_K} for a chain)")
     p.add_argument("--adaptive", action="store_true", help="choose k per round from measured acceptance and cost")
     for policy, (what, _), owners in _extra_policies():
         p.add_argument(f"--{policy}-k", action="store_true", dest=_policy_dest(policy),
@@ -80,7 +81,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def check_args(a: argparse.Namespace) -> None:
     """The flag combinations refused before anything loads, each naming the flags to change."""
-    if not 1 <= a.draft_k <= MAX_DRAFT:
+    if a.draft_k is not None and not 1 <= a.draft_k <= MAX_DRAFT:
         raise ValueError(f"--draft-k must be in 1..{MAX_DRAFT}, got {a.draft_k}")
     if a.draft_group_actors == 1 or a.draft_group_actors < 0:
         raise ValueError(f"--draft-group-actors must be 0 (off) or >= 2, got {a.draft_group_actors}")
@@ -131,7 +132,7 @@ def strategy_options(a: argparse.Namespace, name: str, strict: bool = True) -> S
     otherwise it is left to the strategies that declare it (bench)."""
     check_args(a)
     options = get_method(name).Options
-    values: dict[str, Any] = {"name": name, "k": a.draft_k}
+    values: dict[str, Any] = {"name": name} if a.draft_k is None else {"name": name, "k": a.draft_k}
     for policy in ("adaptive", *(p for p, _, _ in _extra_policies())):
         if getattr(a, _policy_dest(policy)):
             if policy in options.policies():

@@ -1,6 +1,8 @@
 """Prompt sets: shipped files, HumanEval from its PyPI package, user files, limits and errors."""
 from __future__ import annotations
 
+import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,7 @@ import pytest
 from outrider.prompts import PROMPT_SETS, Prompt, load_prompts
 
 
-@pytest.mark.parametrize("name", ["code", "code-heldout", "chat"])
+@pytest.mark.parametrize("name", ["code", "code-heldout", "chat", "code-edit", "multi-turn"])
 def test_shipped_sets_are_chat_prompts(name: str):
     prompts = load_prompts(name)
     assert 8 <= len(prompts) <= 20
@@ -21,6 +23,25 @@ def test_heldout_is_disjoint_from_code():
     heldout = {p.text for p in load_prompts("code-heldout")}
     assert code.isdisjoint(heldout)
     assert all(t.startswith("Write a Python") for t in code | heldout)
+
+
+def test_code_edit_prompts_hold_a_function_to_rewrite_whole():
+    prompts = load_prompts("code-edit")
+    assert len(prompts) == 12 and "code-edit" in PROMPT_SETS
+    for p in prompts:
+        assert "\n" in p.text and "def " in p.text and "Rewrite this function" in p.text
+        code = p.text.split("```python\n", 1)[1].split("\n```", 1)[0]
+        ast.parse(code)  # the function is valid Python, so the model is asked to copy real code
+        assert 12 <= len(code[code.index("def "):].splitlines()) <= 30
+        assert p.text.rstrip(".").endswith(("full function only", "full code only"))
+
+
+def test_multi_turn_pairs_are_adjacent_variants():
+    prompts = [p.text for p in load_prompts("multi-turn")]
+    assert len(prompts) == 12 and "multi-turn" in PROMPT_SETS
+    for first, second in zip(prompts[::2], prompts[1::2]):
+        assert first.split()[:8] == second.split()[:8]
+        assert second.startswith(first.rstrip(".")) and len(second) > len(first)
 
 
 def test_humaneval_prompts_are_raw_completions():
@@ -42,6 +63,25 @@ def test_user_file_one_prompt_per_line(tmp_path: Path):
     f.write_text("first question\n\n  second question  \n")
     assert load_prompts(str(f)) == [Prompt("first question", True), Prompt("second question", True)]
     assert load_prompts(str(f), limit=1) == [Prompt("first question", True)]
+
+
+def test_user_jsonl_file_keeps_multi_line_prompts(tmp_path: Path):
+    f = tmp_path / "mine.jsonl"
+    f.write_text(json.dumps({"text": "def f():\n    return 1\n\nRename f."}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    assert load_prompts(str(f)) == [Prompt("def f():\n    return 1\n\nRename f.", True), Prompt("two", True)]
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("{not json", "not valid JSON"),
+    ('{"prompt": "x"}', 'no "text" key'),
+    ('["x"]', 'no "text" key'),
+    ('{"text": 3}', "non-empty string"),
+])
+def test_malformed_user_jsonl_names_the_line(tmp_path: Path, line: str, problem: str):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "fine"}\n\n' + line + "\n")
+    with pytest.raises(ValueError, match=f"bad.jsonl line 3.*{problem}"):
+        load_prompts(str(f))
 
 
 def test_unknown_set_or_empty_file_is_a_clear_error(tmp_path: Path):

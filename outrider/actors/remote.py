@@ -288,7 +288,7 @@ class ActorDrafter:
         if reply["rng"] is not None:
             request.generator.set_state(torch.from_numpy(np.array(reply["rng"], dtype=np.uint8)))
         probs = None if reply["probs"] is None else torch.from_numpy(np.array(reply["probs"]))
-        return Draft(reply["tokens"], probs)
+        return Draft(reply["tokens"], probs, reply["parents"])
 
     def release(self, seq_id: int) -> None:
         self.actor.release.remote(seq_id)

@@ -248,7 +248,7 @@ class DraftWorker:
         drafts = self.drafter.propose(reqs)
         seconds = time.perf_counter() - t0
         self.busy_seconds += seconds
-        return [{"tokens": d.tokens, "probs": None if d.probs is None else d.probs.numpy(),
+        return [{"tokens": d.tokens, "probs": None if d.probs is None else d.probs.numpy(), "parents": d.parents,
                  "rng": None if r.generator is None else r.generator.get_state().numpy(), "seconds": seconds}
                 for r, d in zip(reqs, drafts)]
 

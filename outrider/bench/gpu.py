@@ -271,7 +271,9 @@ def run_gpu_bench(args: argparse.Namespace) -> int:
     if device == "cpu":
         print("outrider bench gpu: no CUDA device here; running the same code eagerly on the CPU (no graphs)")
     sections = [s.strip() for s in args.gpu_sections.split(",") if s.strip()]
-    k = args.draft_k
+    from outrider.flags import DRAFT_K
+
+    k = args.draft_k or DRAFT_K
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "torch": torch.__version__, "weights": "random, real shapes", "k": k}
     if "graphs" in sections:

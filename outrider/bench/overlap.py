@@ -20,7 +20,7 @@ def add_overlap_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_overlap_bench(a: argparse.Namespace) -> int:
-    from outrider.flags import profile_from_args, strategy_options
+    from outrider.flags import DRAFT_K, profile_from_args, strategy_options
     from outrider.methods import DEFAULT
     from outrider.pipeline import Pipeline
     from outrider.scheduler.drafters import DraftRequest, start_proposals
@@ -29,7 +29,7 @@ def run_overlap_bench(a: argparse.Namespace) -> int:
 
     a.draft_actor, a.max_seq_len = True, 1024  # the draft in its actor: what is measured here
     pipe = Pipeline.load(profile_from_args(a, strategy_options(a, DEFAULT, strict=False)))
-    drafter, k = pipe.engine(DEFAULT).drafter, a.draft_k
+    drafter, k = pipe.engine(DEFAULT).drafter, a.draft_k or DRAFT_K
     context = pipe.encode("Write a Python function that merges two sorted lists.", chat=True)
     drafter.prefill(0, context[:-1])
     target = LocalTarget(pipe.target, 1, 1024)

@@ -116,13 +116,14 @@ def greedy_mismatches(runs: list[dict], strategy: str) -> list[dict]:
             for r in runs if r["strategy"] == strategy and r["token_ids"] != base[r["prompt_index"]]]
 
 
-def summarize_runs(runs: list[dict], work: Workload, k: int) -> dict[str, dict]:
+def summarize_runs(runs: list[dict], work: Workload, ks: dict[str, int]) -> dict[str, dict]:
+    """Per strategy: its summary against the baseline; `ks` is each strategy's configured k."""
     def of(name: str) -> list[dict]:
         return [r for r in runs if r["strategy"] == name]
 
-    base = summarize(BASELINE, True, of(BASELINE), k, None, None)
+    base = summarize(BASELINE, True, of(BASELINE), ks[BASELINE], None, None)
     baseline_tps = base.tokens_per_s or None
-    return {name: summarize(name, get_method(name).lossless, of(name), k, baseline_tps,
+    return {name: summarize(name, get_method(name).lossless, of(name), ks[name], baseline_tps,
                             greedy_mismatches(runs, name) if work.params.greedy else None).as_json()
             for name in work.strategies}
 
@@ -181,7 +182,8 @@ def measure_outrider(args: argparse.Namespace, strategies: list[str], prompts: l
     llama = _InterleavedLlamaCpp(peer_plan, texts, args) if peer_plan and "llama.cpp" in peer_plan.names else None
     runs = measure(pipe, work, llama.run if llama else None)
     peer_results = {"llama.cpp": llama.result()} if llama else {}
-    return Session(runs, summarize_runs(runs, work, args.draft_k), texts, pipe.load_seconds, peer_results)
+    summary = summarize_runs(runs, work, {o.name: o.k for o in options})
+    return Session(runs, summary, texts, pipe.load_seconds, peer_results)
 
 
 class _InterleavedLlamaCpp:
@@ -195,13 +197,14 @@ class _InterleavedLlamaCpp:
     def run(self, index: int) -> None:
         from outrider.bench.peers import run_llama_cpp
         from outrider.flags import CPU_THREADS as THREADS
+        from outrider.flags import DRAFT_K
 
         if self.error is not None:
             return
         assert self.plan.llama_cpp is not None
         try:
             runs = run_llama_cpp(self.plan.llama_cpp, self.plan.target, self.plan.draft, [self.texts[index]],
-                                 self.args.max_tokens, THREADS, self.args.draft_k)
+                                 self.args.max_tokens, THREADS, self.args.draft_k or DRAFT_K)
         except (RuntimeError, ValueError, OSError) as e:
             print(f"!!! peer llama.cpp failed: {e}", file=sys.stderr)
             self.error = str(e)

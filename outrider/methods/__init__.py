@@ -10,7 +10,9 @@ from outrider.methods.base import Method, StrategyOptions
 _MODULES = (
     "autoregressive",
     "vanilla",
+    "tree",
     "prompt_lookup",
+    "suffix",
     "pearl",
     "easyspec",
     "dovetail",
