@@ -32,3 +32,35 @@ class OracleDrafter:
 
     def slots_in_use(self) -> int:
         return 0
+
+
+class TreeOracle:
+    """Proposes a tree of one fixed shape (`parents`) whose `path` nodes carry the reference continuation and
+    every other node a token that is wrong where it is compared: full, zero or mixed acceptance by the path."""
+
+    def __init__(self, prompt_len: int, reference: list[int], parents: list[int], path: list[int], vocab: int = 256):
+        self.prompt_len, self.reference, self.parents, self.path, self.vocab = prompt_len, reference, parents, path, vocab
+        self.depths: list[int] = []
+        for parent in parents:
+            self.depths.append(1 if parent < 0 else self.depths[parent] + 1)
+        assert all(self.depths[n] == d for d, n in enumerate(path, start=1)), "path must run root to node"
+
+    def prefill(self, seq_id: int, tokens: list[int]) -> None:
+        pass
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        drafts = []
+        for r in requests:
+            ahead = self.reference[len(r.tokens) - self.prompt_len:] + [0] * len(self.parents)
+            tokens = []
+            for i, depth in enumerate(self.depths):
+                right = ahead[depth - 1]
+                tokens.append(right if i in self.path else (right + 1 + i) % self.vocab)
+            drafts.append(Draft(tokens, None, list(self.parents)))
+        return drafts
+
+    def release(self, seq_id: int) -> None:
+        pass
+
+    def slots_in_use(self) -> int:
+        return 0

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from outrider.methods.base import BuildEnv, EngineParts, Method, StrategyOptions
 from outrider.scheduler.drafters import Draft, DraftRequest
@@ -38,6 +38,13 @@ class SuffixOptions(StrategyOptions):
                               "text was served before); off: each request's own prompt and output only")
     pool_tokens: int = Field(1 << 18, ge=1, le=1 << 24, description="most tokens the shared pool keeps (oldest "
                                                                      "requests evicted first)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SuffixOptions":
+        if self.min_match > self.max_match:
+            raise ValueError(f"strategy.min_match: {self.min_match} is above max_match {self.max_match}; set "
+                             "min_match <= max_match")
+        return self
 
 
 @dataclass
@@ -113,9 +120,6 @@ class SuffixDrafter:
     """Drafts a tree of the continuations that followed the longest matches of the context's suffix."""
 
     def __init__(self, options: SuffixOptions):
-        if options.min_match > options.max_match:
-            raise ValueError(f"strategy.min_match: {options.min_match} is above max_match {options.max_match}; set "
-                             "min_match <= max_match")
         self.o = options
         self.pool = SuffixPool(options.min_match, options.pool_tokens) if options.pool == "shared" else None
         self.seqs: dict[int, _Seq] = {}
@@ -168,10 +172,11 @@ class SuffixDrafter:
 def best_paths(continuations: list[list[int]], budget: int, min_prob: float) -> tuple[list[int], list[int]]:
     """Merge `continuations` into a trie counting how many pass through each node, and keep the `budget` nodes
     with the highest share of them (at least `min_prob`). A node's share never exceeds its parent's, so taking
-    nodes by share, shallower first on ties, keeps a tree whose parents precede their children."""
+    nodes by share, shallower first on ties, keeps a tree; trie order puts parents before their children."""
     trie_tokens: list[int] = []
     trie_parent: list[int] = []
     counts: list[int] = []
+    depths: list[int] = []
     children: list[dict[int, int]] = [{}]  # children[i + 1]: node i's children by token; children[0]: the root's
     for cont in continuations:
         node = -1
@@ -183,11 +188,12 @@ def best_paths(continuations: list[list[int]], budget: int, min_prob: float) -> 
                 trie_tokens.append(token)
                 trie_parent.append(node)
                 counts.append(0)
+                depths.append(depths[node] + 1 if node >= 0 else 1)
                 children.append({})
             counts[child] += 1
             node = child
     total = len(continuations)
-    ranked = sorted(range(len(trie_tokens)), key=lambda i: (-counts[i], i))  # trie order is parents first
+    ranked = sorted(range(len(trie_tokens)), key=lambda i: (-counts[i], depths[i], i))
     order = sorted(i for i in ranked[:budget] if counts[i] / total >= min_prob)  # parents before children
     new_index = {old: new for new, old in enumerate(order)}
     return [trie_tokens[i] for i in order], [new_index[trie_parent[i]] if trie_parent[i] >= 0 else -1

@@ -226,13 +226,14 @@ class Engine:
         """Keep the target K/V of the pending token and the accepted drafts among the `scored` draft rows this
         round appended, roll back the rest, and commit the accepted tokens and the extra one. `depth`: positions a
         tree draft reached (a chain's is its length)."""
+        new = self._clip(seq, result.tokens)
         base = self.target.length(seq.slot) - scored  # just past the pending token's K/V
-        kept = [i for i in result.path if i < scored]
+        # the K/V of the committed tokens but the new pending one (a clipped round commits fewer than accepted)
+        kept = [i for i in result.path if i < scored][:len(new) - 1]
         if kept == list(range(len(kept))):  # a chain's prefix (or a tree path down its first nodes)
             self.target.truncate(seq.slot, base + len(kept))  # roll back the target K/V of rejected drafts
         else:
             self.target.compact(seq.slot, base, kept)
-        new = self._clip(seq, result.tokens)
         seq.tokens += new
         seq.stats.record(proposed, result.num_accepted, depth)
         seq.stats.new_tokens += len(new)

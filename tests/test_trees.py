@@ -1,0 +1,232 @@
+"""Tree drafts served: a round scores a tree of draft tokens under its mask, accepts a root-to-node path and keeps
+the K/V of that path only. Greedy output is the target's own for every shape and acceptance, both caches equal a
+fresh prefill after every round, and the tree methods (`tree`, `suffix`) are lossless in process, batched, through
+the async scheduler; bad options name themselves."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from conftest import PROMPT, in_process, plain, tiny_model
+from fakes import TreeOracle
+from pydantic import ValidationError
+
+from outrider.methods import METHODS
+from outrider.methods.suffix import SuffixDrafter, SuffixOptions, best_paths
+from outrider.methods.tree import TreeDrafter, TreeOptions
+from outrider.scheduler.drafters import DraftRequest
+from outrider.scheduler.engine import Engine, Request
+from outrider.scheduler.policy import FixedK
+from outrider.scheduler.sampling import SamplingParams
+from outrider.scheduler.serving import AsyncScheduler
+from outrider.scheduler.target import LocalTarget
+
+CAPACITY = 256
+BINARY = [-1, -1, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]  # depth 3, two children everywhere
+SHAPES = {  # name: (parents, accepted path)
+    "chain-full": ([-1, 0, 1, 2], [0, 1, 2, 3]),
+    "chain-mixed": ([-1, 0, 1, 2], [0, 1]),
+    "chain-zero": ([-1, 0, 1, 2], []),
+    "siblings-last-right": ([-1, -1, -1, 0, 1, 2, 5], [2, 5, 6]),  # the kept K/V is not a prefix: compaction
+    "siblings-mixed": ([-1, -1, -1, 0, 1, 2, 5], [1, 4]),
+    "binary-full": (BINARY, [1, 5, 13]),
+    "binary-mixed": (BINARY, [0, 3]),
+    "sixteen-siblings": ([-1] * 16, [15]),
+}
+
+
+@pytest.fixture(scope="module")
+def draft():
+    return tiny_model("llama", seed=7)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_tree_drafts_of_every_shape_give_the_target_tokens(target, reference, shape):
+    parents, path = SHAPES[shape]
+    oracle = TreeOracle(len(PROMPT), reference, parents, path)
+    depth = max(oracle.depths)
+    engine = Engine(LocalTarget(target, capacity=CAPACITY), oracle, lambda: FixedK(depth))
+    out = engine.generate(Request(PROMPT, 40))
+    assert out.generated == reference
+    accepted = out.stats.accepted_tokens / out.stats.rounds
+    if path == [] or shape.endswith("mixed"):
+        assert accepted <= len(path) + 1e-9
+    else:  # the whole path accepted every round but where max_tokens cut the last one short
+        assert out.stats.rounds <= -(-40 // (len(path) + 1)) + 1
+
+
+def assert_target_kv_is_a_fresh_prefill(target, engine_target: LocalTarget, slot: int, committed: list[int]) -> None:
+    nxt = engine_target.score([slot], [[committed[-1]]])[0]
+    engine_target.truncate(slot, len(committed) - 1)
+    fresh = LocalTarget(target, capacity=CAPACITY)
+    fresh_slot = fresh.acquire()
+    fresh.prefill(fresh_slot, committed[:-1])
+    assert torch.equal(nxt, fresh.score([fresh_slot], [[committed[-1]]])[0])
+
+
+def assert_draft_kv_is_a_fresh_prefill(drafter: TreeDrafter, seq_id: int) -> None:
+    """The draft cache holds the tokens it synced to, as one prefill of them leaves it: no tree node is left."""
+    seq = drafter.seqs[seq_id]
+    length = drafter.cache.lengths[seq.slot]
+    assert length == len(seq.fed)
+    fresh = drafter.model.new_cache(1, CAPACITY)
+    drafter.model.prefill(fresh, 0, seq.fed, 256)
+    for layer in range(len(fresh.keys)):
+        assert torch.equal(drafter.cache.keys[layer][seq.slot, :, :length], fresh.keys[layer][0, :, :length])
+        assert torch.equal(drafter.cache.values[layer][seq.slot, :, :length], fresh.values[layer][0, :, :length])
+
+
+@pytest.mark.parametrize("shape", ["siblings-last-right", "binary-mixed", "chain-zero"])
+def test_target_kv_after_every_tree_round_equals_a_fresh_prefill(target, reference, shape):
+    parents, path = SHAPES[shape]
+    engine_target = LocalTarget(target, capacity=CAPACITY)
+    engine = Engine(engine_target, TreeOracle(len(PROMPT), reference, parents, path), lambda: FixedK(3))
+    seq = engine.add(Request(PROMPT, 30))
+    while not seq.finished:
+        engine.step([seq])
+        assert_target_kv_is_a_fresh_prefill(target, engine_target, seq.slot, seq.tokens)
+    engine.release(seq)
+    assert engine_target.cache.slots_in_use == 0
+
+
+@pytest.mark.parametrize("options", [TreeOptions(), TreeOptions(k=3, branching=4, max_nodes=16),
+                                     TreeOptions(k=8, branching=2, max_nodes=8), TreeOptions(k=1, branching=1,
+                                                                                              max_nodes=1)],
+                         ids=["default", "wide", "deep", "one-node"])
+def test_the_draft_model_tree_is_lossless_and_both_caches_stay_exact(target, reference, draft, options):
+    drafter = TreeDrafter(draft, options.branching, options.max_nodes, capacity=CAPACITY)
+    engine_target = LocalTarget(target, capacity=CAPACITY)
+    engine = Engine(engine_target, drafter, lambda: FixedK(options.k))
+    seq = engine.add(Request(PROMPT, 40))
+    while not seq.finished:
+        engine.step([seq])
+        assert_draft_kv_is_a_fresh_prefill(drafter, seq.seq_id)
+        assert_target_kv_is_a_fresh_prefill(target, engine_target, seq.slot, seq.tokens)
+    assert seq.generated == reference
+    engine.release(seq)
+    assert drafter.slots_in_use() == 0
+
+
+def test_a_draft_that_is_the_target_has_its_first_choice_accepted_every_round(target, reference):
+    drafter = TreeDrafter(target, 2, 6, capacity=CAPACITY)
+    out = Engine(LocalTarget(target, capacity=CAPACITY), drafter, lambda: FixedK(4)).generate(Request(PROMPT, 40))
+    assert out.generated == reference
+    # the root's most probable child outranks every other node, so it is always drafted, and it is the argmax
+    assert out.stats.accepted_per_position[0] == out.stats.rounds
+    assert out.stats.draft_tokens == 6 * out.stats.rounds  # trees, not chains: more nodes than the depth of 4
+
+
+def test_tree_method_builds_from_its_options_and_serves_several_sequences_at_once(target, draft):
+    prompts = [PROMPT, PROMPT[:4], [7, 8, 9, 10, 11, 12, 13]]
+    alone = [plain(target, p, max_tokens=20) for p in prompts]
+    env = in_process(target, draft, slots=3)
+    parts = METHODS["tree"].parts(TreeOptions(k=4, branching=2, max_nodes=6), env)
+    engine = Engine(env.target, parts.drafter, parts.policy, parts.rounds)
+    seqs = [engine.add(Request(p, 20)) for p in prompts]
+    while any(not s.finished for s in seqs):
+        engine.step([s for s in seqs if not s.finished])
+    assert [s.generated for s in seqs] == alone
+
+
+def test_sampled_tree_rounds_are_reproducible_under_a_seed(target, draft):
+    hot = SamplingParams(temperature=0.9, top_p=0.95, seed=3)
+
+    def run():
+        drafter = TreeDrafter(draft, 3, 8, capacity=CAPACITY)
+        return Engine(LocalTarget(target, capacity=CAPACITY), drafter, lambda: FixedK(3)).generate(
+            Request(PROMPT, 30, hot)).generated
+
+    assert run() == run()
+
+
+# -- suffix ------------------------------------------------------------------------------------------------------
+
+def test_best_paths_merges_continuations_by_how_often_they_occur():
+    tokens, parents = best_paths([[1, 2, 3], [1, 2, 4], [1, 5], [7]], budget=5, min_prob=0.1)
+    # 1 (3 of 4 continuations), 2 (2 of 4), then the singles shallowest first: 7, 5, then 3 before 4 (seen first)
+    assert tokens == [1, 2, 3, 5, 7] and parents == [-1, 0, 1, 0, -1]
+    tokens, parents = best_paths([[1, 2, 3], [1, 2, 4], [1, 5], [7]], budget=5, min_prob=0.5)
+    assert tokens == [1, 2] and parents == [-1, 0]  # only continuations at least half the matches share
+
+
+def test_suffix_drafts_what_followed_the_longest_match():
+    drafter = SuffixDrafter(SuffixOptions(pool="off", max_nodes=4, spec_factor=4))
+    context = [10, 11, 12, 13, 14, 99, 11, 12, 13, 14, 50, 12, 13]
+    drafter.prefill(0, context[:-1])
+    draft = drafter.propose([DraftRequest(0, context, 8, SamplingParams(), None)])[0]
+    # "12 13" occurs twice before, each time after 11 (not 50): two matches of length 2, both followed by 14, then
+    # 99 or 50: one tree, the shared 14 first
+    assert draft.tokens[0] == 14 and draft.parents[0] == -1
+    assert {t for t, parent in zip(draft.tokens, draft.parents) if parent == 0} == {50, 99}
+    assert len(draft.tokens) == 4  # max_nodes: the fourth is the next token of one continuation
+
+
+def test_suffix_is_lossless_with_and_without_its_pool_and_the_pool_changes_speed_only(target):
+    prompts = [PROMPT, PROMPT[:6] + [40, 41], [7, 8, 9, 10, 11, 12, 13], PROMPT]
+    alone = [plain(target, p, max_tokens=30) for p in prompts]
+
+    def serve(options: SuffixOptions) -> tuple[list[list[int]], list]:
+        engine = Engine(LocalTarget(target, capacity=CAPACITY), SuffixDrafter(options), lambda: FixedK(options.k))
+        outs = [engine.generate(Request(p, 30)) for p in prompts]
+        return [o.generated for o in outs], [o.stats for o in outs]
+
+    empty, empty_stats = serve(SuffixOptions(pool="off"))
+    pooled, pooled_stats = serve(SuffixOptions(pool="shared"))
+    assert empty == pooled == alone
+    # the last prompt repeats the first: with the pool it drafts the earlier output and needs fewer rounds
+    assert pooled_stats[3].rounds < empty_stats[3].rounds
+
+
+def test_a_request_gives_the_same_output_with_a_pool_full_of_other_text(target):
+    full = SuffixDrafter(SuffixOptions(pool="shared", pool_tokens=4096))
+    g = torch.Generator().manual_seed(0)
+    for i in range(20):  # other clients' text
+        full.pool.add(torch.randint(0, 256, (150,), generator=g).tolist())
+    full.pool.add(PROMPT + plain(target, PROMPT, max_tokens=10) + [1, 2, 3, 4] * 5)  # close to but not the output
+    empty = SuffixDrafter(SuffixOptions(pool="shared"))
+    outs = [Engine(LocalTarget(target, capacity=CAPACITY), d, lambda: FixedK(8)).generate(Request(PROMPT, 40))
+            for d in (full, empty)]
+    assert outs[0].generated == outs[1].generated == plain(target)
+
+
+def test_the_suffix_pool_stays_within_its_token_bound():
+    drafter = SuffixDrafter(SuffixOptions(pool_tokens=1000))
+    for i in range(30):
+        drafter.pool.add(list(range(i, i + 100)))
+    report = drafter.report()
+    assert report["pool_tokens"] <= 1000 and report["pool_requests"] == 10
+
+
+def test_suffix_and_tree_requests_batched_by_the_async_scheduler_equal_each_alone(target, draft):
+    prompts = [[5 + i, 9, 17, 5, 9, 33 + 2 * i, 80][: 3 + i % 5] for i in range(8)]
+    alone = [plain(target, p, max_tokens=15) for p in prompts]
+    for drafter, k in ((SuffixDrafter(SuffixOptions()), 8), (TreeDrafter(draft, 2, 6, 8, CAPACITY), 4)):
+        engine = Engine(LocalTarget(target, 8, CAPACITY), drafter, lambda: FixedK(k))
+
+        async def run_all():
+            scheduler = AsyncScheduler(engine, max_running=8)
+            await scheduler.start()
+            try:
+                handles = [scheduler.submit(Request(p, 15)) for p in prompts]
+                return [[t async for chunk in h for t in chunk] for h in handles]
+            finally:
+                await scheduler.stop()
+
+        assert asyncio.run(run_all()) == alone
+
+
+# -- bad options --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make,says", [
+    (lambda: TreeOptions(max_nodes=0), "max_nodes"),
+    (lambda: TreeOptions(k=9), "k"),
+    (lambda: TreeOptions(k=6, max_nodes=4), "strategy.max_nodes"),
+    (lambda: TreeOptions(k=8, branching=4), "strategy.branching"),
+    (lambda: SuffixOptions(max_nodes=17), "max_nodes"),
+    (lambda: SuffixOptions(min_match=8, max_match=4), "strategy.min_match"),
+    (lambda: SuffixOptions(pool="everyone"), "pool"),
+])
+def test_bad_tree_options_are_refused_naming_the_option(make, says):
+    with pytest.raises((ValidationError, ValueError), match=says):
+        make()
