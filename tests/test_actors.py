@@ -155,7 +155,8 @@ def test_draft_worker_returns_the_advanced_random_stream(pair):
     worker = DraftWorker(ModelSource(str(pair[1]), "float32", "dense", "cpu", batch_invariant=False), 1, 64)  # a chain
     g = torch.Generator().manual_seed(3)
     reply = worker.propose([{"seq_id": 0, "tokens": [70, 71, 72], "k": 3,
-                             "params": SamplingParams(temperature=1.0), "rng": g.get_state().numpy()}])[0]
+                             "params": SamplingParams(temperature=1.0), "verify_seconds": None,
+                             "rng": g.get_state().numpy()}])[0]
     assert len(reply["tokens"]) == 3 and reply["probs"].shape == (3, 300)
     assert not np.array_equal(reply["rng"], g.get_state().numpy())  # three draws were taken from it
 
@@ -255,6 +256,20 @@ def test_easyspec_with_its_layer_groups_in_the_draft_actor_equals_the_in_process
     service = Service.start(p.model_copy(update={"strategy": strategy}))
     try:
         assert service.placed.drafter.info()["drafter"] == "LayerParallel(group_size=2, variant='attention')"
+        assert generate_all(service, [SamplingParams()] * 16) == in_process
+        assert service.kv_slots_in_use() == {"target": [0], "draft": 0}
+    finally:
+        service.shutdown()
+
+
+@pytest.mark.parametrize("strategy", [{"name": "tree", "k": 4, "branching": 2, "max_nodes": 6},
+                                      {"name": "suffix", "pool": "shared"}], ids=["tree", "suffix"])
+def test_tree_strategies_through_actors_equal_the_in_process_engine(pair, cluster, in_process, strategy):
+    """Tree drafts through the actors: the draft tree in the draft actor (tree) or in this process (suffix), its
+    nodes verified by the target actor under the tree mask, the accepted path compacted there."""
+    p = profile(pair, "ray", speculation_gate=False)
+    service = Service.start(p.model_copy(update={"strategy": METHODS[strategy["name"]].Options(**strategy)}))
+    try:
         assert generate_all(service, [SamplingParams()] * 16) == in_process
         assert service.kv_slots_in_use() == {"target": [0], "draft": 0}
     finally:

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tiny_folders import write_tiny_pair
 
 from outrider.bench.served import free_port
+from outrider.methods import METHODS
 from outrider.profile import Profile
 from outrider.server import create_app
 from outrider.server.app import StopStrings
@@ -484,3 +485,21 @@ def test_serve_command_binds_loopback_from_the_profile(pair, tmp_path):
         out, err = proc.communicate(timeout=DEADLINE_S)
     assert f"http://127.0.0.1:{port}/v1" in out
     assert "OUTRIDER_TEST_UNSET_KEY is not set" in err
+
+
+@pytest.mark.parametrize("strategy", [{"name": "tree", "k": 4, "branching": 2, "max_nodes": 6},
+                                      {"name": "suffix"}], ids=["tree", "suffix"])
+def test_tree_strategies_over_http_give_the_plain_text_and_say_so(pair, strategy):
+    profile = make_profile(pair)
+    tree = profile.model_copy(update={"strategy": METHODS[strategy["name"]].Options(**strategy)})
+    plain_profile = profile.model_copy(update={"strategy": METHODS["autoregressive"].Options()})
+    prompts = [PROMPT, "def add(a, b):", "class Stack:"]
+    texts = {}
+    for name, p in (("tree", tree), ("plain", plain_profile)):
+        with live(p) as (url, _), httpx.Client(base_url=url, timeout=DEADLINE_S) as http:
+            texts[name] = [http.post("/v1/completions", json={"model": "tiny", "prompt": q, "max_tokens": 24,
+                                                              "temperature": 0}).json() for q in prompts]
+            if name == "tree":
+                assert http.get("/v1/models").json()["data"][0]["speculation"]["strategy"] == strategy["name"]
+    assert [t["choices"][0]["text"] for t in texts["tree"]] == [t["choices"][0]["text"] for t in texts["plain"]]
+    assert sum(t["outrider"]["accepted_tokens"] for t in texts["tree"]) > 0

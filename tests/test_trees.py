@@ -66,10 +66,11 @@ def assert_target_kv_is_a_fresh_prefill(target, engine_target: LocalTarget, slot
 
 
 def assert_draft_kv_is_a_fresh_prefill(drafter: TreeDrafter, seq_id: int) -> None:
-    """The draft cache holds the tokens it synced to, as one prefill of them leaves it: no tree node is left."""
+    """The draft cache holds the tokens it synced to (the accepted path kept from the round before among them) as
+    one prefill of them leaves it, then this round's fed tree nodes."""
     seq = drafter.seqs[seq_id]
-    length = drafter.cache.lengths[seq.slot]
-    assert length == len(seq.fed)
+    length = len(seq.fed)
+    assert drafter.cache.lengths[seq.slot] == length + len(drafter.grown[seq_id].fed_nodes)
     fresh = drafter.model.new_cache(1, CAPACITY)
     drafter.model.prefill(fresh, 0, seq.fed, 256)
     for layer in range(len(fresh.keys)):
@@ -94,8 +95,11 @@ def test_target_kv_after_every_tree_round_equals_a_fresh_prefill(target, referen
                                      TreeOptions(k=8, branching=2, max_nodes=8), TreeOptions(k=1, branching=1,
                                                                                               max_nodes=1)],
                          ids=["default", "wide", "deep", "one-node"])
-def test_the_draft_model_tree_is_lossless_and_both_caches_stay_exact(target, reference, draft, options):
-    drafter = TreeDrafter(draft, options.branching, options.max_nodes, capacity=CAPACITY)
+@pytest.mark.parametrize("agrees", [False, True], ids=["unrelated-draft", "draft-is-target"])
+def test_the_draft_model_tree_is_lossless_and_both_caches_stay_exact(target, reference, draft, options, agrees):
+    """An unrelated draft is mostly rejected; the target as its own draft has whole paths accepted, whose draft
+    K/V is kept (compacted) into the next round."""
+    drafter = TreeDrafter(target if agrees else draft, options.branching, options.max_nodes, capacity=CAPACITY)
     engine_target = LocalTarget(target, capacity=CAPACITY)
     engine = Engine(engine_target, drafter, lambda: FixedK(options.k))
     seq = engine.add(Request(PROMPT, 40))
@@ -104,12 +108,13 @@ def test_the_draft_model_tree_is_lossless_and_both_caches_stay_exact(target, ref
         assert_draft_kv_is_a_fresh_prefill(drafter, seq.seq_id)
         assert_target_kv_is_a_fresh_prefill(target, engine_target, seq.slot, seq.tokens)
     assert seq.generated == reference
+    assert (seq.stats.accepted_tokens > 2 * seq.stats.rounds) == (agrees and options.k > 1)
     engine.release(seq)
     assert drafter.slots_in_use() == 0
 
 
 def test_a_draft_that_is_the_target_has_its_first_choice_accepted_every_round(target, reference):
-    drafter = TreeDrafter(target, 2, 6, capacity=CAPACITY)
+    drafter = TreeDrafter(target, 2, 6, capacity=CAPACITY, fit_cost=False)
     out = Engine(LocalTarget(target, capacity=CAPACITY), drafter, lambda: FixedK(4)).generate(Request(PROMPT, 40))
     assert out.generated == reference
     # the root's most probable child outranks every other node, so it is always drafted, and it is the argmax
@@ -143,10 +148,11 @@ def test_sampled_tree_rounds_are_reproducible_under_a_seed(target, draft):
 # -- suffix ------------------------------------------------------------------------------------------------------
 
 def test_best_paths_merges_continuations_by_how_often_they_occur():
-    tokens, parents = best_paths([[1, 2, 3], [1, 2, 4], [1, 5], [7]], budget=5, min_prob=0.1)
+    tokens, parents, shares = best_paths([[1, 2, 3], [1, 2, 4], [1, 5], [7]], budget=5, min_prob=0.1)
     # 1 (3 of 4 continuations), 2 (2 of 4), then the singles shallowest first: 7, 5, then 3 before 4 (seen first)
-    assert tokens == [1, 2, 3, 5, 7] and parents == [-1, 0, 1, 0, -1]
-    tokens, parents = best_paths([[1, 2, 3], [1, 2, 4], [1, 5], [7]], budget=5, min_prob=0.5)
+    assert tokens == [1, 2, 7, 5, 3] and parents == [-1, 0, -1, 0, 1]
+    assert shares == [0.75, 0.5, 0.25, 0.25, 0.25]
+    tokens, parents, _ = best_paths([[1, 2, 3], [1, 2, 4], [1, 5], [7]], budget=5, min_prob=0.5)
     assert tokens == [1, 2] and parents == [-1, 0]  # only continuations at least half the matches share
 
 

@@ -244,7 +244,8 @@ class DraftWorker:
         also carries the call's drafting seconds (a policy may weigh them against the verify)."""
         self.faults.tick()
         t0 = time.perf_counter()
-        reqs = [DraftRequest(r["seq_id"], r["tokens"], r["k"], r["params"], _generator(r["rng"])) for r in requests]
+        reqs = [DraftRequest(r["seq_id"], r["tokens"], r["k"], r["params"], _generator(r["rng"]),
+                             verify_seconds=r["verify_seconds"]) for r in requests]
         drafts = self.drafter.propose(reqs)
         seconds = time.perf_counter() - t0
         self.busy_seconds += seconds

@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from outrider.methods.base import BuildEnv, EngineParts, Method, StrategyOptions
 from outrider.scheduler.drafters import Draft, DraftRequest
-from outrider.scheduler.policy import MAX_DRAFT, MAX_TREE_NODES
+from outrider.scheduler.policy import MAX_DRAFT, MAX_TREE_NODES, TreeBudget, node_depths
 
 _SCAN = 64  # latest occurrences of a key examined per lookup: bounds the cost of very common n-grams
 
@@ -33,6 +33,8 @@ class SuffixOptions(StrategyOptions):
                                                               "more (capped by max_nodes)")
     min_prob: float = Field(0.1, ge=0, le=1, description="drop continuations seen in fewer than this share of "
                                                           "the matches")
+    fit_cost: bool = Field(True, description="verify only the leading nodes worth their measured verify time "
+                                             "(off: every node the match allows)")
     pool: Literal["shared", "off"] = Field(
         "shared", description="shared: also match earlier requests' outputs (their speed reveals whether similar "
                               "text was served before); off: each request's own prompt and output only")
@@ -123,6 +125,7 @@ class SuffixDrafter:
         self.o = options
         self.pool = SuffixPool(options.min_match, options.pool_tokens) if options.pool == "shared" else None
         self.seqs: dict[int, _Seq] = {}
+        self.budget = TreeBudget()
         self.counts = {"proposals": 0, "matched": 0, "match_tokens": 0, "nodes": 0}
 
     def prefill(self, seq_id: int, tokens: list[int]) -> None:
@@ -134,6 +137,7 @@ class SuffixDrafter:
     def _propose(self, r: DraftRequest) -> Draft:
         seq = self.seqs.setdefault(r.seq_id, _Seq(_Doc(self.o.min_match), len(r.tokens)))
         seq.own.extend_to(r.tokens)
+        self.budget.settle(r.seq_id, r.tokens)
         self.counts["proposals"] += 1
         if r.k < 1 or len(r.tokens) < self.o.min_match:
             return Draft([], None)
@@ -145,7 +149,11 @@ class SuffixDrafter:
         longest = max(length for length, _, _ in found)
         ends = [(doc, e) for length, doc, e in found if length == longest]
         budget = min(self.o.max_nodes, math.ceil(self.o.spec_factor * longest))
-        tokens, parents = best_paths([doc.tokens[e:e + r.k] for doc, e in ends], budget, self.o.min_prob)
+        tokens, parents, shares = best_paths([doc.tokens[e:e + r.k] for doc, e in ends], budget, self.o.min_prob)
+        costs = r.verify_seconds if self.o.fit_cost else None
+        n = self.budget.size(shares, node_depths(parents), costs, 0.0)  # drafting is all but free
+        tokens, parents = tokens[:n], parents[:n]
+        self.budget.record(r.seq_id, len(r.tokens), tokens, parents, shares[:n])
         self.counts["matched"] += 1
         self.counts["match_tokens"] += longest
         self.counts["nodes"] += len(tokens)
@@ -153,6 +161,7 @@ class SuffixDrafter:
 
     def release(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)
+        self.budget.forget(seq_id)
         if seq is not None and self.pool is not None:
             # the output, after the prompt's tail (so a later request's context can reach the output's start)
             self.pool.add(seq.own.tokens[max(0, seq.prompt_len - self.o.max_match):])
@@ -169,10 +178,12 @@ class SuffixDrafter:
                 **(self.pool.report() if self.pool is not None else {})}
 
 
-def best_paths(continuations: list[list[int]], budget: int, min_prob: float) -> tuple[list[int], list[int]]:
+def best_paths(continuations: list[list[int]], budget: int,
+               min_prob: float) -> tuple[list[int], list[int], list[float]]:
     """Merge `continuations` into a trie counting how many pass through each node, and keep the `budget` nodes
-    with the highest share of them (at least `min_prob`). A node's share never exceeds its parent's, so taking
-    nodes by share, shallower first on ties, keeps a tree; trie order puts parents before their children."""
+    with the highest share of them (at least `min_prob`), most shared first: (tokens, parents, shares). A node's
+    share never exceeds its parent's, so ranking by share, shallower first on ties, puts every parent before its
+    children, and any leading part of the ranking is a tree."""
     trie_tokens: list[int] = []
     trie_parent: list[int] = []
     counts: list[int] = []
@@ -194,10 +205,10 @@ def best_paths(continuations: list[list[int]], budget: int, min_prob: float) -> 
             node = child
     total = len(continuations)
     ranked = sorted(range(len(trie_tokens)), key=lambda i: (-counts[i], depths[i], i))
-    order = sorted(i for i in ranked[:budget] if counts[i] / total >= min_prob)  # parents before children
+    order = [i for i in ranked[:budget] if counts[i] / total >= min_prob]
     new_index = {old: new for new, old in enumerate(order)}
-    return [trie_tokens[i] for i in order], [new_index[trie_parent[i]] if trie_parent[i] >= 0 else -1
-                                             for i in order]
+    return ([trie_tokens[i] for i in order], [new_index[trie_parent[i]] if trie_parent[i] >= 0 else -1
+                                              for i in order], [counts[i] / total for i in order])
 
 
 class Suffix(Method):

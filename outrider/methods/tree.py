@@ -7,6 +7,8 @@ proposals (sample-and-match) and the output stays the target's, greedy or sample
 """
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,7 +19,7 @@ from outrider.methods.base import BuildEnv, EngineParts, Method, StrategyOptions
 from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import NO_DRAFT, Draft, DraftRequest, ModelDrafter
-from outrider.scheduler.policy import MAX_DRAFT, MAX_TREE_NODES
+from outrider.scheduler.policy import MAX_DRAFT, MAX_TREE_NODES, TreeBudget, node_depths
 
 
 class TreeOptions(StrategyOptions):
@@ -25,6 +27,8 @@ class TreeOptions(StrategyOptions):
     k: int = Field(5, ge=1, le=MAX_DRAFT, description="deepest draft node (tree depth)")
     branching: int = Field(3, ge=1, le=8, description="nodes expanded per depth, and children considered per node")
     max_nodes: int = Field(10, ge=1, le=MAX_TREE_NODES, description="most tree nodes verified per round")
+    fit_cost: bool = Field(True, description="verify only the leading nodes worth their measured verify time "
+                                             "(off: max_nodes every round)")
 
     @model_validator(mode="after")
     def _fits(self) -> "TreeOptions":
@@ -71,14 +75,14 @@ class _Grown:
             node = self.parents[node]
         return out
 
-    def best(self, max_nodes: int) -> Draft:
-        """The `max_nodes` most probable nodes, renumbered parents first. A child's score never exceeds its
-        parent's and ties go to the earlier (shallower) node, so the kept nodes form a tree."""
-        ranked = sorted(range(len(self.tokens)), key=lambda i: (-self.scores[i], i))[:max_nodes]
-        order = sorted(ranked)
+    def ranked(self, max_nodes: int) -> tuple[list[int], list[int], list[float]]:
+        """The `max_nodes` most probable nodes, most probable first: (tokens, parents, path probabilities). A
+        child's probability never exceeds its parent's and ties go to the earlier (shallower) node, so every
+        parent comes before its children and any leading part of the ranking is a tree."""
+        order = sorted(range(len(self.tokens)), key=lambda i: (-self.scores[i], i))[:max_nodes]
         index = {old: new for new, old in enumerate(order)}
-        return Draft([self.tokens[i] for i in order], None,
-                     [index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in order])
+        return ([self.tokens[i] for i in order], [index[self.parents[i]] if self.parents[i] >= 0 else -1
+                                                  for i in order], [math.exp(self.scores[i]) for i in order])
 
 
 @dataclass(frozen=True)
@@ -87,25 +91,34 @@ class TreeFactory:
 
     width: int
     max_nodes: int
+    fit_cost: bool = True
 
     def __call__(self, model: Transformer, num_slots: int, capacity: int,
                  kept_ids: torch.Tensor | None) -> "TreeDrafter":
-        return TreeDrafter(model, self.width, self.max_nodes, num_slots, capacity, kept_ids=kept_ids)
+        return TreeDrafter(model, self.width, self.max_nodes, num_slots, capacity, kept_ids=kept_ids,
+                           fit_cost=self.fit_cost)
 
 
 class TreeDrafter(ModelDrafter):
-    """Grows each sequence's tree with one batched draft forward per depth; the tree's K/V is dropped from the
-    draft cache afterwards, and the next round's sync feeds the accepted tokens like any committed tokens."""
+    """Grows each sequence's tree with one batched draft forward per depth. The fed nodes' K/V stays in the draft
+    cache until the next round, which keeps the accepted path's (compacted to where a chain's would be) and feeds
+    only the tokens after it, as a chain drafter feeds only the bonus token."""
 
     def __init__(self, model: Transformer, width: int, max_nodes: int, num_slots: int = 1, capacity: int = 4096,
-                 kept_ids: torch.Tensor | None = None):
+                 kept_ids: torch.Tensor | None = None, fit_cost: bool = True):
         super().__init__(model, num_slots, capacity, kept_ids=kept_ids)
-        self.width, self.max_nodes = width, max_nodes
+        self.width, self.max_nodes, self.fit_cost = width, max_nodes, fit_cost
+        self.grown: dict[int, _Grown] = {}  # each sequence's last tree, whose fed nodes are in the cache
+        self.budget = TreeBudget()
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        t0 = time.perf_counter()
         live = [r for r in requests if r.k > 0]
         if not live:
             return [NO_DRAFT for _ in requests]
+        for r in live:
+            self.budget.settle(r.seq_id, r.tokens)
+            self._keep_accepted(r)
         rows = self._sync(live)  # the logits after each pending token
         grown = {r.seq_id: _Grown(self.cache.lengths[self.seqs[r.seq_id].slot]) for r in live}
         frontier = {r.seq_id: grown[r.seq_id].add_children(-1, row, self._width(), self._token)
@@ -120,9 +133,44 @@ class TreeDrafter(ModelDrafter):
                 for node, row in zip(frontier[r.seq_id], rows[r.seq_id]):
                     children += tree.add_children(node, row, self._width(), self._token)
                 frontier[r.seq_id] = sorted(children, key=lambda i: -tree.scores[i])[:self.width]
-        for r in live:  # the tree's K/V goes: the committed tokens stay, as a fresh prefill would leave them
-            self.cache.truncate(self.seqs[r.seq_id].slot, grown[r.seq_id].base)
-        return [grown[r.seq_id].best(self.max_nodes) if r.seq_id in grown else NO_DRAFT for r in requests]
+        self.grown.update(grown)
+        seconds = time.perf_counter() - t0
+        return [self._draft(r, grown[r.seq_id], seconds) if r.seq_id in grown else NO_DRAFT for r in requests]
+
+    def _draft(self, r: DraftRequest, tree: _Grown, seconds: float) -> Draft:
+        """The leading nodes of the ranking worth their verify time."""
+        tokens, parents, probs = tree.ranked(self.max_nodes)
+        n = self.budget.size(probs, node_depths(parents), r.verify_seconds if self.fit_cost else None, seconds)
+        self.budget.record(r.seq_id, tree.base, tokens[:n], parents[:n], probs[:n])
+        return Draft(tokens[:n], None, parents[:n])
+
+    def _keep_accepted(self, r: DraftRequest) -> None:
+        """Drop last round's tree from the cache but the fed nodes along the committed tokens, moved to their
+        chain positions; the sync after it feeds the rest."""
+        tree = self.grown.pop(r.seq_id, None)
+        if tree is None:
+            return
+        seq = self.seqs[r.seq_id]
+        path, node = [], -1
+        if r.tokens[:tree.base] != seq.fed:  # rolled back past the tree's root: the sync re-feeds what differs
+            self.cache.truncate(seq.slot, tree.base)
+            return
+        for token in r.tokens[tree.base:-1]:  # committed after the tree's root; the pending token is fed anew
+            node = next((n for n in tree.fed_nodes if tree.parents[n] == node and tree.tokens[n] == token), -1)
+            if node < 0:
+                break
+            path.append(node)
+        self.cache.compact(seq.slot, tree.base, [tree.fed[n] for n in path])
+        seq.fed = seq.fed[:tree.base] + [tree.tokens[n] for n in path]
+
+    def release(self, seq_id: int) -> None:
+        self.grown.pop(seq_id, None)
+        self.budget.forget(seq_id)
+        super().release(seq_id)
+
+    def reset(self) -> None:
+        self.grown.clear()
+        super().reset()
 
     def _width(self) -> int:
         return min(self.width, self.model.config.vocab_size if self.kept_ids is None else len(self.kept_ids))
@@ -164,7 +212,7 @@ class Tree(Method):
 
     def parts(self, options: StrategyOptions, env: BuildEnv) -> EngineParts:
         assert isinstance(options, TreeOptions)
-        return self.draft_then_verify(env.model_drafter(TreeFactory(options.branching, options.max_nodes)), options)
+        return self.draft_then_verify(env.model_drafter(TreeFactory(options.branching, options.max_nodes, options.fit_cost)), options)
 
 
 METHOD = Tree()

@@ -27,6 +27,9 @@ class DraftRequest:
     params: SamplingParams
     generator: torch.Generator | None
     target_slot: int = NO_SLOT  # the sequence's slot in the target's cache (a drafter reading target features)
+    # estimated seconds of the target forward verifying 1..MAX_VERIFY_ROWS rows of this sequence (None: not
+    # measured yet), for a drafter sizing a tree to what verification costs here
+    verify_seconds: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 
 from outrider.runtime.batch import TreeRows
 from outrider.scheduler.drafters import NO_DRAFT, Draft, Drafter, DraftRequest
-from outrider.scheduler.policy import MAX_DRAFT, MAX_VERIFY_ROWS, DraftPolicy, FixedK
+from outrider.scheduler.policy import MAX_DRAFT, MAX_VERIFY_ROWS, DraftPolicy, FixedK, VerifyCost
 from outrider.scheduler.sampling import SamplingParams, warp
 from outrider.scheduler.target import TargetModel
 from outrider.scheduler.verify import (
@@ -116,6 +116,7 @@ class Engine:
         self.drafter = drafter
         self.new_policy = policy or (lambda: FixedK(3 if drafter else 0))
         self.rounds = rounds or DraftThenVerify()
+        self.verify_cost = VerifyCost()  # what a target forward of n rows took here, for drafters sizing trees
         self._ids = itertools.count()
 
     # -- lifecycle of one sequence -------------------------------------------------------------------------
@@ -177,7 +178,10 @@ class Engine:
         """What to ask the drafter: each sequence's tokens, then `ahead` (drafts proposed past them that the
         request assumes accepted, if the rounds keep any), and k."""
         ahead = ahead or [[] for _ in seqs]
-        return [DraftRequest(s.seq_id, s.tokens + a, k, s.request.params, s.generator, s.slot)
+        costs = self.verify_cost.table(offset=len(seqs) - 1)  # the others' pending rows at least share the forward
+        # a seeded sampled request is not told the costs: a draft shaped by timing would change its tokens
+        return [DraftRequest(s.seq_id, s.tokens + a, k, s.request.params, s.generator, s.slot,
+                             None if s.request.params.seed is not None and not s.request.params.greedy else costs)
                 for s, k, a in zip(seqs, ks, ahead)]
 
     def draft_lengths(self, seqs: list[Sequence], speculate: bool, extra: int = 0) -> list[int]:
@@ -285,6 +289,7 @@ class DraftThenVerify:
         logits = engine.score(seqs, drafts)
         results = [engine.verify(s, d.tokens, d.probs, rows, d.parents) for s, d, rows in zip(seqs, drafts, logits)]
         verify_time = time.perf_counter() - t0
+        engine.verify_cost.observe(sum(len(rows) for rows in logits), verify_time)
         return [engine.commit(s, len(d.tokens), len(d.tokens), r, draft_time, verify_time,
                               _cost(draft_time, d.depth, verify_time), d.depth)
                 for s, d, r in zip(seqs, drafts, results)]
