@@ -8,7 +8,7 @@ device); several draft stages are a draft group, for a strategy that splits its 
 
 The `strategy` section is a union over every registered method's options (`outrider.methods`), tagged by `name`:
 each method declares its own fields, and the checks that tie a strategy to the rest of the profile come from its
-declaration (`Method.drafts_with_model`, `splits_draft`, `needs_target_features`, `check`).
+declaration (`Method.drafts_with_model`, `splits_draft`, `needs_target_features`, `drafts_trees`, `check`).
 
 `load_profile` turns every problem into one line `FILE:LINE: dotted.path: problem; fix`, so a user never has to
 read a pydantic traceback. Shipped profiles live in `deploy/profiles/`.
@@ -242,6 +242,9 @@ def check_strategy(profile: Profile, options: StrategyOptions) -> None:
                          "which the target gives only in this process: set placement.mode: local and graphs: "
                          "false (drop --draft-actor, --draft-group-actors and --graphs), or change the strategy's "
                          "options")
+    if method.drafts_trees and profile.placement.graphs:
+        raise ValueError(f"placement.graphs: graph steps score chains only, and strategy {name!r} drafts trees; set "
+                         "graphs: false (drop --graphs)")
     method.check(options, profile)
 
 

@@ -39,7 +39,8 @@ class TreeOracle:
     every other node a token that is wrong where it is compared: full, zero or mixed acceptance by the path."""
 
     def __init__(self, prompt_len: int, reference: list[int], parents: list[int], path: list[int], vocab: int = 256):
-        self.prompt_len, self.reference, self.parents, self.path, self.vocab = prompt_len, reference, parents, path, vocab
+        self.prompt_len, self.reference, self.vocab = prompt_len, reference, vocab
+        self.parents, self.path = parents, path
         self.depths: list[int] = []
         for parent in parents:
             self.depths.append(1 if parent < 0 else self.depths[parent] + 1)

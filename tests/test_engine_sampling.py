@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from conftest import random_state, tiny_config
 from scipy.stats import chisquare
 
+from outrider.methods.tree import TreeDrafter
 from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.loading import build_weights
@@ -18,6 +20,7 @@ from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import FixedK
 from outrider.scheduler.sampling import SamplingParams, warp
 from outrider.scheduler.target import LocalTarget
+from outrider.scheduler.verify import DraftTree, sibling_branches
 
 VOCAB = 16
 PROMPT = [3, 7, 1]
@@ -103,3 +106,74 @@ def test_control_an_engine_verifying_with_the_wrong_q_rows_is_caught(models):
     engine = Engine(LocalTarget(target, capacity=64), TargetRowsAsQ(draft, target, capacity=64), lambda: FixedK(2))
     counts = sampled_counts(engine, 250)
     assert chi_square_p(counts, exact_two_token_distribution(target)) < 1e-6
+
+
+# -- trees -----------------------------------------------------------------------------------------------------
+
+def test_sampled_tree_drafts_through_the_engine_match_the_target_distribution(models):
+    target, draft = models
+    exact = exact_two_token_distribution(target)
+    drafter = TreeDrafter(draft, 3, 6, capacity=64, fit_cost=False)
+    engine = Engine(LocalTarget(target, capacity=64), drafter, lambda: FixedK(2))
+    counts = sampled_counts(engine, 2500)
+    assert chi_square_p(counts, exact) > 1e-3
+    assert chi_square_p(counts, exact_two_token_distribution(draft)) < 1e-6  # the same test tells the draft apart
+
+
+def one_tree_round(engine: Engine, seq, drafter: TreeDrafter, as_chain: bool = False) -> dict[tuple[int, ...], float]:
+    """The exact distribution of what one round commits: the drafter's real tree, the target's rows for it as the
+    engine scores them, and every accept / reject branch of verification weighted by its probability.
+    as_chain: score the nodes without their tree mask (the control)."""
+    [d] = drafter.propose(engine.draft_requests([seq], [2]))
+    scored = Draft(d.tokens, None) if as_chain else d
+    p = warp(engine.score([seq], [scored])[0], seq.request.params).double()  # [nodes + 1, V]
+    children = DraftTree(torch.tensor(d.tokens), torch.tensor(d.parents), None).children()
+
+    def below(node: int) -> dict[tuple[int, ...], float]:
+        kids = children[node + 1]
+        branches = sibling_branches(p[node + 1], None, torch.tensor([d.tokens[c] for c in kids], dtype=torch.long))
+        out: dict[tuple[int, ...], float] = defaultdict(float)
+        reach = 1.0
+        for c, a in zip(kids, branches.accept_probs.tolist()):
+            for committed, pc in below(c).items():
+                out[(d.tokens[c],) + committed] += reach * a * pc
+            reach *= 1.0 - a
+        for y, py in enumerate(branches.residual.tolist()):
+            out[(y,)] += reach * py
+        return out
+
+    return below(-1)
+
+
+def deviation_from_the_target(target: Transformer, outputs: dict[tuple[int, ...], float], horizon: int) -> float:
+    """Max |P(y) − P_target(y)| over y ∈ V^horizon, where one round commits `outputs` and the target decodes on."""
+    memo: dict[tuple[int, ...], np.ndarray] = {}
+
+    def joint(prefix: tuple[int, ...], n: int) -> np.ndarray:  # P_target of the next n tokens after prefix
+        if n == 0:
+            return np.ones(1)
+        if (prefix, n) not in memo:
+            first = next_probs(target, PROMPT + list(prefix)).double().numpy()
+            memo[(prefix, n)] = np.concatenate([first[a] * joint(prefix + (a,), n - 1) for a in range(VOCAB)])
+        return memo[(prefix, n)]
+
+    algorithm = np.zeros(VOCAB ** horizon)
+    for committed, prob in outputs.items():
+        index = sum(t * VOCAB ** (horizon - 1 - i) for i, t in enumerate(committed))
+        size = VOCAB ** (horizon - len(committed))
+        algorithm[index * size:(index + 1) * size] += prob * joint(committed, horizon - len(committed))
+    return float(np.abs(algorithm - joint((), horizon)).max())
+
+
+def test_one_tree_round_through_the_engine_commits_exactly_the_target_distribution(models):
+    target, draft = models
+    drafter = TreeDrafter(draft, 3, 6, capacity=64, fit_cost=False)
+    engine = Engine(LocalTarget(target, capacity=64), drafter, lambda: FixedK(2))
+    seq = engine.add(Request(PROMPT, 8, PARAMS))
+    outputs = one_tree_round(engine, seq, drafter)
+    assert sum(outputs.values()) == pytest.approx(1.0, abs=1e-9)
+    assert max(len(t) for t in outputs) == 3  # a whole path and the bonus token is among the outcomes
+    assert deviation_from_the_target(target, outputs, horizon=3) < 1e-6
+    # Control: the same nodes scored as a chain (no tree mask) see the wrong ancestors, and the check says so.
+    engine.target.truncate(seq.slot, len(PROMPT) - 1)
+    assert deviation_from_the_target(target, one_tree_round(engine, seq, drafter, as_chain=True), horizon=3) > 1e-3

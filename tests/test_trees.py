@@ -17,7 +17,7 @@ from outrider.methods.suffix import SuffixDrafter, SuffixOptions, best_paths
 from outrider.methods.tree import TreeDrafter, TreeOptions
 from outrider.scheduler.drafters import DraftRequest
 from outrider.scheduler.engine import Engine, Request
-from outrider.scheduler.policy import FixedK
+from outrider.scheduler.policy import MAX_VERIFY_ROWS, FixedK, TreeBudget, VerifyCost
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.serving import AsyncScheduler
 from outrider.scheduler.target import LocalTarget
@@ -236,3 +236,52 @@ def test_suffix_and_tree_requests_batched_by_the_async_scheduler_equal_each_alon
 def test_bad_tree_options_are_refused_naming_the_option(make, says):
     with pytest.raises((ValidationError, ValueError), match=says):
         make()
+
+
+# -- sizing a tree to the verify cost -----------------------------------------------------------------------------
+
+def test_verify_cost_fills_unmeasured_row_counts_from_below():
+    cost = VerifyCost()
+    assert cost.table() is None
+    cost.observe(1, 0.040)
+    cost.observe(4, 0.050)
+    table = cost.table()
+    assert len(table) == MAX_VERIFY_ROWS
+    assert table[:5] == (0.040, 0.040, 0.040, 0.050, 0.050)  # rows 2 and 3 as rows 1; rows 5+ as rows 4
+    assert cost.table(offset=3)[0] == 0.050  # a sequence beside 3 others' rows starts at 4 rows
+    cost.observe(4, 0.060)
+    assert cost.table()[3] == pytest.approx(0.052)  # a moving average
+
+
+def test_tree_budget_verifies_what_pays_for_its_rows():
+    flat = tuple([0.04] * MAX_VERIFY_ROWS)
+    cliff = tuple([0.04] * 6 + [0.12] * (MAX_VERIFY_ROWS - 6))  # 7 rows and more: three times the cost
+    budget = TreeBudget()
+    chain = [1.0] * 8
+    depths = list(range(1, 9))
+    assert budget.size(chain, depths, None, 0.0) == 8  # nothing measured yet: every node
+    assert budget.size(chain, depths, flat, 0.0) == 8
+    assert budget.size(chain, depths, cliff, 0.0) == 5  # 5 nodes + the pending token fit below the cliff
+    assert budget.size([0.9, 0.2, 0.01], [1, 2, 3], tuple(0.04 + 0.01 * i for i in range(MAX_VERIFY_ROWS)),
+                       0.0) == 1  # unlikely nodes are not worth a row each
+
+
+def test_tree_budget_calibrates_each_depth_by_what_was_accepted():
+    budget = TreeBudget()
+    for _ in range(20):  # the drafter says 0.9 at depth 2, but depth 2 is never accepted
+        budget.record(0, 3, [7, 8], [-1, 0], [0.9, 0.9])
+        budget.settle(0, [1, 2, 3, 7, 5])
+    assert budget.realised[1] / budget.predicted[1] > 0.9
+    assert budget.realised[2] / budget.predicted[2] < 0.1
+    cost = tuple(0.04 + 0.005 * i for i in range(MAX_VERIFY_ROWS))
+    assert budget.size([0.9, 0.9], [1, 2], cost, 0.0) == 1
+
+
+def test_a_seeded_sampled_request_is_not_told_the_verify_cost(target):
+    """Its draft must not be shaped by timing: a seed fixes its tokens whatever the load."""
+    engine = Engine(LocalTarget(target, 2, CAPACITY), SuffixDrafter(SuffixOptions()), lambda: FixedK(8))
+    seeded = engine.add(Request(PROMPT, 20, SamplingParams(temperature=0.8, seed=1)))
+    greedy = engine.add(Request(PROMPT, 20))
+    engine.step([seeded, greedy])
+    asked = engine.draft_requests([seeded, greedy], [8, 8])
+    assert asked[0].verify_seconds is None and asked[1].verify_seconds is not None

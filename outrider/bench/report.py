@@ -9,6 +9,8 @@ We invert E at the measured mean acceptance length to get α, measure c from the
 efficiency = measured speedup / bound: how much of the speculation's promise the implementation keeps.
 k is the configured draft length. Where rounds draft fewer tokens (an n-gram miss drafts none; adaptive k varies
 below its maximum) the fixed-k model reads them as rejections, so α is then a lower estimate and the bound rough.
+A tree drafts more nodes than it has positions, which the chain model does not describe: for trees read the measured
+columns (nodes per round, the engine's draft and verify milliseconds per round), not α, c and the bound.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ class StrategySummary:
     draft_tokens: int
     accepted_tokens: int
     mean_acceptance_length: float  # (accepted + rounds) / rounds
+    draft_ms_per_round: float | None  # the engine's draft timer, per drafting round
+    verify_ms_per_round: float | None  # the engine's verify timer (target forward and acceptance), per round
     acceptance_per_position: list[float]  # accepted_i / drafted_i, up to the last position ever drafted
     k: int  # the configured draft length (the upper bound when adaptive)
     alpha: float | None  # per-token acceptance solving E(α, k) = mean acceptance length
@@ -85,6 +89,8 @@ def summarize(strategy: str, lossless: bool, runs: list[dict], k: int, baseline_
     decode_tps = tokens / decoding if decoding > 0 else 0.0
     speedup = tps / baseline_tps if baseline_tps else None
     length = (accepted + rounds) / rounds if rounds else 0.0
+    draft_ms = 1000 * sum(r["draft_seconds"] for r in runs) / rounds if rounds and drafted else None
+    verify_ms = 1000 * sum(r["verify_seconds"] for r in runs) / rounds if rounds else None
     alpha = c = bound = efficiency = None
     if drafted:
         alpha = solve_alpha(length, k)
@@ -94,7 +100,7 @@ def summarize(strategy: str, lossless: bool, runs: list[dict], k: int, baseline_
             bound = speedup_bound(alpha, k, c)
             efficiency = speedup / bound if speedup is not None and bound else None
     return StrategySummary(strategy, lossless, len(runs), tokens, seconds, tps, decode_tps, speedup, rounds, drafted,
-                           accepted, length, _per_position(runs), k, alpha, c, bound, efficiency,
+                           accepted, length, draft_ms, verify_ms, _per_position(runs), k, alpha, c, bound, efficiency,
                            None if mismatches is None else len(mismatches), mismatches or [])
 
 
@@ -126,12 +132,22 @@ def _rows_to_text(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
 
 
+def render_verify_costs(costs: dict[str, dict[int, float]]) -> str:
+    """What a verify forward cost by its rows, as each strategy's engine measured it: the price of a wider tree."""
+    lines = ["verify ms by rows (the engine's timer, moving average):"]
+    lines += [f"  {name}: " + " ".join(f"{rows}:{ms:.1f}" for rows, ms in by_rows.items())
+              for name, by_rows in costs.items() if by_rows]
+    return "\n".join(lines)
+
+
 def render_table(summary: dict[str, dict], peers: dict[str, dict], num_prompts: int) -> str:
     """The strategies, their losslessness check, then the peers, as fixed-width text."""
-    header = ["strategy", "tok/s", "decode tok/s", "speedup", "accept len", "alpha", "c", "bound", "efficiency",
-              "greedy ==", "acceptance per position"]
+    header = ["strategy", "tok/s", "decode tok/s", "speedup", "accept len", "nodes/round", "draft ms", "verify ms",
+              "alpha", "c", "bound", "efficiency", "greedy ==", "acceptance per position"]
     rows = [[name, _fmt(s["tokens_per_s"], ".2f"), _fmt(s["decode_tokens_per_s"], ".2f"),
-             _fmt(s["speedup"], ".2f", "x"), _fmt(s["mean_acceptance_length"], ".2f"), _fmt(s["alpha"], ".3f"),
+             _fmt(s["speedup"], ".2f", "x"), _fmt(s["mean_acceptance_length"], ".2f"),
+             _fmt(s["draft_tokens"] / s["rounds"] if s["rounds"] else None, ".1f"),
+             _fmt(s["draft_ms_per_round"], ".1f"), _fmt(s["verify_ms_per_round"], ".1f"), _fmt(s["alpha"], ".3f"),
              _fmt(s["c"], ".3f"), _fmt(s["bound"], ".2f", "x"), _fmt(s["efficiency"], ".0%"),
              _equality_cell(s, num_prompts),
              " ".join(f"{p:.2f}" for p in s["acceptance_per_position"]) or "-"] for name, s in summary.items()]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 from tqdm import tqdm
 
-from outrider.bench.report import first_difference, plot_throughput, render_table, summarize
+from outrider.bench.report import first_difference, plot_throughput, render_table, render_verify_costs, summarize
 from outrider.methods import BASELINE, METHODS, get_method
 from outrider.scheduler.sampling import SamplingParams
 
@@ -145,8 +145,9 @@ def run_bench(args: argparse.Namespace) -> int:
     session = measure_outrider(args, strategies, prompts, peer_plan)
     peer_results = run_peers(peer_plan, session.prompt_texts, args, session.peer_results) if peers else {}
     print(render_table(session.summary, peer_results, len(prompts)))
+    print(render_verify_costs(session.verify_cost_ms))
     report = {"config": bench_config(args, strategies, peers, session.load_seconds), "runs": session.runs,
-              "summary": session.summary, "peers": peer_results}
+              "summary": session.summary, "peers": peer_results, "verify_ms_by_rows": session.verify_cost_ms}
     write_outputs(report, args)
     violations = lossless_violations(session.summary)
     if violations:
@@ -162,6 +163,7 @@ class Session:
     prompt_texts: list[str]  # chat-templated where the prompt is a chat turn: exactly what the target read
     load_seconds: float
     peer_results: dict[str, dict]  # peers measured prompt by prompt between ours (llama.cpp)
+    verify_cost_ms: dict[str, dict[int, float]]  # per strategy, its engine's verify timer by rows (moving average)
 
 
 def measure_outrider(args: argparse.Namespace, strategies: list[str], prompts: list[Prompt],
@@ -183,7 +185,9 @@ def measure_outrider(args: argparse.Namespace, strategies: list[str], prompts: l
     runs = measure(pipe, work, llama.run if llama else None)
     peer_results = {"llama.cpp": llama.result()} if llama else {}
     summary = summarize_runs(runs, work, {o.name: o.k for o in options})
-    return Session(runs, summary, texts, pipe.load_seconds, peer_results)
+    costs = {name: {rows: round(1000 * s, 2) for rows, s in sorted(pipe.engine(name).verify_cost.seconds.items())}
+             for name in strategies}
+    return Session(runs, summary, texts, pipe.load_seconds, peer_results, costs)
 
 
 class _InterleavedLlamaCpp:

@@ -122,6 +122,7 @@ class Method:
     Options: ClassVar[type[StrategyOptions]]
     lossless: ClassVar[bool] = True  # output is exactly the target's (greedy: token for token)
     splits_draft: ClassVar[bool] = False  # passes `split` to `model_drafter`: several draft stages are its groups
+    drafts_trees: ClassVar[bool] = False  # proposes trees (`Draft.parents`), which graph steps cannot score
 
     def drafts_with_model(self, options: StrategyOptions) -> bool:
         """Whether these options draft with the draft model (a profile then needs `models.draft`)."""

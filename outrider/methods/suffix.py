@@ -215,6 +215,7 @@ class Suffix(Method):
     name = "suffix"
     summary = "a tree of continuations of the context's longest suffix match in this and earlier requests' text"
     Options = SuffixOptions
+    drafts_trees = True
 
     def parts(self, options: StrategyOptions, env: BuildEnv) -> EngineParts:
         assert isinstance(options, SuffixOptions)

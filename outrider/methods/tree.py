@@ -37,8 +37,8 @@ class TreeOptions(StrategyOptions):
                              "max_nodes >= k")
         if self.branching * (self.k - 1) > MAX_TREE_NODES:  # the nodes fed to the draft must fit the verify room
             raise ValueError(f"strategy.branching: {self.branching} nodes per depth over depth k={self.k} feeds "
-                             f"{self.branching * (self.k - 1)} nodes to the draft, above {MAX_TREE_NODES}; lower branching "
-                             "or k")
+                             f"{self.branching * (self.k - 1)} nodes to the draft, above {MAX_TREE_NODES}; lower "
+                             "branching or k")
         return self
 
 
@@ -206,13 +206,15 @@ class Tree(Method):
     name = "tree"
     summary = "the draft model grows a tree of its most probable candidates, expanded where it is confident"
     Options = TreeOptions
+    drafts_trees = True
 
     def drafts_with_model(self, options: StrategyOptions) -> bool:
         return True
 
     def parts(self, options: StrategyOptions, env: BuildEnv) -> EngineParts:
         assert isinstance(options, TreeOptions)
-        return self.draft_then_verify(env.model_drafter(TreeFactory(options.branching, options.max_nodes, options.fit_cost)), options)
+        factory = TreeFactory(options.branching, options.max_nodes, options.fit_cost)
+        return self.draft_then_verify(env.model_drafter(factory), options)
 
 
 METHOD = Tree()
