@@ -66,7 +66,10 @@ def test_bench_end_to_end(tiny_gguf, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0, printed
     report = json.loads(out.read_text())
-    assert set(report) == {"config", "runs", "summary", "peers"} and report["peers"] == {}
+    assert set(report) == {"config", "runs", "summary", "peers", "verify_ms_by_rows"} and report["peers"] == {}
+    # each strategy's engine timed its verify forwards by rows (plain decoding: one row each)
+    assert all(report["verify_ms_by_rows"][s] and min(report["verify_ms_by_rows"][s].values()) > 0 for s in STRATEGIES)
+    assert list(report["verify_ms_by_rows"]["autoregressive"]) == ["1"]
     assert report["config"]["max_tokens"] == 8 and report["config"]["strategies"] == STRATEGIES
     runs = {(r["strategy"], r["prompt_index"]): r for r in report["runs"]}
     assert set(runs) == {(s, i) for s in STRATEGIES for i in range(2)} and len(report["runs"]) == 6
