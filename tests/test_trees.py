@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 from conftest import PROMPT, in_process, plain, tiny_model
 from fakes import TreeOracle
 from pydantic import ValidationError
 
+from outrider.flags import parse, profile_from_args
 from outrider.methods import METHODS
-from outrider.methods.suffix import SuffixDrafter, SuffixOptions, best_paths
+from outrider.methods.rasd import RasdDrafter, RasdOptions, _Fused
+from outrider.methods.suffix import SuffixDrafter, SuffixOptions
 from outrider.methods.tree import TreeDrafter, TreeOptions
 from outrider.scheduler.drafters import DraftRequest
 from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import MAX_VERIFY_ROWS, FixedK, TreeBudget, VerifyCost
+from outrider.scheduler.retrieval import Corpus, best_paths
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.serving import AsyncScheduler
 from outrider.scheduler.target import LocalTarget
@@ -232,6 +236,9 @@ def test_suffix_and_tree_requests_batched_by_the_async_scheduler_equal_each_alon
     (lambda: SuffixOptions(max_nodes=17), "max_nodes"),
     (lambda: SuffixOptions(min_match=8, max_match=4), "strategy.min_match"),
     (lambda: SuffixOptions(pool="everyone"), "pool"),
+    (lambda: RasdOptions(k=2, draft_depth=3), "strategy.draft_depth"),
+    (lambda: RasdOptions(branching=8, draft_depth=4), "strategy.branching"),
+    (lambda: RasdOptions(max_nodes=0), "max_nodes"),
 ])
 def test_bad_tree_options_are_refused_naming_the_option(make, says):
     with pytest.raises((ValidationError, ValueError), match=says):
@@ -285,3 +292,92 @@ def test_a_seeded_sampled_request_is_not_told_the_verify_cost(target):
     engine.step([seeded, greedy])
     asked = engine.draft_requests([seeded, greedy], [8, 8])
     assert asked[0].verify_seconds is None and asked[1].verify_seconds is not None
+
+
+# -- rasd ---------------------------------------------------------------------------------------------------------
+
+def test_fusion_keeps_every_draft_and_retrieved_path_once():
+    tree = _Fused([5, 6, 7], [-1, 0, -1], [0.6, 0.4, 0.3])  # the draft: 5 → 6, and 7
+    tree.graft([5, 9, 6, 8], [-1, 0, 0, 2], [0.9, 0.5, 0.4, 0.4])  # retrieved: 5 → 9, 5 → 6 → 8
+    paths = {tuple(tree.tokens[a] for a in reversed(_ancestry(tree.parents, i))) for i in range(len(tree.tokens))}
+    assert paths == {(5,), (5, 6), (7,), (5, 9), (5, 6, 8)}
+    assert len(tree.tokens) == 5  # 5 and 5 → 6 were merged, not duplicated
+    assert tree.scores[0] == 0.9  # a node both sources propose takes the better estimate
+    assert all(tree.scores[i] <= tree.scores[p] for i, p in enumerate(tree.parents) if p >= 0)
+    tokens, parents, _ = tree.ranked(3)
+    assert len(tokens) == 3 and all(p < i for i, p in enumerate(parents))
+
+
+def _ancestry(parents: list[int], node: int) -> list[int]:
+    out = []
+    while node >= 0:
+        out.append(node)
+        node = parents[node]
+    return out
+
+
+def corpus_of(tokens: list[int], target: str = "tiny") -> Corpus:
+    return Corpus(np.array(tokens, dtype=np.int32), 2, target, 256)
+
+
+def test_a_corpus_finds_the_latest_longest_matches():
+    corpus = corpus_of([1, 2, 3, 4, 9, 1, 2, 3, 4, 8, 2, 3, 4, 7])
+    found = corpus.matches([0, 1, 2, 3, 4], max_match=8)
+    assert sorted(found, key=lambda m: -m[1]) == [(3, 13), (4, 9), (4, 4)]  # "2 3 4" last, "1 2 3 4" twice before
+    assert corpus.after(9, 3) == [8, 2, 3]
+
+
+# prune_top: the unrelated tiny draft would rule most retrieved text out (that it can is the point of pruning)
+@pytest.mark.parametrize("options", [RasdOptions(pool="off", prune_top=300), RasdOptions(branching=2, prune_top=300),
+                                     RasdOptions(confident_match=2, max_nodes=6, prune_top=300)],
+                         ids=["own-text", "wider-draft-tree", "retrieval-carries-rounds"])
+def test_rasd_is_lossless_with_a_corpus_and_both_caches_stay_exact(target, reference, draft, options, tmp_path):
+    path = tmp_path / "corpus.npz"
+    corpus_of(PROMPT * 3 + reference[:20] + list(range(60, 120))).save(path)  # text that partly predicts the output
+    options = options.model_copy(update={"corpus": str(path)})
+    drafter = RasdDrafter(draft, options, capacity=CAPACITY)
+    engine_target = LocalTarget(target, capacity=CAPACITY)
+    engine = Engine(engine_target, drafter, lambda: FixedK(options.k))
+    seq = engine.add(Request(PROMPT, 40))
+    while not seq.finished:
+        engine.step([seq])
+        assert_draft_kv_is_a_fresh_prefill(drafter, seq.seq_id)
+        assert_target_kv_is_a_fresh_prefill(target, engine_target, seq.slot, seq.tokens)
+    assert seq.generated == reference
+    assert drafter.report()["retrieved_rate"] > 0 and drafter.report()["corpus_tokens"] == 3 * len(PROMPT) + 80
+
+
+def test_rasd_through_its_method_beats_the_draft_alone_on_copied_text(target):
+    """The output repeats text in the corpus: retrieval drafts it where the unrelated draft model cannot."""
+    reference = plain(target, max_tokens=40)
+    env = in_process(target, tiny_model("llama", seed=7))
+    drafter = RasdDrafter(tiny_model("llama", seed=7), RasdOptions(fit_cost=False, prune_top=300), capacity=CAPACITY)
+    drafter.retriever.corpus = corpus_of(PROMPT + reference)
+    with_retrieval = Engine(LocalTarget(target, capacity=CAPACITY), drafter, lambda: FixedK(8)).generate(
+        Request(PROMPT, 40))
+    parts = METHODS["tree"].parts(TreeOptions(k=3, branching=1, max_nodes=3), env)
+    alone = Engine(env.target, parts.drafter, parts.policy).generate(Request(PROMPT, 40))
+    assert with_retrieval.generated == alone.generated == reference
+    assert with_retrieval.stats.rounds < alone.stats.rounds
+
+
+def test_a_corpus_for_another_target_or_no_corpus_at_all_is_refused(tmp_path):
+    path = tmp_path / "corpus.npz"
+    corpus_of([1, 2, 3, 4], target="other-model").save(path)
+    with pytest.raises(ValueError, match="strategy.corpus: tokenized for 'other-model'"):
+        profile_from_args(parse(["--target", "tiny-target"]), RasdOptions(corpus=str(path)))
+    with pytest.raises(ValueError, match="strategy.corpus: .* does not exist"):
+        Corpus.load(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a corpus")
+    with pytest.raises(ValueError, match="strategy.corpus: .* is not a corpus file"):
+        Corpus.load(tmp_path / "junk.npz")
+
+
+
+def test_retrieved_text_the_draft_rules_out_is_pruned(draft):
+    drafter = RasdDrafter(draft, RasdOptions(pool="off", prune_top=1, prune_prob=1.0), capacity=CAPACITY)
+    context = [10, 11, 12, 13, 14, 99, 11, 12, 13, 15, 50, 12, 13]  # "12 13" was followed by 14, and by 15
+    root = torch.full((draft.config.vocab_size,), -10.0)
+    root[15] = 5.0  # the draft's most probable next token
+    confident, kept = drafter._retrieve(DraftRequest(0, context, 8, SamplingParams(), None), root)
+    assert kept == [[15, 50, 12, 13]] and not confident  # 14 ... is ruled out; a 2-token match carries nothing

@@ -13,6 +13,7 @@ _MODULES = (
     "tree",
     "prompt_lookup",
     "suffix",
+    "rasd",
     "pearl",
     "easyspec",
     "dovetail",

@@ -9,9 +9,6 @@ side channel between clients, so `pool: off` keeps each request to its own text.
 from __future__ import annotations
 
 import math
-import threading
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -19,8 +16,7 @@ from pydantic import Field, model_validator
 from outrider.methods.base import BuildEnv, EngineParts, Method, StrategyOptions
 from outrider.scheduler.drafters import Draft, DraftRequest
 from outrider.scheduler.policy import MAX_DRAFT, MAX_TREE_NODES, TreeBudget, node_depths
-
-_SCAN = 64  # latest occurrences of a key examined per lookup: bounds the cost of very common n-grams
+from outrider.scheduler.retrieval import Retriever, TokenPool, best_paths
 
 
 class SuffixOptions(StrategyOptions):
@@ -49,107 +45,34 @@ class SuffixOptions(StrategyOptions):
         return self
 
 
-@dataclass
-class _Doc:
-    """A token list indexed by its n-grams: `index[key]` holds the end positions e with tokens[e-n:e] == key."""
-
-    n: int
-    tokens: list[int] = field(default_factory=list)
-    index: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
-    indexed: int = 0  # end positions below this are in the index
-
-    def extend_to(self, tokens: list[int]) -> None:
-        """Index `tokens`, reusing the work done for a prefix of them (a sequence grows between rounds)."""
-        if len(tokens) < len(self.tokens) or tokens[:len(self.tokens)] != self.tokens:
-            self.tokens, self.index, self.indexed = [], {}, 0
-        self.tokens = list(tokens)
-        # end positions e with a continuation (e < len): the last position is the query, never its own match
-        for e in range(max(self.indexed, self.n), len(self.tokens)):
-            self.index.setdefault(tuple(self.tokens[e - self.n:e]), []).append(e)
-        self.indexed = max(self.indexed, len(self.tokens))
-
-    def matches(self, context: list[int], max_match: int) -> list[tuple[int, int]]:
-        """(match length, end position) of the latest occurrences of the context's last n tokens."""
-        found = []
-        for e in reversed(self.index.get(tuple(context[-self.n:]), [])[-_SCAN:]):
-            length = self.n
-            while (length < max_match and e - length - 1 >= 0 and length < len(context)
-                   and self.tokens[e - length - 1] == context[-length - 1]):
-                length += 1
-            found.append((length, e))
-        return found
-
-
-class SuffixPool:
-    """Earlier requests' text, bounded in tokens, oldest evicted first; safe to share between threads."""
-
-    def __init__(self, n: int, max_tokens: int):
-        self.n, self.max_tokens = n, max_tokens
-        self.docs: deque[_Doc] = deque()
-        self.tokens = 0
-        self.lock = threading.Lock()
-
-    def add(self, tokens: list[int]) -> None:
-        tokens = tokens[-self.max_tokens:]
-        if len(tokens) <= self.n:
-            return
-        doc = _Doc(self.n)
-        doc.extend_to(tokens)
-        with self.lock:
-            self.docs.append(doc)
-            self.tokens += len(tokens)
-            while self.tokens > self.max_tokens:
-                self.tokens -= len(self.docs.popleft().tokens)
-
-    def matches(self, context: list[int], max_match: int) -> list[tuple[int, _Doc, int]]:
-        with self.lock:
-            docs = list(self.docs)
-        return [(length, doc, e) for doc in docs for length, e in doc.matches(context, max_match)]
-
-    def report(self) -> dict:
-        with self.lock:
-            return {"pool_requests": len(self.docs), "pool_tokens": self.tokens,
-                    "pool_index_entries": sum(len(d.index) for d in self.docs)}
-
-
-@dataclass
-class _Seq:
-    own: _Doc
-    prompt_len: int
-
-
 class SuffixDrafter:
     """Drafts a tree of the continuations that followed the longest matches of the context's suffix."""
 
     def __init__(self, options: SuffixOptions):
         self.o = options
-        self.pool = SuffixPool(options.min_match, options.pool_tokens) if options.pool == "shared" else None
-        self.seqs: dict[int, _Seq] = {}
+        self.retriever = Retriever(options.min_match, options.max_match,
+                                   options.pool_tokens if options.pool == "shared" else None)
         self.budget = TreeBudget()
         self.counts = {"proposals": 0, "matched": 0, "match_tokens": 0, "nodes": 0}
 
+    @property
+    def pool(self) -> TokenPool | None:
+        return self.retriever.pool
+
     def prefill(self, seq_id: int, tokens: list[int]) -> None:
-        self.seqs[seq_id] = _Seq(_Doc(self.o.min_match), len(tokens) + 1)  # the prompt's last token is pending
+        self.retriever.start(seq_id, len(tokens) + 1)  # the prompt's last token is pending
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         return [self._propose(r) for r in requests]
 
     def _propose(self, r: DraftRequest) -> Draft:
-        seq = self.seqs.setdefault(r.seq_id, _Seq(_Doc(self.o.min_match), len(r.tokens)))
-        seq.own.extend_to(r.tokens)
         self.budget.settle(r.seq_id, r.tokens)
         self.counts["proposals"] += 1
-        if r.k < 1 or len(r.tokens) < self.o.min_match:
+        longest, continuations = self.retriever.continuations(r.seq_id, r.tokens, r.k)
+        if not continuations:
             return Draft([], None)
-        found = [(length, seq.own, e) for length, e in seq.own.matches(r.tokens, self.o.max_match)]
-        if self.pool is not None:
-            found += self.pool.matches(r.tokens, self.o.max_match)
-        if not found:
-            return Draft([], None)
-        longest = max(length for length, _, _ in found)
-        ends = [(doc, e) for length, doc, e in found if length == longest]
         budget = min(self.o.max_nodes, math.ceil(self.o.spec_factor * longest))
-        tokens, parents, shares = best_paths([doc.tokens[e:e + r.k] for doc, e in ends], budget, self.o.min_prob)
+        tokens, parents, shares = best_paths(continuations, budget, self.o.min_prob)
         costs = r.verify_seconds if self.o.fit_cost else None
         n = self.budget.size(shares, node_depths(parents), costs, 0.0)  # drafting is all but free
         tokens, parents = tokens[:n], parents[:n]
@@ -160,11 +83,8 @@ class SuffixDrafter:
         return Draft(tokens, None, parents)
 
     def release(self, seq_id: int) -> None:
-        seq = self.seqs.pop(seq_id, None)
         self.budget.forget(seq_id)
-        if seq is not None and self.pool is not None:
-            # the output, after the prompt's tail (so a later request's context can reach the output's start)
-            self.pool.add(seq.own.tokens[max(0, seq.prompt_len - self.o.max_match):])
+        self.retriever.finish(seq_id)
 
     def slots_in_use(self) -> int:
         return 0
@@ -175,40 +95,7 @@ class SuffixDrafter:
         return {"match_rate": round(c["matched"] / c["proposals"], 4) if c["proposals"] else 0.0,
                 "mean_match_length": round(c["match_tokens"] / c["matched"], 3) if c["matched"] else 0.0,
                 "mean_tree_nodes": round(c["nodes"] / c["matched"], 3) if c["matched"] else 0.0,
-                **(self.pool.report() if self.pool is not None else {})}
-
-
-def best_paths(continuations: list[list[int]], budget: int,
-               min_prob: float) -> tuple[list[int], list[int], list[float]]:
-    """Merge `continuations` into a trie counting how many pass through each node, and keep the `budget` nodes
-    with the highest share of them (at least `min_prob`), most shared first: (tokens, parents, shares). A node's
-    share never exceeds its parent's, so ranking by share, shallower first on ties, puts every parent before its
-    children, and any leading part of the ranking is a tree."""
-    trie_tokens: list[int] = []
-    trie_parent: list[int] = []
-    counts: list[int] = []
-    depths: list[int] = []
-    children: list[dict[int, int]] = [{}]  # children[i + 1]: node i's children by token; children[0]: the root's
-    for cont in continuations:
-        node = -1
-        for token in cont:
-            child = children[node + 1].get(token)
-            if child is None:
-                child = len(trie_tokens)
-                children[node + 1][token] = child
-                trie_tokens.append(token)
-                trie_parent.append(node)
-                counts.append(0)
-                depths.append(depths[node] + 1 if node >= 0 else 1)
-                children.append({})
-            counts[child] += 1
-            node = child
-    total = len(continuations)
-    ranked = sorted(range(len(trie_tokens)), key=lambda i: (-counts[i], depths[i], i))
-    order = [i for i in ranked[:budget] if counts[i] / total >= min_prob]
-    new_index = {old: new for new, old in enumerate(order)}
-    return ([trie_tokens[i] for i in order], [new_index[trie_parent[i]] if trie_parent[i] >= 0 else -1
-                                              for i in order], [counts[i] / total for i in order])
+                **self.retriever.report()}
 
 
 class Suffix(Method):

@@ -116,26 +116,36 @@ class TreeDrafter(ModelDrafter):
         live = [r for r in requests if r.k > 0]
         if not live:
             return [NO_DRAFT for _ in requests]
+        grown = self.grow(live, self.start_round(live), {r.seq_id: r.k for r in live})
+        seconds = time.perf_counter() - t0
+        return [self._draft(r, grown[r.seq_id], seconds) if r.seq_id in grown else NO_DRAFT for r in requests]
+
+    def start_round(self, live: list[DraftRequest]) -> list[torch.Tensor]:
+        """Learn from and drop last round's trees, sync the cache to the committed tokens; the logits after each
+        pending token."""
         for r in live:
             self.budget.settle(r.seq_id, r.tokens)
             self._keep_accepted(r)
-        rows = self._sync(live)  # the logits after each pending token
+        return self._sync(live)
+
+    def grow(self, live: list[DraftRequest], rows: list[torch.Tensor], depth: dict[int, int]) -> dict[int, _Grown]:
+        """Each sequence's tree from its root logits `rows`, `depth[seq_id]` levels deep (one draft forward per
+        level past the first, all sequences batched)."""
         grown = {r.seq_id: _Grown(self.cache.lengths[self.seqs[r.seq_id].slot]) for r in live}
         frontier = {r.seq_id: grown[r.seq_id].add_children(-1, row, self._width(), self._token)
                     for r, row in zip(live, rows)}
-        for depth in range(1, max(r.k for r in live)):
-            deeper = [r for r in live if r.k > depth]
+        for level in range(1, max(depth.values())):
+            deeper = [r for r in live if depth[r.seq_id] > level]
             if not deeper:
                 break
-            rows = self._feed_tree(deeper, grown, frontier, depth)
+            rows_at = self._feed_tree(deeper, grown, frontier, level)
             for r in deeper:
                 tree, children = grown[r.seq_id], []
-                for node, row in zip(frontier[r.seq_id], rows[r.seq_id]):
+                for node, row in zip(frontier[r.seq_id], rows_at[r.seq_id]):
                     children += tree.add_children(node, row, self._width(), self._token)
                 frontier[r.seq_id] = sorted(children, key=lambda i: -tree.scores[i])[:self.width]
         self.grown.update(grown)
-        seconds = time.perf_counter() - t0
-        return [self._draft(r, grown[r.seq_id], seconds) if r.seq_id in grown else NO_DRAFT for r in requests]
+        return grown
 
     def _draft(self, r: DraftRequest, tree: _Grown, seconds: float) -> Draft:
         """The leading nodes of the ranking worth their verify time."""
