@@ -38,7 +38,7 @@ CHAT_OVERHEAD = 64  # tokens a chat template may add around the messages (a defa
 PROMPT_CAP = 1024  # characters: keeps prompts "mixed", not context-filling, on long-context models
 READ_TIMEOUT_S = 120.0  # one silent gap this long fails the request even with deadline left
 WORDS = ("def", "return", "value", "list", "sort", "index", "the", "loop", "while", "print", "count", "node",
-         "tree", "cache", "token", "model", "draft", "verify", "accept", "stream", "merge", "split", "key", "map")
+         "graph", "cache", "token", "model", "draft", "verify", "accept", "stream", "merge", "split", "key", "map")
 STOPS = ("\n\n", " the", "e", ");")
 
 T = TypeVar("T")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import Drafter, DrafterFactory, GroupDrafterFactory
 from outrider.scheduler.engine import DraftThenVerify, Rounds
-from outrider.scheduler.policy import MAX_DRAFT, AdaptiveK, DraftPolicy, FixedK
+from outrider.scheduler.policy import MAX_DRAFT, MAX_VERIFY_ROWS, AdaptiveK, DraftPolicy, FixedK
 from outrider.scheduler.target import FeatureSource
 
 
@@ -84,6 +84,7 @@ class EngineParts:
     drafter: Drafter | None
     policy: Callable[[], DraftPolicy]  # a fresh draft-length policy per sequence
     rounds: Rounds
+    verify_rows: int = MAX_DRAFT + 1  # the most rows a sequence adds to one target forward
 
 
 class BuildEnv(Protocol):
@@ -154,4 +155,5 @@ class Method:
         """The classic round over `drafter` with the options' policy (most methods differ only in the drafter)."""
         if drafter is None:
             return EngineParts(None, lambda: FixedK(0), DraftThenVerify())
-        return EngineParts(drafter, self.policy(options), DraftThenVerify())
+        rows = MAX_VERIFY_ROWS if self.drafts_trees else MAX_DRAFT + 1
+        return EngineParts(drafter, self.policy(options), DraftThenVerify(), rows)

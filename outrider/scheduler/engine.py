@@ -26,7 +26,7 @@ import torch
 
 from outrider.runtime.batch import TreeRows
 from outrider.scheduler.drafters import NO_DRAFT, Draft, Drafter, DraftRequest
-from outrider.scheduler.policy import MAX_DRAFT, MAX_VERIFY_ROWS, DraftPolicy, FixedK, VerifyCost
+from outrider.scheduler.policy import MAX_DRAFT, DraftPolicy, FixedK, VerifyCost
 from outrider.scheduler.sampling import SamplingParams, warp
 from outrider.scheduler.target import TargetModel
 from outrider.scheduler.verify import (
@@ -111,8 +111,12 @@ class Rounds(Protocol):
 
 class Engine:
     def __init__(self, target: TargetModel, drafter: Drafter | None = None,
-                 policy: Callable[[], DraftPolicy] | None = None, rounds: Rounds | None = None):
+                 policy: Callable[[], DraftPolicy] | None = None, rounds: Rounds | None = None,
+                 verify_rows: int = MAX_DRAFT + 1):
+        """verify_rows: the most rows one sequence adds to a target forward (a chain's k + 1, a tree's nodes + 1),
+        which every request must leave room for in its context."""
         self.target = target
+        self.verify_rows = verify_rows
         self.drafter = drafter
         self.new_policy = policy or (lambda: FixedK(3 if drafter else 0))
         self.rounds = rounds or DraftThenVerify()
@@ -267,10 +271,10 @@ class Engine:
             raise ValueError("the prompt is empty: give at least one token")
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        need = len(request.prompt_ids) + request.max_tokens + MAX_VERIFY_ROWS
+        need = len(request.prompt_ids) + request.max_tokens + self.verify_rows
         if need > self.target.capacity:
             raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
-                             f"+ {MAX_VERIFY_ROWS} verify rows exceeds the context limit of {self.target.capacity} "
+                             f"+ {self.verify_rows} verify rows exceeds the context limit of {self.target.capacity} "
                              "tokens; shorten the prompt or lower max_tokens")
         bad = [t for t in request.prompt_ids if not 0 <= t < self.target.vocab_size]
         if bad:

@@ -28,7 +28,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from outrider.methods import get_method
 from outrider.profile import dotted
 from outrider.runtime.tokenizer import Tokenizer
-from outrider.scheduler.policy import MAX_VERIFY_ROWS
 from outrider.scheduler.serving import QueueFull, RequestFailed, RequestHandle, Unavailable
 from outrider.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from outrider.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, Envelope, Outcome, error_body
@@ -123,7 +122,7 @@ def _served(request: Request, model: str | None) -> Service:
 
 def _default_max_tokens(service: Service, prompt_len: int) -> int:
     """Chat without max_tokens: as much as the context allows, up to the profile's cap."""
-    room = service.engine.target.capacity - prompt_len - MAX_VERIFY_ROWS
+    room = service.engine.target.capacity - prompt_len - service.engine.verify_rows
     return max(1, min(service.profile.scheduler.max_tokens, room))
 
 
