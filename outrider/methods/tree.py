@@ -24,9 +24,9 @@ from outrider.scheduler.policy import MAX_DRAFT, MAX_TREE_NODES, TreeBudget, nod
 
 class TreeOptions(StrategyOptions):
     name: Literal["tree"] = "tree"
-    k: int = Field(5, ge=1, le=MAX_DRAFT, description="deepest draft node (tree depth)")
-    branching: int = Field(3, ge=1, le=8, description="nodes expanded per depth, and children considered per node")
-    max_nodes: int = Field(10, ge=1, le=MAX_TREE_NODES, description="most tree nodes verified per round")
+    k: int = Field(4, ge=1, le=MAX_DRAFT, description="deepest draft node (tree depth)")
+    branching: int = Field(2, ge=1, le=8, description="nodes expanded per depth, and children considered per node")
+    max_nodes: int = Field(8, ge=1, le=MAX_TREE_NODES, description="most tree nodes verified per round")
     fit_cost: bool = Field(True, description="verify only the leading nodes worth their measured verify time "
                                              "(off: max_nodes every round)")
 
