@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from outrider.scheduler.drafters import Draft, DraftRequest
+from outrider.scheduler.policy import node_depths
 
 
 class OracleDrafter:
@@ -41,9 +42,7 @@ class TreeOracle:
     def __init__(self, prompt_len: int, reference: list[int], parents: list[int], path: list[int], vocab: int = 256):
         self.prompt_len, self.reference, self.vocab = prompt_len, reference, vocab
         self.parents, self.path = parents, path
-        self.depths: list[int] = []
-        for parent in parents:
-            self.depths.append(1 if parent < 0 else self.depths[parent] + 1)
+        self.depths = node_depths(parents)
         assert all(self.depths[n] == d for d, n in enumerate(path, start=1)), "path must run root to node"
 
     def prefill(self, seq_id: int, tokens: list[int]) -> None:

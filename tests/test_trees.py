@@ -82,6 +82,18 @@ def assert_draft_kv_is_a_fresh_prefill(drafter: TreeDrafter, seq_id: int) -> Non
         assert torch.equal(drafter.cache.values[layer][seq.slot, :, :length], fresh.values[layer][0, :, :length])
 
 
+def decode_checking_both_caches(target, drafter: TreeDrafter, k: int) -> tuple[Engine, object]:
+    """Decode PROMPT for 40 tokens, checking the draft and target caches against fresh prefills every round."""
+    engine_target = LocalTarget(target, capacity=CAPACITY)
+    engine = Engine(engine_target, drafter, lambda: FixedK(k))
+    seq = engine.add(Request(PROMPT, 40))
+    while not seq.finished:
+        engine.step([seq])
+        assert_draft_kv_is_a_fresh_prefill(drafter, seq.seq_id)
+        assert_target_kv_is_a_fresh_prefill(target, engine_target, seq.slot, seq.tokens)
+    return engine, seq
+
+
 @pytest.mark.parametrize("shape", ["siblings-last-right", "binary-mixed", "chain-zero"])
 def test_target_kv_after_every_tree_round_equals_a_fresh_prefill(target, reference, shape):
     parents, path = SHAPES[shape]
@@ -104,13 +116,7 @@ def test_the_draft_model_tree_is_lossless_and_both_caches_stay_exact(target, ref
     """An unrelated draft is mostly rejected; the target as its own draft has whole paths accepted, whose draft
     K/V is kept (compacted) into the next round."""
     drafter = TreeDrafter(target if agrees else draft, options.branching, options.max_nodes, capacity=CAPACITY)
-    engine_target = LocalTarget(target, capacity=CAPACITY)
-    engine = Engine(engine_target, drafter, lambda: FixedK(options.k))
-    seq = engine.add(Request(PROMPT, 40))
-    while not seq.finished:
-        engine.step([seq])
-        assert_draft_kv_is_a_fresh_prefill(drafter, seq.seq_id)
-        assert_target_kv_is_a_fresh_prefill(target, engine_target, seq.slot, seq.tokens)
+    engine, seq = decode_checking_both_caches(target, drafter, options.k)
     assert seq.generated == reference
     assert (seq.stats.accepted_tokens > 2 * seq.stats.rounds) == (agrees and options.k > 1)
     engine.release(seq)
@@ -336,13 +342,7 @@ def test_rasd_is_lossless_with_a_corpus_and_both_caches_stay_exact(target, refer
     corpus_of(PROMPT * 3 + reference[:20] + list(range(60, 120))).save(path)  # text that partly predicts the output
     options = options.model_copy(update={"corpus": str(path)})
     drafter = RasdDrafter(draft, options, capacity=CAPACITY)
-    engine_target = LocalTarget(target, capacity=CAPACITY)
-    engine = Engine(engine_target, drafter, lambda: FixedK(options.k))
-    seq = engine.add(Request(PROMPT, 40))
-    while not seq.finished:
-        engine.step([seq])
-        assert_draft_kv_is_a_fresh_prefill(drafter, seq.seq_id)
-        assert_target_kv_is_a_fresh_prefill(target, engine_target, seq.slot, seq.tokens)
+    _, seq = decode_checking_both_caches(target, drafter, options.k)
     assert seq.generated == reference
     assert drafter.report()["retrieved_rate"] > 0 and drafter.report()["corpus_tokens"] == 3 * len(PROMPT) + 80
 
@@ -367,10 +367,10 @@ def test_a_corpus_for_another_target_or_no_corpus_at_all_is_refused(tmp_path):
     with pytest.raises(ValueError, match="strategy.corpus: tokenized for 'other-model'"):
         profile_from_args(parse(["--target", "tiny-target"]), RasdOptions(corpus=str(path)))
     with pytest.raises(ValueError, match="strategy.corpus: .* does not exist"):
-        Corpus.load(tmp_path / "missing.npz")
+        profile_from_args(parse(["--target", "tiny-target"]), RasdOptions(corpus=str(tmp_path / "missing.npz")))
     (tmp_path / "junk.npz").write_bytes(b"not a corpus")
     with pytest.raises(ValueError, match="strategy.corpus: .* is not a corpus file"):
-        Corpus.load(tmp_path / "junk.npz")
+        profile_from_args(parse(["--target", "tiny-target"]), RasdOptions(corpus=str(tmp_path / "junk.npz")))
 
 
 

@@ -24,43 +24,28 @@ import torch
 from pydantic import Field, model_validator
 
 from outrider.methods.base import BuildEnv, EngineParts, Method, StrategyOptions
+from outrider.methods.suffix import MatchOptions
 from outrider.methods.tree import TreeDrafter, _Grown
 from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import NO_DRAFT, Draft, DraftRequest
 from outrider.scheduler.policy import MAX_DRAFT, MAX_TREE_NODES, node_depths
-from outrider.scheduler.retrieval import Corpus, Retriever, best_paths
+from outrider.scheduler.retrieval import Corpus, best_paths
 
 
-class RasdOptions(StrategyOptions):
+class RasdOptions(MatchOptions):
     name: Literal["rasd"] = "rasd"
-    k: int = Field(MAX_DRAFT, ge=1, le=MAX_DRAFT, description="deepest draft node (tokens ahead of the context)")
     draft_depth: int = Field(3, ge=1, le=MAX_DRAFT, description="levels of the draft model's own tree")
     branching: int = Field(1, ge=1, le=8, description="nodes expanded per depth, and children considered per node")
-    max_nodes: int = Field(12, ge=1, le=MAX_TREE_NODES, description="most tree nodes verified per round")
-    fit_cost: bool = Field(True, description="verify only the leading nodes worth their measured verify time "
-                                             "(off: every node the match allows)")
-    min_match: int = Field(2, ge=1, le=16, description="shortest context suffix that counts as a match")
-    max_match: int = Field(32, ge=1, le=256, description="longest context suffix matched (the search depth)")
-    min_prob: float = Field(0.1, ge=0, le=1, description="drop continuations seen in fewer than this share of "
-                                                          "the matches")
     confident_match: int = Field(8, ge=1, le=256, description="a match this long grows the draft tree one level "
                                                               "only: the retrieved text carries the round")
     prune_top: int = Field(8, ge=1, le=1024, description="keep a retrieved continuation whose first token is among "
                                                          "the draft's this many most probable")
     prune_prob: float = Field(0.01, ge=0, le=1, description="... or has at least this draft probability")
-    pool: Literal["shared", "off"] = Field(
-        "shared", description="shared: also match earlier requests' outputs (their speed reveals whether similar "
-                              "text was served before); off: each request's own prompt and output only")
-    pool_tokens: int = Field(1 << 18, ge=1, le=1 << 24, description="most tokens the shared pool keeps (oldest "
-                                                                     "requests evicted first)")
     corpus: str | None = Field(None, description="a datastore from `outrider rasd-corpus`, tokenized for this "
                                                  "target (none: no corpus)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RasdOptions":
-        if self.min_match > self.max_match:
-            raise ValueError(f"strategy.min_match: {self.min_match} is above max_match {self.max_match}; set "
-                             "min_match <= max_match")
         if self.draft_depth > self.k:
             raise ValueError(f"strategy.draft_depth: {self.draft_depth} is deeper than k={self.k}; set "
                              "draft_depth <= k")
@@ -69,6 +54,14 @@ class RasdOptions(StrategyOptions):
                              f"{self.draft_depth} feeds {self.branching * (self.draft_depth - 1)} nodes to the "
                              f"draft, above {MAX_TREE_NODES}; lower branching or draft_depth")
         return self
+
+
+def load_corpus(path: str) -> Corpus:
+    """The corpus file `strategy.corpus` names, or a message saying how to make one."""
+    try:
+        return Corpus.load(path)
+    except ValueError as e:
+        raise ValueError(f"strategy.corpus: {e}; build one with `outrider rasd-corpus`") from None
 
 
 @dataclass
@@ -133,9 +126,7 @@ class RasdDrafter(TreeDrafter):
         super().__init__(model, options.branching, options.max_nodes, num_slots, capacity, kept_ids=kept_ids,
                          fit_cost=options.fit_cost)
         self.o = options
-        corpus = Corpus.load(options.corpus) if options.corpus else None
-        self.retriever = Retriever(options.min_match, options.max_match,
-                                   options.pool_tokens if options.pool == "shared" else None, corpus)
+        self.retriever = options.retriever(load_corpus(options.corpus) if options.corpus else None)
         self.counts = {"proposals": 0, "retrieved": 0, "confident": 0, "grafted": 0}
 
     def prefill(self, seq_id: int, tokens: list[int]) -> None:
@@ -214,8 +205,11 @@ class Rasd(Method):
 
     def check(self, options: StrategyOptions, profile: Any) -> None:
         assert isinstance(options, RasdOptions)
-        if options.corpus:
-            Corpus.load(options.corpus).check_target(profile.models.target.model)
+        target = profile.models.target.model
+        if options.corpus and (made_for := load_corpus(options.corpus).target) != target:
+            raise ValueError(f"strategy.corpus: tokenized for {made_for!r}, not for the target {target!r} (token ids "
+                             f"mean nothing in another vocabulary); rebuild it with `outrider rasd-corpus --target "
+                             f"{target}`")
 
     def parts(self, options: StrategyOptions, env: BuildEnv) -> EngineParts:
         assert isinstance(options, RasdOptions)

@@ -16,17 +16,17 @@ from pydantic import Field, model_validator
 from outrider.methods.base import BuildEnv, EngineParts, Method, StrategyOptions
 from outrider.scheduler.drafters import Draft, DraftRequest
 from outrider.scheduler.policy import MAX_DRAFT, MAX_TREE_NODES, TreeBudget, node_depths
-from outrider.scheduler.retrieval import Retriever, TokenPool, best_paths
+from outrider.scheduler.retrieval import Corpus, Retriever, TokenPool, best_paths
 
 
-class SuffixOptions(StrategyOptions):
-    name: Literal["suffix"] = "suffix"
+class MatchOptions(StrategyOptions):
+    """What a strategy drafting from retrieved text takes: how it matches the context's suffix, the pool it also
+    searches, and how many of the retrieved nodes it verifies. (No name of its own: suffix and rasd extend it.)"""
+
     k: int = Field(MAX_DRAFT, ge=1, le=MAX_DRAFT, description="deepest draft node (tokens ahead of the context)")
-    max_nodes: int = Field(12, ge=1, le=MAX_TREE_NODES, description="most draft tree nodes per round")
+    max_nodes: int = Field(12, ge=1, le=MAX_TREE_NODES, description="most draft tree nodes verified per round")
     min_match: int = Field(2, ge=1, le=16, description="shortest context suffix that counts as a match")
     max_match: int = Field(32, ge=1, le=256, description="longest context suffix matched (the search depth)")
-    spec_factor: float = Field(2.0, gt=0, le=64, description="tree nodes per matched token: a longer match drafts "
-                                                              "more (capped by max_nodes)")
     min_prob: float = Field(0.1, ge=0, le=1, description="drop continuations seen in fewer than this share of "
                                                           "the matches")
     fit_cost: bool = Field(True, description="verify only the leading nodes worth their measured verify time "
@@ -38,11 +38,20 @@ class SuffixOptions(StrategyOptions):
                                                                      "requests evicted first)")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "SuffixOptions":
+    def _ordered(self) -> "MatchOptions":
         if self.min_match > self.max_match:
             raise ValueError(f"strategy.min_match: {self.min_match} is above max_match {self.max_match}; set "
                              "min_match <= max_match")
         return self
+
+    def retriever(self, corpus: Corpus | None = None) -> Retriever:
+        return Retriever(self.min_match, self.max_match, self.pool_tokens if self.pool == "shared" else None, corpus)
+
+
+class SuffixOptions(MatchOptions):
+    name: Literal["suffix"] = "suffix"
+    spec_factor: float = Field(2.0, gt=0, le=64, description="tree nodes per matched token: a longer match drafts "
+                                                              "more (capped by max_nodes)")
 
 
 class SuffixDrafter:
@@ -50,8 +59,7 @@ class SuffixDrafter:
 
     def __init__(self, options: SuffixOptions):
         self.o = options
-        self.retriever = Retriever(options.min_match, options.max_match,
-                                   options.pool_tokens if options.pool == "shared" else None)
+        self.retriever = options.retriever()
         self.budget = TreeBudget()
         self.counts = {"proposals": 0, "matched": 0, "match_tokens": 0, "nodes": 0}
 

@@ -19,7 +19,7 @@ from outrider.methods.base import BuildEnv, EngineParts, Method, StrategyOptions
 from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.model import Transformer
 from outrider.scheduler.drafters import NO_DRAFT, Draft, DraftRequest, ModelDrafter
-from outrider.scheduler.policy import MAX_DRAFT, MAX_TREE_NODES, TreeBudget, node_depths
+from outrider.scheduler.policy import MAX_DRAFT, MAX_TREE_NODES, TreeBudget, follow_path, node_depths
 
 
 class TreeOptions(StrategyOptions):
@@ -161,15 +161,11 @@ class TreeDrafter(ModelDrafter):
         if tree is None:
             return
         seq = self.seqs[r.seq_id]
-        path, node = [], -1
         if r.tokens[:tree.base] != seq.fed:  # rolled back past the tree's root: the sync re-feeds what differs
             self.cache.truncate(seq.slot, tree.base)
             return
-        for token in r.tokens[tree.base:-1]:  # committed after the tree's root; the pending token is fed anew
-            node = next((n for n in tree.fed_nodes if tree.parents[n] == node and tree.tokens[n] == token), -1)
-            if node < 0:
-                break
-            path.append(node)
+        # committed after the tree's root, through fed nodes only; the pending token is fed anew
+        path = follow_path(tree.tokens, tree.parents, r.tokens[tree.base:-1], tree.fed_nodes)
         self.cache.compact(seq.slot, tree.base, [tree.fed[n] for n in path])
         seq.fed = seq.fed[:tree.base] + [tree.tokens[n] for n in path]
 

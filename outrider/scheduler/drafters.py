@@ -14,6 +14,7 @@ import torch
 from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.kv_cache import KVCache
 from outrider.runtime.model import Transformer
+from outrider.scheduler.policy import node_depths
 from outrider.scheduler.sampling import SamplingParams, argmax, sample, warp
 
 NO_SLOT = -1  # DraftRequest.target_slot of a request made apart from any target (benchmarks, actor checks)
@@ -45,10 +46,7 @@ class Draft:
         """Draft positions the proposal reaches: a chain's length, a tree's deepest node."""
         if self.parents is None:
             return len(self.tokens)
-        depths: list[int] = []
-        for parent in self.parents:
-            depths.append(1 if parent < 0 else depths[parent] + 1)
-        return max(depths, default=0)
+        return max(node_depths(self.parents), default=0)
 
 
 NO_DRAFT = Draft([], None)

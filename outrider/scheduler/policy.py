@@ -116,12 +116,7 @@ class TreeBudget:
             return
         base, nodes, parents, scores = proposal
         depths = node_depths(parents)
-        node, reached = -1, 0
-        for token in tokens[base:]:
-            node = next((i for i in range(len(nodes)) if parents[i] == node and nodes[i] == token), -1)
-            if node < 0:
-                break
-            reached += 1
+        reached = len(follow_path(nodes, parents, tokens[base:]))
         for i, score in enumerate(scores):
             self.predicted[depths[i]] += score
         for d in range(1, reached + 1):
@@ -146,6 +141,20 @@ class TreeBudget:
 
     def forget(self, seq_id: int) -> None:
         self.last.pop(seq_id, None)
+
+
+def follow_path(nodes: list[int], parents: list[int], committed: list[int],
+                among: list[int] | None = None) -> list[int]:
+    """The tree nodes (of `among`, default all) that the `committed` tokens after the tree's root walk down, from
+    the root: where a proposal's accepted path ended."""
+    path, node = [], -1
+    candidates = range(len(nodes)) if among is None else among
+    for token in committed:
+        node = next((i for i in candidates if parents[i] == node and nodes[i] == token), -1)
+        if node < 0:
+            break
+        path.append(node)
+    return path
 
 
 def node_depths(parents: list[int]) -> list[int]:

@@ -137,26 +137,20 @@ class Corpus:
             np.savez(f, tokens=self.tokens, n=self.n, target=self.target, vocab_size=self.vocab_size,
                      format=CORPUS_FORMAT)
 
-    def check_target(self, target: str) -> None:
-        """Refuse a corpus tokenized for another target: its ids mean nothing in another vocabulary."""
-        if self.target != target:
-            raise ValueError(f"strategy.corpus: tokenized for {self.target!r}, not for the target {target!r}; "
-                             f"rebuild it with `outrider rasd-corpus --target {target}`")
-
     @classmethod
     def load(cls, path: Path | str) -> "Corpus":
+        """A saved corpus; ValueError saying what is wrong with the file."""
         path = Path(path).expanduser()
         if not path.is_file():
-            raise ValueError(f"strategy.corpus: {path} does not exist; build one with `outrider rasd-corpus`")
+            raise ValueError(f"{path} does not exist")
         try:
             data = np.load(path, allow_pickle=False)
             fmt, saved_target = str(data["format"]), str(data["target"])
             tokens, n, saved_vocab = data["tokens"], int(data["n"]), int(data["vocab_size"])
         except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"strategy.corpus: {path} is not a corpus file ({e}); build one with "
-                             "`outrider rasd-corpus`") from None
+            raise ValueError(f"{path} is not a corpus file ({e})") from None
         if fmt != CORPUS_FORMAT:
-            raise ValueError(f"strategy.corpus: {path} has format {fmt!r}, not {CORPUS_FORMAT}; rebuild it")
+            raise ValueError(f"{path} has format {fmt!r}, not {CORPUS_FORMAT}")
         return cls(tokens, n, saved_target, saved_vocab)
 
 
