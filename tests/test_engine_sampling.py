@@ -20,7 +20,7 @@ from outrider.scheduler.engine import Engine, Request
 from outrider.scheduler.policy import FixedK
 from outrider.scheduler.sampling import SamplingParams, warp
 from outrider.scheduler.target import LocalTarget
-from outrider.scheduler.verify import DraftTree, sibling_branches
+from outrider.scheduler.verify import DraftTree, rrs_without_replacement
 
 VOCAB = 16
 PROMPT = [3, 7, 1]
@@ -131,15 +131,15 @@ def one_tree_round(engine: Engine, seq, drafter: TreeDrafter, as_chain: bool = F
 
     def below(node: int) -> dict[tuple[int, ...], float]:
         kids = children[node + 1]
-        branches = sibling_branches(p[node + 1], None, torch.tensor([d.tokens[c] for c in kids], dtype=torch.long))
+        branches = rrs_without_replacement(p[node + 1], None,
+                                           torch.tensor([d.tokens[c] for c in kids], dtype=torch.long))
         out: dict[tuple[int, ...], float] = defaultdict(float)
-        reach = 1.0
-        for c, a in zip(kids, branches.accept_probs.tolist()):
+        for c, a in zip(kids, branches.child_probs.tolist()):
             for committed, pc in below(c).items():
-                out[(d.tokens[c],) + committed] += reach * a * pc
-            reach *= 1.0 - a
+                out[(d.tokens[c],) + committed] += a * pc
+        rejected = 1.0 - float(branches.child_probs.sum())
         for y, py in enumerate(branches.residual.tolist()):
-            out[(y,)] += reach * py
+            out[(y,)] += rejected * py
         return out
 
     return below(-1)

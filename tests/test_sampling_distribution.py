@@ -2,7 +2,7 @@
 plain target decoding from the warped target.
 
 1. Exact enumeration on a tiny vocabulary. Every draft the drafter can produce, weighted by its probability, times
-   the branch probabilities of the verifier: `chain_branches` / `sibling_branches`, the very tensors verify_chain
+   the branch probabilities of the verifier: `chain_branches` / `rrs_without_replacement`, the very tensors verify_chain
    and verify_tree sample from. The sum is the algorithm's exact output distribution; it must equal the
    target's to 1e-6, for sampled and deterministic drafts, chains and trees, under every warp.
 2. Chi-square at V = 256 on seeded runs of verify_chain and verify_tree themselves, with negative controls:
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from outrider.scheduler import verify
 from outrider.scheduler.sampling import SamplingParams, sample, warp
-from outrider.scheduler.verify import DraftTree, chain_branches, sibling_branches, verify_chain, verify_tree
+from outrider.scheduler.verify import DraftTree, chain_branches, rrs_without_replacement, verify_chain, verify_tree
 
 Outputs = dict[tuple[int, ...], float]  # the tokens one round commits → their probability
 
@@ -183,14 +183,13 @@ def tree_round(target: TableLM, draft: TableLM, params: SamplingParams, sampled:
             out.update({(y,): py for y, py in enumerate(p.tolist())})
             return memo.setdefault(prefix, out)
         for kids, prob, q in sibling_sets(draft, params, prefix, BRANCHING[len(prefix)], sampled):
-            branches = sibling_branches(p, q, torch.tensor(kids, dtype=torch.int64))
-            reach = prob  # P(these children, and all before child j rejected)
-            for c, a in zip(kids, branches.accept_probs.tolist()):
+            branches = rrs_without_replacement(p, q, torch.tensor(kids, dtype=torch.int64))
+            for c, a in zip(kids, branches.child_probs.tolist()):  # a: P(descend into c | these children)
                 for committed, pc in below(prefix + (c,)).items():
-                    out[(c,) + committed] += reach * a * pc
-                reach *= 1.0 - a
+                    out[(c,) + committed] += prob * a * pc
+            rejected = prob * (1.0 - float(branches.child_probs.sum()))
             for y, py in enumerate(branches.residual.tolist()):  # all rejected: recovered token
-                out[(y,)] += reach * py
+                out[(y,)] += rejected * py
         return memo.setdefault(prefix, out)
 
     return below(())

@@ -28,6 +28,7 @@ and by induction over positions the committed tokens are distributed exactly as 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -258,18 +259,31 @@ class TreeVerifyResult:
 
 
 @dataclass(frozen=True)
-class SiblingBranches:
-    """Every probability the rule at one tree node draws from."""
+class LevelBranches:
+    """Every probability the rule at one tree node draws from (exact-distribution tests enumerate these)."""
 
-    accept_probs: Tensor  # [m] P(accept child j | children < j rejected)
-    residual: Tensor  # [V] the recovered token's distribution when all m children are rejected
+    child_probs: Tensor  # [m] P(the walk descends into child j), summing to at most 1
+    residual: Tensor  # [V] the recovered token's distribution when it descends into none
 
 
-def sibling_branches(p: Tensor, q: Tensor | None, tokens: Tensor) -> SiblingBranches:
-    """The accept rule at one node with target p [V] and children `tokens` [m] tried in order (SpecInfer's
-    multi-step speculative sampling, Miao et al. 2024, for sampled children).
+# A sibling rule: (p [V] the target at the node, q [V] the draft row the children came from or None for
+# deterministic children, children tokens [m]) -> LevelBranches. It is lossless for one way of drawing the children:
+# P(out = y) = sum_j child_probs[j]·[c_j = y] + (1 - sum_j child_probs[j])·residual(y) = p(y).
+SiblingRule = Callable[[Tensor, "Tensor | None", Tensor], LevelBranches]
 
-    Sampled children (q [V]: drawn from q without replacement; recursive rejection sampling, Jeon et al.):
+
+def _sequential(accept_probs: list[Tensor], p: Tensor) -> LevelBranches:
+    """Children tried in order, child j accepted w.p. accept_probs[j] once all before it were rejected."""
+    if not accept_probs:
+        return LevelBranches(child_probs=p.new_zeros(0), residual=p)
+    a = torch.stack(accept_probs)  # [m]
+    reach = torch.cat([a.new_ones(1), torch.cumprod(1.0 - a, 0)[:-1]])  # [m] P(children < j all rejected)
+    return LevelBranches(child_probs=reach * a, residual=p)
+
+
+def rrs_without_replacement(p: Tensor, q: Tensor | None, tokens: Tensor) -> LevelBranches:
+    """Recursive rejection sampling for children drawn from q *without replacement* (Jeon et al. 2024; SpecInfer's
+    multi-step speculative sampling, Miao et al. 2024, for the deterministic case):
         accept c_j w.p. min(1, p_j(c_j)/q_j(c_j))
         else p_{j+1} = norm(max(0, p_j − q_j)) and q_{j+1} = q_j with c_j removed, renormalised
     Deterministic children (q None): the same rule with q_j = δ_{c_j}, i.e.
@@ -284,17 +298,54 @@ def sibling_branches(p: Tensor, q: Tensor | None, tokens: Tensor) -> SiblingBran
         p = residual(p, q_j)  # p_{j+1}
         if q is not None:
             q = remove_token(q, x)  # q_{j+1}: c_{j+1} was drawn with c_1..c_j already taken
-    return SiblingBranches(accept_probs=torch.stack(accept_probs) if accept_probs else p.new_zeros(0), residual=p)
+    return _sequential(accept_probs, p)
+
+
+def rrs_with_replacement(p: Tensor, q: Tensor | None, tokens: Tensor) -> LevelBranches:
+    """Recursive rejection sampling for children drawn i.i.d. from q *with replacement* (SpecInfer, Miao et al.
+    2024; SpecTr's baseline):
+        accept c_j w.p. min(1, p_j(c_j)/q(c_j)), else p_{j+1} = norm(max(0, p_j − q))
+    q stays the same for every child: each was drawn afresh. Siblings may repeat: a rejected token's residual mass
+    is 0, so its repeat is rejected too. Fed children drawn without replacement it is not lossless (q_j ≠ q)."""
+    if q is None:
+        return rrs_without_replacement(p, None, tokens)
+    accept_probs = []
+    for x in tokens:
+        accept_probs.append(acceptance_prob(p, q, x))
+        p = residual(p, q)
+    return _sequential(accept_probs, p)
+
+
+def greedy_draft_rule(p: Tensor, q: Tensor | None, tokens: Tensor) -> LevelBranches:
+    """The verifier of greedy multi-drafts ("Towards Optimal Multi-Draft Speculative Decoding", Hu et al. 2025):
+    children c_1..c_{m−1} are the draft's top m − 1 tokens T (deterministic) and c_m = x was drawn from
+    q' = q restricted to V − T, renormalised.
+        accept x w.p. a = min(1, p(x)/q'(x)); else draw y ~ r = norm(max(0, p − q')),
+        descend into c_j if y = c_j ∈ T, else y is the recovered token.
+    Lossless: P(out = y) = min(p, q')(y) + (1 − Σ min(p, q'))·r(y) = p(y). Since q' = 0 on T, r(y) ∝ p(y) there,
+    and the acceptance rate p(T) + Σ_{x ∉ T} min(p(x), q'(x)) equals the optimal transport bound for this way of
+    drafting (the bound is min over sets S of p(S) + 1 − P(all drafts ∈ S); S = T ∪ {x: p(x) < q'(x)} attains it).
+    """
+    if q is None:
+        return rrs_without_replacement(p, None, tokens)
+    top, x = tokens[:-1], tokens[-1]
+    q_rest = _normalize(q.scatter(-1, top, 0.0), fallback=q)  # q'
+    a = acceptance_prob(p, q_rest, x)
+    r = residual(p, q_rest)
+    child_probs = torch.cat([(1.0 - a) * r[top], a[None]])
+    recovered = r.scatter(-1, torch.cat([top, x[None]]), 0.0)  # y ∈ T descends instead; r(x) > 0 only if a = 1
+    return LevelBranches(child_probs=child_probs, residual=_normalize(recovered, fallback=r))
 
 
 def verify_tree(
     target_probs: Tensor,  # [n+1, V] row 0 = p at the root, row i+1 = p after node i
     tree: DraftTree,
     generator: torch.Generator | None,
+    rule: SiblingRule = rrs_without_replacement,
 ) -> TreeVerifyResult:
-    """Walk down from the root. At each node, try its children with `sibling_branches` and descend into the
-    first accepted one; if all are rejected, emit a recovered token from the final residual; at an accepted
-    leaf, emit a bonus token from the leaf's p.
+    """Walk down from the root. At each node, the sibling `rule` for how its children were drawn says where to
+    descend; if into none, emit a recovered token from its residual; at an accepted leaf, emit a bonus token from
+    the leaf's p. Deterministic children (tree.probs None) always use the point-mass rule.
 
     Greedy trees fall out of one-hot p: the accepted child is the one equal to argmax p, so the path is the
     longest one that matches the target's argmax, and the extra token is the argmax after it.
@@ -309,15 +360,13 @@ def verify_tree(
         if not kids:  # an accepted leaf (or an empty tree): bonus ~ p
             return _tree_result(path, tokens, sample(p, generator))
         q = None if tree.probs is None else tree.probs[kids[0]]  # siblings all carry their parent's q
-        assert q is None or len({tokens[c] for c in kids}) == len(kids), "sampled siblings must be distinct"
-        branches = sibling_branches(p, q, tree.tokens[kids])
-        r = torch.rand(len(kids), generator=generator, device=p.device)  # [m] r_j ~ U[0, 1)
-        # Host sync per visited node: which child (if any) to descend into. Child j is accepted iff
-        # r_j < accept_probs[j]; the first accepted child wins.
-        accepted = (r < branches.accept_probs).tolist()
-        if True not in accepted:
+        branches = (rule if q is not None else rrs_without_replacement)(p, q, tree.tokens[kids])
+        # One uniform picks the child (or none) by the cumulative descend probabilities. Host sync per node.
+        u = torch.rand((), generator=generator, device=p.device)
+        child = int((torch.cumsum(branches.child_probs, 0) <= u).sum())
+        if child >= len(kids):
             return _tree_result(path, tokens, sample(branches.residual, generator))  # recovered
-        node = kids[accepted.index(True)]
+        node = kids[child]
         path.append(node)
 
 
