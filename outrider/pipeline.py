@@ -32,6 +32,7 @@ class Result:
             "prefill_seconds": round(s.prefill_seconds, 4), "rounds": s.rounds, "draft_tokens": s.draft_tokens,
             "accepted_tokens": s.accepted_tokens, "mean_acceptance_length": round(s.mean_acceptance_length, 4),
             "accepted_per_position": s.accepted_per_position, "drafted_per_position": s.drafted_per_position,
+            "drafts_per_position": s.drafts_per_position,
             "draft_seconds": round(s.draft_seconds, 4), "verify_seconds": round(s.verify_seconds, 4)}}
 
 

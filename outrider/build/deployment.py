@@ -91,7 +91,7 @@ class Deployment:
         except BaseException:
             self.shutdown()
             raise
-        return Engine(env.target, parts.drafter, parts.policy, parts.rounds, parts.verify_rows)
+        return Engine(env.target, parts.drafter, parts.policy, parts.rounds, parts.verify_rows, parts.sibling_rule)
 
     def remote_parts(self, engine: Engine) -> tuple["ActorTarget | None", Drafter | None]:
         """Which of `engine`'s target and drafter run in Ray actors (None for a part in this process)."""

@@ -11,6 +11,7 @@ _MODULES = (
     "autoregressive",
     "vanilla",
     "tree",
+    "multi_draft",
     "prompt_lookup",
     "suffix",
     "rasd",

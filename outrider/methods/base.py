@@ -19,6 +19,7 @@ from outrider.scheduler.drafters import Drafter, DrafterFactory, GroupDrafterFac
 from outrider.scheduler.engine import DraftThenVerify, Rounds
 from outrider.scheduler.policy import MAX_DRAFT, MAX_VERIFY_ROWS, AdaptiveK, DraftPolicy, FixedK
 from outrider.scheduler.target import FeatureSource
+from outrider.scheduler.verify import SiblingRule, rrs_without_replacement
 
 
 class StrategyOptions(BaseModel):
@@ -85,6 +86,7 @@ class EngineParts:
     policy: Callable[[], DraftPolicy]  # a fresh draft-length policy per sequence
     rounds: Rounds
     verify_rows: int = MAX_DRAFT + 1  # the most rows a sequence adds to one target forward
+    sibling_rule: SiblingRule = rrs_without_replacement  # how a sampled tree's children verify: how they were drawn
 
 
 class BuildEnv(Protocol):

@@ -58,15 +58,16 @@ class _Grown:
         """Add the `width` most probable children of `parent` (-1: the pending token) from its logits row."""
         logp = torch.log_softmax(row.float(), dim=-1)
         top = torch.topk(logp, width)
-        base = self.scores[parent] if parent >= 0 else 0.0
-        new = []
-        for lp, column in zip(top.values.tolist(), top.indices.tolist()):
-            new.append(len(self.tokens))
-            self.tokens.append(token_of(column))
-            self.parents.append(parent)
-            self.scores.append(base + lp)
-            self.fed.append(-1)
-        return new
+        return [self.add_node(parent, token_of(column), lp) for lp, column in zip(top.values.tolist(),
+                                                                                  top.indices.tolist())]
+
+    def add_node(self, parent: int, token: int, logp: float) -> int:
+        """A child of `parent` (-1: the pending token) with draft log-probability `logp`; its index."""
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.scores.append((self.scores[parent] if parent >= 0 else 0.0) + logp)
+        self.fed.append(-1)
+        return len(self.tokens) - 1
 
     def ancestors(self, node: int) -> list[int]:
         out = []
@@ -132,7 +133,7 @@ class TreeDrafter(ModelDrafter):
         """Each sequence's tree from its root logits `rows`, `depth[seq_id]` levels deep (one draft forward per
         level past the first, all sequences batched)."""
         grown = {r.seq_id: _Grown(self.cache.lengths[self.seqs[r.seq_id].slot]) for r in live}
-        frontier = {r.seq_id: grown[r.seq_id].add_children(-1, row, self._width(), self._token)
+        frontier = {r.seq_id: self._most_probable(grown[r.seq_id], self.children(grown[r.seq_id], -1, row, r))
                     for r, row in zip(live, rows)}
         for level in range(1, max(depth.values())):
             deeper = [r for r in live if depth[r.seq_id] > level]
@@ -142,10 +143,19 @@ class TreeDrafter(ModelDrafter):
             for r in deeper:
                 tree, children = grown[r.seq_id], []
                 for node, row in zip(frontier[r.seq_id], rows_at[r.seq_id]):
-                    children += tree.add_children(node, row, self._width(), self._token)
-                frontier[r.seq_id] = sorted(children, key=lambda i: -tree.scores[i])[:self.width]
+                    children += self.children(tree, node, row, r)
+                frontier[r.seq_id] = self._most_probable(tree, children)
         self.grown.update(grown)
         return grown
+
+    def _most_probable(self, tree: _Grown, nodes: list[int]) -> list[int]:
+        """The frontier of the next depth: the `width` most probable of `nodes`."""
+        return sorted(nodes, key=lambda i: -tree.scores[i])[:self.width]
+
+    def children(self, tree: _Grown, parent: int, row: torch.Tensor, r: DraftRequest) -> list[int]:
+        """Add `parent`'s children (-1: the pending token's) from its draft logits `row`: its `width` most
+        probable tokens. The frontier of the next depth is the `width` most probable of all children added."""
+        return tree.add_children(parent, row, self._width(), self._token)
 
     def _draft(self, r: DraftRequest, tree: _Grown, seconds: float) -> Draft:
         """The leading nodes of the ranking worth their verify time."""

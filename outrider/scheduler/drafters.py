@@ -48,6 +48,16 @@ class Draft:
             return len(self.tokens)
         return max(node_depths(self.parents), default=0)
 
+    @property
+    def widths(self) -> list[int] | None:
+        """A tree's nodes at each depth (None for a chain: one per position)."""
+        if self.parents is None:
+            return None
+        counts = [0] * self.depth
+        for d in node_depths(self.parents):
+            counts[d - 1] += 1
+        return counts
+
 
 NO_DRAFT = Draft([], None)
 

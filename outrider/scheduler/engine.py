@@ -31,8 +31,10 @@ from outrider.scheduler.sampling import SamplingParams, warp
 from outrider.scheduler.target import TargetModel
 from outrider.scheduler.verify import (
     DraftTree,
+    SiblingRule,
     TreeVerifyResult,
     VerifyResult,
+    rrs_without_replacement,
     verify_chain,
     verify_greedy,
     verify_tree,
@@ -59,6 +61,8 @@ class SpecStats:
     new_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT)  # [MAX_DRAFT]
     drafted_per_position: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT)  # [MAX_DRAFT]
+    # draft tokens proposed at each position, summed over rounds: a tree's nodes at each depth, a chain's one
+    nodes_per_position: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT)  # [MAX_DRAFT]
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -67,17 +71,25 @@ class SpecStats:
     def mean_acceptance_length(self) -> float:
         return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else 0.0
 
-    def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "mean_acceptance_length": round(self.mean_acceptance_length, 4)}
+    @property
+    def drafts_per_position(self) -> list[float]:
+        """Mean draft tokens proposed at each position in the rounds that drafted it (a chain's: 1)."""
+        return [round(n / d, 4) if d else 0.0 for n, d in zip(self.nodes_per_position, self.drafted_per_position)]
 
-    def record(self, proposed: int, accepted: int, depth: int | None = None) -> None:
-        """One round: `proposed` draft tokens (a tree's nodes) reaching `depth` positions (a chain: proposed)."""
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "mean_acceptance_length": round(self.mean_acceptance_length, 4),
+                "drafts_per_position": self.drafts_per_position}
+
+    def record(self, proposed: int, accepted: int, depth: int | None = None, widths: list[int] | None = None) -> None:
+        """One round: `proposed` draft tokens (a tree's nodes) reaching `depth` positions (a chain: proposed),
+        `widths[i]` of them at position i + 1 (a chain: one each)."""
         self.rounds += 1
         self.draft_tokens += proposed
         self.accepted_tokens += accepted
         for i in range(proposed if depth is None else depth):
             self.drafted_per_position[i] += 1
             self.accepted_per_position[i] += i < accepted
+            self.nodes_per_position[i] += 1 if widths is None else widths[i]
 
 
 @dataclass
@@ -112,11 +124,13 @@ class Rounds(Protocol):
 class Engine:
     def __init__(self, target: TargetModel, drafter: Drafter | None = None,
                  policy: Callable[[], DraftPolicy] | None = None, rounds: Rounds | None = None,
-                 verify_rows: int = MAX_DRAFT + 1):
+                 verify_rows: int = MAX_DRAFT + 1, sibling_rule: SiblingRule = rrs_without_replacement):
         """verify_rows: the most rows one sequence adds to a target forward (a chain's k + 1, a tree's nodes + 1),
-        which every request must leave room for in its context."""
+        which every request must leave room for in its context. sibling_rule: the verifier of a sampled tree's
+        children, lossless for the way the drafter drew them (`scheduler.verify`)."""
         self.target = target
         self.verify_rows = verify_rows
+        self.sibling_rule = sibling_rule
         self.drafter = drafter
         self.new_policy = policy or (lambda: FixedK(3 if drafter else 0))
         self.rounds = rounds or DraftThenVerify()
@@ -217,7 +231,7 @@ class Engine:
             tree = DraftTree(tokens, torch.tensor(parents, dtype=torch.long), probs)
             if seq.request.params.greedy:
                 return verify_tree_greedy(logits, tree)
-            return verify_tree(warp(logits, seq.request.params), tree, seq.generator)
+            return verify_tree(warp(logits, seq.request.params), tree, seq.generator, self.sibling_rule)
         bonus = logits.shape[0] == len(drafted) + 1
         if not bonus:  # a stand-in bonus row; the token it yields is dropped below
             logits = torch.cat([logits, logits[-1:]])
@@ -230,7 +244,7 @@ class Engine:
 
     def commit(self, seq: Sequence, scored: int, proposed: int, result: VerifyResult | TreeVerifyResult,
                draft_time: float, verify_time: float, cost: float | None = None,
-               depth: int | None = None) -> list[int]:
+               depth: int | None = None, widths: list[int] | None = None) -> list[int]:
         """Keep the target K/V of the pending token and the accepted drafts among the `scored` draft rows this
         round appended, roll back the rest, and commit the accepted tokens and the extra one. `depth`: positions a
         tree draft reached (a chain's is its length)."""
@@ -243,7 +257,7 @@ class Engine:
         else:
             self.target.compact(seq.slot, base, kept)
         seq.tokens += new
-        seq.stats.record(proposed, result.num_accepted, depth)
+        seq.stats.record(proposed, result.num_accepted, depth, widths)
         seq.stats.new_tokens += len(new)
         seq.stats.draft_seconds += draft_time
         seq.stats.verify_seconds += verify_time
@@ -295,7 +309,7 @@ class DraftThenVerify:
         verify_time = time.perf_counter() - t0
         engine.verify_cost.observe(sum(len(rows) for rows in logits), verify_time)
         return [engine.commit(s, len(d.tokens), len(d.tokens), r, draft_time, verify_time,
-                              _cost(draft_time, d.depth, verify_time), d.depth)
+                              _cost(draft_time, d.depth, verify_time), d.depth, d.widths)
                 for s, d, r in zip(seqs, drafts, results)]
 
     def release(self, seq_id: int) -> None:
