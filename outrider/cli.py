@@ -110,6 +110,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
     for name, value in BENCH_MODE_DEFAULTS.get(a.mode, {}).items():
         if getattr(a, name) is None:
             setattr(a, name, value)
+    from outrider.bench.multi_draft import MODE as MULTI_DRAFT
+
+    if a.mode == MULTI_DRAFT:
+        from outrider.bench.multi_draft import run_multi_draft_bench
+
+        return run_multi_draft_bench(a)
     if a.mode == "gpu":
         from outrider.bench.gpu import run_gpu_bench
 
@@ -172,9 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_vocab_trim, max_tokens=128)
     v.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
 
+    from outrider.bench.multi_draft import MODE as MULTI_DRAFT
+    from outrider.bench.multi_draft import add_multi_draft_args
+
     b = sub.add_parser("bench", help="measure strategies and peers on prompt sets, or serving under concurrency")
     b.add_argument("mode", nargs="?",
-                   choices=["strategies", "serving", "load", "transport", "kernels", "overlap", "gpu"],
+                   choices=["strategies", "serving", "load", "transport", "kernels", "overlap", "gpu", MULTI_DRAFT],
                    default="strategies",
                    help="strategies: decoding methods one request at a time (default); serving: a profile under "
                         "concurrent load, actors against in-process; load: `outrider serve` under bounded HTTP "
@@ -183,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "per weight format; overlap: a draft block in its actor against a verify, alone and "
                         "together (whether rounds that draft during the verify can pay on this machine); gpu: "
                         "CUDA-graph decode/verify/draft, a CPU target with a GPU draft and their overlap, on random "
-                        "weights of the real shapes")
+                        f"weights of the real shapes; {MULTI_DRAFT}: each multi-draft verifier's acceptance beside "
+                        "the optimal transport bound, at positions of sampled continuations")
     from outrider.bench.gpu import add_gpu_args
     from outrider.bench.kernels import add_kernel_args
     from outrider.bench.load import add_load_args
@@ -199,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_load_args(b)
     add_overlap_args(b)
     add_gpu_args(b)
+    add_multi_draft_args(b)
     add_model_args(b)
     add_strategy_args(b)
     add_sampling_args(b)

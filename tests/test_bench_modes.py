@@ -1,8 +1,10 @@
-"""`outrider bench serving` and `outrider bench kernels` run end to end and report what they claim: the serving
+"""`outrider bench serving`, `kernels` and `multi-draft` run end to end and report what they claim: the serving
 bench checks greedy identity across concurrency levels; the kernel table's ratios are relative to one row."""
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from outrider.cli import main
 from outrider.kernels.native import available as native_available
@@ -38,3 +40,26 @@ def test_kernel_bench_times_each_format_relative_to_one_row(tmp_path, capsys):
         # the plain read of the same bytes, timed beside the kernel where our kernels run
         assert r["read_gbps"] > 0 if native_available() else r["read_gbps"] is None
     assert results[1]["bytes"] < results[0]["bytes"]  # int4 streams fewer bytes than int8
+
+
+def test_multi_draft_bench_reports_each_verifier_within_its_bound(tmp_path, capsys):
+    from tiny_folders import write_tiny_pair
+
+    target, draft = write_tiny_pair(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\n", encoding="utf-8")
+    out = tmp_path / "md.json"
+    code = main(["bench", "multi-draft", "--target", str(target), "--draft", str(draft), "--target-weights", "dense",
+                 "--draft-weights", "dense", "--dtype", "float32", "--prompts", str(prompts),
+                 "--max-tokens", "8", "--ignore-eos", "--temperature", "1", "--n-drafts", "1,3",
+                 "--bound-positions", "4", "--verifier-draws", "64", "--json-out", str(out)])
+    assert code == 0
+    assert "support cut moves any bound" in capsys.readouterr().out
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"with-replacement", "without-replacement", "greedy"}
+    for cells in summary.values():
+        assert cells["3"]["optimal"] >= cells["1"]["optimal"] - 1e-9  # more drafts never lower the optimum
+        for c in cells.values():
+            assert 0 <= c["verifier"] <= c["optimal"] + 0.1  # a Monte Carlo mean of 64 draws per position
+    assert summary["greedy"]["3"]["verifier"] == pytest.approx(summary["greedy"]["3"]["optimal"], abs=0.1)
+    assert out.with_suffix(".png").stat().st_size > 0

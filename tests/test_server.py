@@ -488,7 +488,8 @@ def test_serve_command_binds_loopback_from_the_profile(pair, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", [{"name": "tree", "k": 4, "branching": 2, "max_nodes": 6},
-                                      {"name": "suffix"}], ids=["tree", "suffix"])
+                                      {"name": "suffix"}, {"name": "multi-draft", "drafts": 3}],
+                         ids=["tree", "suffix", "multi-draft"])
 def test_tree_strategies_over_http_give_the_plain_text_and_say_so(pair, strategy):
     profile = make_profile(pair)
     tree = profile.model_copy(update={"strategy": METHODS[strategy["name"]].Options(**strategy)})
@@ -503,3 +504,17 @@ def test_tree_strategies_over_http_give_the_plain_text_and_say_so(pair, strategy
                 assert http.get("/v1/models").json()["data"][0]["speculation"]["strategy"] == strategy["name"]
     assert [t["choices"][0]["text"] for t in texts["tree"]] == [t["choices"][0]["text"] for t in texts["plain"]]
     assert sum(t["outrider"]["accepted_tokens"] for t in texts["tree"]) > 0
+
+
+def test_sampled_requests_over_http_use_the_profiles_multi_draft_and_report_drafts_per_position(pair):
+    profile = make_profile(pair)
+    options = METHODS["multi-draft"].Options(drafts=3, k=3, sampling="greedy")
+    with live(profile.model_copy(update={"strategy": options})) as (url, _), \
+            httpx.Client(base_url=url, timeout=DEADLINE_S) as http:
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 24, "temperature": 1.0, "seed": 5}
+        first, second = (http.post("/v1/completions", json=body).json() for _ in range(2))
+        bad = http.post("/v1/completions", json=body | {"temperature": -1})
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]  # seeded: the same tokens
+    stats = first["outrider"]
+    assert stats["rounds"] >= 1 and stats["drafts_per_position"][:3] == [3.0, 3.0, 3.0]
+    assert bad.status_code == 400
