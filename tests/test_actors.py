@@ -88,6 +88,19 @@ def test_seeded_sampling_through_actors_equals_in_process(pair, cluster):
         remote.shutdown()
 
 
+def test_seeded_multi_drafts_through_actors_equal_in_process(pair, cluster):
+    """Sampled draft trees with their q rows cross the actor wire: the same seeds give the same tokens."""
+    params = [SamplingParams(temperature=1.0, seed=3 + i) for i in range(16)]
+    options = METHODS["multi-draft"].Options(drafts=2, k=3, sampling="without-replacement")
+    local = Service.start(profile(pair, "local", speculation_gate=False).model_copy(update={"strategy": options}))
+    remote = Service.start(profile(pair, "ray", speculation_gate=False).model_copy(update={"strategy": options}))
+    try:
+        assert generate_all(remote, params) == generate_all(local, params)
+    finally:
+        remote.shutdown()
+        local.shutdown()
+
+
 def test_cancel_frees_the_actors_kv(pair, cluster):
     service = Service.start(profile(pair, "ray", max_running=2))
 
@@ -263,7 +276,9 @@ def test_easyspec_with_its_layer_groups_in_the_draft_actor_equals_the_in_process
 
 
 @pytest.mark.parametrize("strategy", [{"name": "tree", "k": 4, "branching": 2, "max_nodes": 6},
-                                      {"name": "suffix", "pool": "shared"}], ids=["tree", "suffix"])
+                                      {"name": "suffix", "pool": "shared"},
+                                      {"name": "multi-draft", "drafts": 3, "k": 3}],
+                         ids=["tree", "suffix", "multi-draft"])
 def test_tree_strategies_through_actors_equal_the_in_process_engine(pair, cluster, in_process, strategy):
     """Tree drafts through the actors: the draft tree in the draft actor (tree) or in this process (suffix), its
     nodes verified by the target actor under the tree mask, the accepted path compacted there."""

@@ -189,7 +189,11 @@ class TreeDrafter(ModelDrafter):
         super().reset()
 
     def _width(self) -> int:
-        return min(self.width, self.model.config.vocab_size if self.kept_ids is None else len(self.kept_ids))
+        return min(self.width, self._vocab())
+
+    def _vocab(self) -> int:
+        """Tokens the draft can propose (its head's columns)."""
+        return self.model.config.vocab_size if self.kept_ids is None else len(self.kept_ids)
 
     def _feed_tree(self, requests: list[DraftRequest], grown: dict[int, _Grown], frontier: dict[int, list[int]],
                    depth: int) -> dict[int, list[torch.Tensor]]:

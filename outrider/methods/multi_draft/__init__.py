@@ -103,9 +103,6 @@ class MultiDraftDrafter(TreeDrafter):
             nodes.append(node)
         return nodes
 
-    def _vocab(self) -> int:
-        return self.model.config.vocab_size if self.kept_ids is None else len(self.kept_ids)
-
     def _draft(self, r: DraftRequest, tree: _Grown, seconds: float) -> Draft:
         """Every node grown, in the order grown (parents first)."""
         rows = self.q_rows.get(r.seq_id, {})
