@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from outrider.methods import BASELINE
 from outrider.methods.multi_draft import METHOD
-from outrider.methods.multi_draft.bound import optimal_acceptance, restrict
+from outrider.methods.multi_draft.bound import Support, optimal_on, restrict
 from outrider.methods.multi_draft.schemes import SCHEMES, VERIFIERS
 from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.model import Transformer
@@ -52,13 +52,11 @@ def position_distributions(target: Transformer, draft: Transformer, kept_ids: to
     return list(zip(rows[0], rows[1]))
 
 
-def achieved(p: np.ndarray, q: np.ndarray, n: int, sampling: str, support: int, draws: int,
-             generator: torch.Generator) -> float:
+def achieved(cut: Support, n: int, sampling: str, draws: int, generator: torch.Generator) -> float:
     """The verifier's mean P(output ∈ drafts) over `draws` draft draws, on q's support (p outside lumped in one
     token the draft never proposes, which leaves every rule's outcome the same)."""
-    p_s, q_s, _ = restrict(p, q, support)
-    p_l = torch.tensor(np.append(p_s, max(0.0, 1.0 - p_s.sum())))
-    q_l = torch.tensor(np.append(q_s, 0.0))
+    p_l = torch.tensor(np.append(cut.p, max(0.0, 1.0 - cut.p.sum())))
+    q_l = torch.tensor(np.append(cut.q, 0.0))
     scheme, rule = SCHEMES[sampling], VERIFIERS[SCHEMES[sampling].verifier]
     total = 0.0
     for _ in range(draws):
@@ -93,14 +91,14 @@ def run_multi_draft_bench(a: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(params.seed)
     table = {s: {n: {"bound": [], "verifier": [], "tail": []} for n in ns} for s in SCHEMES}
     for i in tqdm(pick, desc="bounds", unit="position"):
-        p, q = positions[i]
+        cut = restrict(*positions[i], a.bound_support)  # once per position: it sorts the whole vocabulary
         for sampling in SCHEMES:
             for n in ns:
-                bound = optimal_acceptance(p, q, n, sampling, a.bound_support)
+                bound = optimal_on(cut, n, sampling)
                 cell = table[sampling][n]
                 cell["bound"].append(bound.value)
                 cell["tail"].append(bound.tail)
-                cell["verifier"].append(achieved(p, q, n, sampling, a.bound_support, a.verifier_draws, generator))
+                cell["verifier"].append(achieved(cut, n, sampling, a.verifier_draws, generator))
     summary = {s: {str(n): {"optimal": round(float(np.mean(c["bound"])), 4),
                             "verifier": round(float(np.mean(c["verifier"])), 4),
                             "verifier_name": SCHEMES[s].verifier,

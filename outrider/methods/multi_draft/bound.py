@@ -31,11 +31,21 @@ class Bound:
     tail: float  # how far the support cut can have moved it (0: exact)
 
 
-def restrict(p: np.ndarray, q: np.ndarray, support: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """q's `support` most probable tokens with q > 0: (p there, q there renormalised, q's mass outside)."""
+@dataclass(frozen=True)
+class Support:
+    """One position cut to q's most probable tokens: p there, q there renormalised, and q's mass outside."""
+
+    p: np.ndarray
+    q: np.ndarray
+    rest: float
+
+
+def restrict(p: np.ndarray, q: np.ndarray, support: int) -> Support:
+    """The position (p [V], q [V]) on q's `support` most probable tokens with q > 0."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
     order = np.argsort(-q, kind="stable")
     kept = order[:support][q[order[:support]] > 0]
-    return p[kept], q[kept] / q[kept].sum(), float(q[order[support:]].sum()) / float(q.sum())
+    return Support(p[kept], q[kept] / q[kept].sum(), float(q[order[support:]].sum()) / float(q.sum()))
 
 
 def ratio_order(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -71,17 +81,20 @@ def all_in_without_replacement(q_sorted: np.ndarray, n: int) -> np.ndarray:
 
 def optimal_acceptance(p: np.ndarray, q: np.ndarray, n: int, sampling: str, support: int = 512) -> Bound:
     """α* for target p [V] and draft q [V] (both warped), n drafts drawn by `sampling` (see the module)."""
-    p_s, q_s, rest = restrict(np.asarray(p, np.float64), np.asarray(q, np.float64), support)
+    return optimal_on(restrict(p, q, support), n, sampling)
+
+
+def optimal_on(cut: Support, n: int, sampling: str) -> Bound:
+    """α* on a position already cut to its support (`restrict`), which several n and schemes can share."""
+    p_s, q_s = cut.p, cut.q
     n = min(n, len(q_s))
-    tail = n * rest
+    tail = n * cut.rest
     if sampling == "greedy":
         head = np.argsort(-q_s, kind="stable")[:n - 1]
         q_rest = q_s.copy()
         q_rest[head] = 0.0
-        q_rest /= q_rest.sum()
-        rest_mask = np.ones(len(q_s), bool)
-        rest_mask[head] = False
-        return Bound(float(p_s[head].sum() + np.minimum(p_s[rest_mask], q_rest[rest_mask]).sum()), tail)
+        q_rest /= q_rest.sum()  # q' = 0 on the head, so min(p, q') adds nothing there
+        return Bound(float(p_s[head].sum() + np.minimum(p_s, q_rest).sum()), tail)
     order = ratio_order(p_s, q_s)
     p_prefix = np.concatenate([[0.0], np.cumsum(p_s[order])])
     if sampling == "with-replacement":
