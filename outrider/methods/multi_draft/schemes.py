@@ -47,13 +47,12 @@ def draw_greedy(q: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
 class Scheme:
     draw: Callable[[Tensor, int, torch.Generator | None], Tensor]  # (q [V], n, generator) -> drafted columns
     verifier: VerifierName  # the verifier that is lossless for these draws
-    distinct: bool  # whether the drafts are distinct tokens
 
 
 SCHEMES: dict[str, Scheme] = {
-    "with-replacement": Scheme(draw_with_replacement, "rrs", distinct=False),
-    "without-replacement": Scheme(draw_without_replacement, "rrs-without-replacement", distinct=True),
-    "greedy": Scheme(draw_greedy, "greedy-draft", distinct=True),
+    "with-replacement": Scheme(draw_with_replacement, "rrs"),
+    "without-replacement": Scheme(draw_without_replacement, "rrs-without-replacement"),
+    "greedy": Scheme(draw_greedy, "greedy-draft"),
 }
 
 VERIFIERS: dict[str, SiblingRule] = {
