@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "per weight format; overlap: a draft block in its actor against a verify, alone and "
                         "together (whether rounds that draft during the verify can pay on this machine); gpu: "
                         "CUDA-graph decode/verify/draft, a CPU target with a GPU draft and their overlap, on random "
-                        f"weights of the real shapes; {MULTI_DRAFT}: each multi-draft verifier's acceptance beside "
-                        "the optimal transport bound, at positions of sampled continuations")
+                        f"weights of the real shapes; {MULTI_DRAFT}: the acceptance of each verifier of several drafts "
+                        "per position beside the optimal transport bound, at positions of sampled continuations")
     from outrider.bench.gpu import add_gpu_args
     from outrider.bench.kernels import add_kernel_args
     from outrider.bench.load import add_load_args

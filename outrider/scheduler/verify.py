@@ -317,7 +317,8 @@ def rrs_with_replacement(p: Tensor, q: Tensor | None, tokens: Tensor) -> LevelBr
 
 
 def greedy_draft_rule(p: Tensor, q: Tensor | None, tokens: Tensor) -> LevelBranches:
-    """The verifier of greedy multi-drafts ("Towards Optimal Multi-Draft Speculative Decoding", Hu et al. 2025):
+    """The verifier of greedy drafts, several per position ("Towards Optimal Multi-Draft Speculative Decoding",
+    Hu et al. 2025):
     children c_1..c_{m−1} are the draft's top m − 1 tokens T (deterministic) and c_m = x was drawn from
     q' = q restricted to V − T, renormalised.
         accept x w.p. a = min(1, p(x)/q'(x)); else draw y ~ r = norm(max(0, p − q')),
