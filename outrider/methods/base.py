@@ -126,10 +126,12 @@ class Method:
     lossless: ClassVar[bool] = True  # output is exactly the target's (greedy: token for token)
     splits_draft: ClassVar[bool] = False  # passes `split` to `model_drafter`: several draft stages are its groups
     drafts_trees: ClassVar[bool] = False  # proposes trees (`Draft.parents`), which graph steps cannot score
+    uses_draft_model: ClassVar[bool] = False  # drafts with the draft model whatever its options
 
     def drafts_with_model(self, options: StrategyOptions) -> bool:
-        """Whether these options draft with the draft model (a profile then needs `models.draft`)."""
-        return False
+        """Whether these options draft with the draft model (a profile then needs `models.draft`); a method whose
+        options decide it overrides this."""
+        return self.uses_draft_model
 
     def needs_target_features(self, options: StrategyOptions) -> bool:
         """Whether its drafter reads the target's hidden states (the target must then run in this process)."""

@@ -172,9 +172,7 @@ class Pearl(Method):
     summary = ("PEARL: the draft model drafts the next block while the target verifies this one (pre-/post-verify; "
                "overlaps when the draft runs in its own actor)")
     Options = PearlOptions
-
-    def drafts_with_model(self, options: StrategyOptions) -> bool:
-        return True
+    uses_draft_model = True
 
     def policy(self, options: StrategyOptions) -> Callable[[], DraftPolicy]:
         if options.policy == "auto":  # only overlapped rounds time the draft against the verify

@@ -198,10 +198,8 @@ class Rasd(Method):
     name = "rasd"
     summary = "retrieved continuations pruned by the draft model and fused with its tree"
     Options = RasdOptions
+    uses_draft_model = True
     drafts_trees = True
-
-    def drafts_with_model(self, options: StrategyOptions) -> bool:
-        return True
 
     def check(self, options: StrategyOptions, profile: Any) -> None:
         assert isinstance(options, RasdOptions)

@@ -226,10 +226,8 @@ class Tree(Method):
     name = "tree"
     summary = "the draft model grows a tree of its most probable candidates, expanded where it is confident"
     Options = TreeOptions
+    uses_draft_model = True
     drafts_trees = True
-
-    def drafts_with_model(self, options: StrategyOptions) -> bool:
-        return True
 
     def parts(self, options: StrategyOptions, env: BuildEnv) -> EngineParts:
         assert isinstance(options, TreeOptions)

@@ -15,9 +15,7 @@ class Vanilla(Method):
     name = "vanilla"
     summary = "a draft model proposes a chain of k tokens"
     Options = VanillaOptions
-
-    def drafts_with_model(self, options: StrategyOptions) -> bool:
-        return True
+    uses_draft_model = True
 
     def parts(self, options: StrategyOptions, env: BuildEnv) -> EngineParts:
         return self.draft_then_verify(env.chain_drafter(), options)

@@ -22,10 +22,8 @@ class EasySpec(Method):
     summary = ("EasySpec: draft steps run the draft's layers in parallel groups (--draft-group), then one exact "
                "pass recalibrates the draft KV each round")
     Options = EasySpecOptions
+    uses_draft_model = True
     splits_draft = True
-
-    def drafts_with_model(self, options: StrategyOptions) -> bool:
-        return True
 
     def check(self, options: StrategyOptions, profile: Any) -> None:
         """Several draft stages are the group actors: stage j hosts member j of every layer group."""

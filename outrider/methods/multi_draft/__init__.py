@@ -114,10 +114,8 @@ class MultiDraft(Method):
     name = "multi-draft"
     summary = "n drafts per position, drawn with or without replacement or greedily, under a verifier exact for them"
     Options = MultiDraftOptions
+    uses_draft_model = True
     drafts_trees = True
-
-    def drafts_with_model(self, options: StrategyOptions) -> bool:
-        return True
 
     def parts(self, options: StrategyOptions, env: BuildEnv) -> EngineParts:
         assert isinstance(options, MultiDraftOptions)
