@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from outrider.bench.report import new_figure, save_figure
 from outrider.methods import BASELINE
 from outrider.methods.multi_draft import METHOD
 from outrider.methods.multi_draft.bound import Support, optimal_on, restrict
@@ -134,12 +135,7 @@ def render(summary: dict, ns: list[int], positions: int, params: SamplingParams)
 
 
 def plot(summary: dict, ns: list[int], path: Path, params: SamplingParams) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    fig, ax = new_figure((5.5, 4.0))
     for (s, cells), color in zip(summary.items(), ("tab:orange", "tab:blue", "tab:green")):
         ax.plot(ns, [cells[str(n)]["optimal"] for n in ns], "-o", color=color, label=f"{s}: optimal")
         ax.plot(ns, [cells[str(n)]["verifier"] for n in ns], "--x", color=color,
@@ -149,8 +145,4 @@ def plot(summary: dict, ns: list[int], path: Path, params: SamplingParams) -> Pa
     ax.set_xticks(ns)
     ax.set_title(f"multi-draft acceptance vs the optimal transport bound, T={params.temperature}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

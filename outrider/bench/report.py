@@ -191,13 +191,29 @@ def _peer_lines(peers: dict[str, dict]) -> list[str]:
     return _rows_to_text(header, rows)
 
 
-def plot_throughput(summary: dict[str, dict], peers: dict[str, dict], path: Path, title: str) -> Path:
-    """Bar chart of tokens/s per strategy and per peer mode, each bar labelled with its speedup."""
+def new_figure(figsize: tuple[float, float]):
+    """(fig, ax) drawn off-screen: a bench plot is written to a file, on servers without a display."""
     import matplotlib
 
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
+    matplotlib.use("Agg")  # must precede pyplot's import
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=figsize)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write `fig` as a PNG at `path` (its folder made if missing) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_throughput(summary: dict[str, dict], peers: dict[str, dict], path: Path, title: str) -> Path:
+    """Bar chart of tokens/s per strategy and per peer mode, each bar labelled with its speedup."""
     labels, values, notes, colors = [], [], [], []
     for name, s in summary.items():
         labels.append(name)
@@ -212,7 +228,7 @@ def plot_throughput(summary: dict[str, dict], peers: dict[str, dict], path: Path
                 values.append(p[key])
                 notes.append(note)
                 colors.append("tab:orange")
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels)), 4.0))
+    fig, ax = new_figure((max(5.0, 1.2 * len(labels)), 4.0))
     bars = ax.bar(range(len(values)), values, color=colors)
     for bar, note in zip(bars, notes):
         ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
@@ -221,8 +237,4 @@ def plot_throughput(summary: dict[str, dict], peers: dict[str, dict], path: Path
     ax.set_ylabel("tokens / s")
     ax.set_title(title, fontsize=9)
     ax.margins(y=0.15)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
