@@ -262,7 +262,7 @@ class ActorDrafter:
         if not self.recovery.ready():
             return lambda: none  # plain decoding until the draft is back
         wire = [{"seq_id": r.seq_id, "tokens": r.tokens, "k": r.k, "params": r.params,
-                 "verify_seconds": r.verify_seconds,
+                 "verify_seconds": r.verify_seconds, "prompt_len": r.prompt_len,
                  "rng": None if r.generator is None else r.generator.get_state().numpy()} for r in requests]
         refs = self._send("propose", wire)
 

@@ -245,7 +245,7 @@ class DraftWorker:
         self.faults.tick()
         t0 = time.perf_counter()
         reqs = [DraftRequest(r["seq_id"], r["tokens"], r["k"], r["params"], _generator(r["rng"]),
-                             verify_seconds=r["verify_seconds"]) for r in requests]
+                             verify_seconds=r["verify_seconds"], prompt_len=r["prompt_len"]) for r in requests]
         drafts = self.drafter.propose(reqs)
         seconds = time.perf_counter() - t0
         self.busy_seconds += seconds

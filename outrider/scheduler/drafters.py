@@ -15,7 +15,7 @@ from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.kv_cache import KVCache
 from outrider.runtime.model import Transformer
 from outrider.scheduler.policy import node_depths
-from outrider.scheduler.sampling import SamplingParams, argmax, sample, warp
+from outrider.scheduler.sampling import SamplingParams, adjust, argmax, sample, warp
 
 NO_SLOT = -1  # DraftRequest.target_slot of a request made apart from any target (benchmarks, actor checks)
 
@@ -31,6 +31,15 @@ class DraftRequest:
     # estimated seconds of the target forward verifying 1..MAX_VERIFY_ROWS rows of this sequence (None: not
     # measured yet), for a drafter sizing a tree to what verification costs here
     verify_seconds: tuple[float, ...] | None = None
+    prompt_len: int = 0  # tokens[:prompt_len] is the prompt: what the penalties of `params` tell apart
+
+    def adjusted(self, logits: torch.Tensor, drafted: list[int]) -> torch.Tensor:
+        """[V] draft logits after the request's logit_bias and penalties, following `tokens` and `drafted`, as
+        the target's row at that position will be (a draft that ignored them would be rejected more often)."""
+        if not self.params.adjusts:
+            return logits
+        prompt, rest = self.tokens[:self.prompt_len], self.tokens[self.prompt_len:]
+        return adjust(logits[None], self.params, prompt, rest + drafted)[0]
 
 
 @dataclass(frozen=True)
@@ -230,6 +239,8 @@ class ModelDrafter(CachedSequences):
                     live = [r for r in live if r.k > step]
                     logits = self._feed(live, [[tokens[r.seq_id][-1]] for r in live])
                 for r, row in zip(live, logits):
+                    # a trimmed head's columns are not token ids: it drafts unadjusted, still exact (q is what it drew)
+                    row = r.adjusted(row, tokens[r.seq_id]) if self.kept_ids is None else row
                     if r.params.greedy:  # q is a point mass: no distribution to keep
                         tokens[r.seq_id].append(self._token(int(argmax(row))))  # host sync: next draft input
                         continue

@@ -27,8 +27,8 @@ import torch
 from outrider.runtime.batch import TreeRows
 from outrider.scheduler.drafters import NO_DRAFT, Draft, Drafter, DraftRequest
 from outrider.scheduler.policy import MAX_DRAFT, DraftPolicy, FixedK, VerifyCost
-from outrider.scheduler.sampling import SamplingParams, warp
-from outrider.scheduler.target import TargetModel
+from outrider.scheduler.sampling import SamplingParams, TokenLogprob, adjust, token_logprobs, warp
+from outrider.scheduler.target import PREFILL_CHUNK, TargetModel
 from outrider.scheduler.verify import (
     DraftTree,
     SiblingRule,
@@ -48,6 +48,9 @@ class Request:
     max_tokens: int
     params: SamplingParams = SamplingParams()
     stop_ids: frozenset[int] = frozenset()  # generation ends after emitting one of these (EOS); empty = ignore EOS
+    # report each generated token's log-probability and this many most likely alternatives (None: none at all)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (its first has none)
 
 
 @dataclass
@@ -102,6 +105,8 @@ class Sequence:
     generator: torch.Generator
     stats: SpecStats = field(default_factory=SpecStats)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of `generated`, one each (Request.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # of the prompt, None for its first
 
     @property
     def generated(self) -> list[int]:
@@ -150,12 +155,26 @@ class Engine:
         try:
             if self.drafter is not None:  # first: a drafter in an actor prefills while the target does
                 self.drafter.prefill(seq.seq_id, request.prompt_ids[:-1])
-            self.target.prefill(seq.slot, request.prompt_ids[:-1])
+            if request.prompt_logprobs is None:
+                self.target.prefill(seq.slot, request.prompt_ids[:-1])
+            else:
+                seq.prompt_logprobs = self._prefill_scored(seq.slot, request)
         except BaseException:
             self.release(seq)
             raise
         seq.stats.prefill_seconds = time.perf_counter() - t0
         return seq
+
+    def _prefill_scored(self, slot: int, request: Request) -> list[TokenLogprob | None]:
+        """Prefill through the scoring forward, chunk by chunk, keeping each prompt token's log-probability (the
+        kernels make the K/V exactly what a prefill writes). No penalty applies: the prompt was not sampled."""
+        prompt, out = request.prompt_ids, [None]
+        for i in range(0, len(prompt) - 1, PREFILL_CHUNK):
+            part = prompt[i:i + PREFILL_CHUNK]
+            logits = self.target.score([slot], [part[:len(prompt) - 1 - i]])[0]  # row j scores prompt[i + j + 1]
+            out += token_logprobs(logits, prompt[i + 1:i + 1 + logits.shape[0]], request.params,
+                                  request.prompt_logprobs)
+        return out
 
     def release(self, seq: Sequence, reason: str = "abort") -> None:
         """Free the sequence's KV in target and drafter; idempotent."""
@@ -199,7 +218,8 @@ class Engine:
         costs = self.verify_cost.table(offset=len(seqs) - 1)  # the others' pending rows at least share the forward
         # a seeded sampled request is not told the costs: a draft shaped by timing would change its tokens
         return [DraftRequest(s.seq_id, s.tokens + a, k, s.request.params, s.generator, s.slot,
-                             None if s.request.params.seed is not None and not s.request.params.greedy else costs)
+                             None if s.request.params.seed is not None and not s.request.params.greedy else costs,
+                             len(s.request.prompt_ids))
                 for s, k, a in zip(seqs, ks, ahead)]
 
     def draft_lengths(self, seqs: list[Sequence], speculate: bool, extra: int = 0) -> list[int]:
@@ -226,6 +246,34 @@ class Engine:
         """Accept a prefix of `drafted` (with `parents`, a root-to-node path of the tree) against the target rows
         `logits`. A chain with as many rows as drafts (the last draft scored by the row after the others) has no
         bonus row: all accepted adds no extra."""
+        logits = self.adjusted(seq, drafted, parents, logits)
+        result = self._verify(seq, drafted, probs, logits, parents)
+        if seq.request.logprobs is None:
+            return result
+        # the row that chose each committed token (a chain without a bonus row has one row fewer than tokens+1)
+        rows = ([0] + [i + 1 for i in result.path])[:len(result.tokens)]
+        return dataclasses.replace(result, logprobs=tuple(token_logprobs(
+            logits[rows], result.tokens, seq.request.params, seq.request.logprobs)))
+
+    @staticmethod
+    def adjusted(seq: Sequence, drafted: list[int], parents: list[int] | None, logits: torch.Tensor) -> torch.Tensor:
+        """The target rows after logit_bias and penalties: row i follows the committed tokens and the drafts on
+        its way (a chain's first i, a tree node's ancestors and itself), as plain decoding would have seen them."""
+        params = seq.request.params
+        if not params.adjusts:
+            return logits
+        if parents is None:
+            before = [drafted[:i] for i in range(logits.shape[0])]
+        else:
+            paths: list[list[int]] = []
+            for node, parent in enumerate(parents):
+                paths.append((paths[parent] if parent >= 0 else []) + [drafted[node]])
+            before = [[]] + paths
+        prompt = seq.request.prompt_ids
+        return adjust(logits, params, prompt, seq.tokens[len(prompt):], before)
+
+    def _verify(self, seq: Sequence, drafted: list[int], probs: torch.Tensor | None, logits: torch.Tensor,
+                parents: list[int] | None) -> VerifyResult | TreeVerifyResult:
         tokens = torch.tensor(drafted, dtype=torch.long)  # [k]
         if parents is not None:
             tree = DraftTree(tokens, torch.tensor(parents, dtype=torch.long), probs)
@@ -257,6 +305,7 @@ class Engine:
         else:
             self.target.compact(seq.slot, base, kept)
         seq.tokens += new
+        seq.logprobs += result.logprobs[:len(new)]
         seq.stats.record(proposed, result.num_accepted, depth, widths)
         seq.stats.new_tokens += len(new)
         seq.stats.draft_seconds += draft_time
@@ -293,6 +342,17 @@ class Engine:
         bad = [t for t in request.prompt_ids if not 0 <= t < self.target.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.target.vocab_size - 1})")
+        bad = [t for t, _ in request.params.logit_bias if not 0 <= t < self.target.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary "
+                             f"(0..{self.target.vocab_size - 1})")
+        for name in ("logprobs", "prompt_logprobs"):
+            top = getattr(request, name)
+            if top is not None and not 0 <= top <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in 0..{MAX_LOGPROBS} (alternatives per token), got {top}")
+
+
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's limit)
 
 
 class DraftThenVerify:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from outrider.scheduler.sampling import argmax, sample
+from outrider.scheduler.sampling import TokenLogprob, argmax, sample
 
 # ----------------------------------------------------------------------------------------------------------------
 # The accept rule, piece by piece. verify_chain, verify_tree and the exact-distribution tests all use these.
@@ -93,6 +93,8 @@ class VerifyResult:
 
     num_accepted: int  # accepted draft tokens (a prefix of the draft), 0..k
     tokens: list[int]  # the accepted drafts + the extra token (recovered, or bonus if all k were accepted)
+    # each token's log-probability under the target, when the request asks for them (`Engine.verify` adds them)
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def acceptance_length(self) -> int:
@@ -247,6 +249,7 @@ class DraftTree:
 class TreeVerifyResult:
     path: list[int]  # accepted node indices, root → deepest, each a child of the one before
     tokens: list[int]  # tokens of the path + the extra (recovered or bonus) token
+    logprobs: tuple[TokenLogprob, ...] = ()  # as VerifyResult's
 
     @property
     def num_accepted(self) -> int:
