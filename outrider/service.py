@@ -93,12 +93,13 @@ class Service:
         await self.scheduler.stop()
 
     def request(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams = SamplingParams(),
-                stop_ids: frozenset[int] | None = None) -> Request:
+                stop_ids: frozenset[int] | None = None, logprobs: int | None = None,
+                prompt_logprobs: int | None = None) -> Request:
         if max_tokens > self.profile.scheduler.max_tokens:
             raise ValueError(f"max_tokens {max_tokens} exceeds this server's limit of "
                              f"{self.profile.scheduler.max_tokens} (profile scheduler.max_tokens)")
         stop = frozenset(self.tokenizer.eos_token_ids) if stop_ids is None else stop_ids
-        return Request(list(prompt_ids), max_tokens, params, stop)
+        return Request(list(prompt_ids), max_tokens, params, stop, logprobs, prompt_logprobs)
 
     def submit(self, request: Request, request_id: str | None = None) -> RequestHandle:
         target = self.placed.target.recovery.state if self.placed and self.placed.target else "ok"

@@ -10,6 +10,7 @@ the scheduler then aborts the request and frees its KV in both models.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -30,7 +31,15 @@ from outrider.profile import dotted
 from outrider.runtime.tokenizer import Tokenizer
 from outrider.scheduler.serving import QueueFull, RequestFailed, RequestHandle, Unavailable
 from outrider.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from outrider.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, Envelope, Outcome, error_body
+from outrider.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Envelope,
+    Logprobs,
+    Outcome,
+    error_body,
+)
 from outrider.service import Service
 
 log = logging.getLogger(__name__)
@@ -74,8 +83,10 @@ def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         service = _served(request, body.model)
-        prompt_ids = list(body.prompt) if isinstance(body.prompt, list) else service.tokenizer.encode(body.prompt)
-        return await _respond(request, body, prompt_ids, body.requested_max_tokens(), chat=False)
+        tok = service.tokenizer
+        prompts = [list(p) if isinstance(p, list) else tok.encode(p) for p in body.prompts()]
+        echoes = [p if isinstance(p, str) else tok.decode(p) for p in body.prompts()] if body.echo else None
+        return await _respond(request, body, prompts, body.requested_max_tokens(), chat=False, echoes=echoes)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -87,7 +98,7 @@ def _add_routes(app: FastAPI) -> None:
             raise APIError(400, str(e), param="messages") from None
         prompt_ids = tok.encode(text)
         max_tokens = body.requested_max_tokens() or _default_max_tokens(service, len(prompt_ids))
-        return await _respond(request, body, prompt_ids, max_tokens, chat=True)
+        return await _respond(request, body, [prompt_ids], max_tokens, chat=True)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -126,32 +137,48 @@ def _default_max_tokens(service: Service, prompt_len: int) -> int:
     return max(1, min(service.profile.scheduler.max_tokens, room))
 
 
-async def _respond(request: Request, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
-                   max_tokens: int, chat: bool) -> Response:
+async def _respond(request: Request, body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
+                   max_tokens: int, chat: bool, echoes: list[str] | None = None) -> Response:
+    """One choice per (prompt, i < n), all submitted at once so they share rounds; choice index = prompt · n + i."""
     service: Service = request.app.state.service
     env = Envelope.new(service.model_name, chat)
-    handle = _submit(service, body, prompt_ids, max_tokens, env.id)
-    gen = Generation(handle, prompt_ids, service.tokenizer, body.stop_strings(), request.app.state.metrics,
-                     request.is_disconnected, body.return_token_ids)
+    render = Logprobs(lambda t: service.tokenizer.decode([t], skip_special_tokens=False))
+    gens: list[Generation] = []
+    try:
+        for p, prompt_ids in enumerate(prompts):
+            for i in range(body.n):
+                index = p * body.n + i
+                handle = _submit(service, body, prompt_ids, max_tokens, f"{env.id}-{index}", i)
+                gens.append(Generation(handle, prompt_ids, service.tokenizer, body.stop_strings(),
+                                       request.app.state.metrics, request.is_disconnected, body.return_token_ids,
+                                       index, render if body.logprobs_wanted() is not None else None,
+                                       echoes[p] if echoes else None, chat))
+    except APIError:
+        for gen in gens:  # the choices already submitted give their KV back
+            gen.handle.cancel()
+        raise
     if body.stream:
-        return _SSEResponse(_sse(env, gen, body.include_usage), media_type="text/event-stream",
+        return _SSEResponse(_sse(env, gens, body.include_usage, len(prompts)), media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        async with aclosing(gen.pieces()) as pieces:
-            text = "".join([p async for p in pieces])
+        texts = await asyncio.gather(*(gen.text() for gen in gens))
     except RequestFailed as e:
         raise APIError(500, str(e), "server_error", code="engine_error") from None
-    return JSONResponse(env.response(gen.outcome(text)))
+    finally:
+        for gen in gens:
+            gen.handle.cancel()
+    return JSONResponse(env.response([gen.outcome(text) for gen, text in zip(gens, texts)], len(prompts)))
 
 
 def _submit(service: Service, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
-            max_tokens: int, request_id: str) -> RequestHandle:
+            max_tokens: int, request_id: str, choice: int = 0) -> RequestHandle:
     stop_ids = None  # None: the tokenizer's EOS ids
     if body.ignore_eos or body.stop_token_ids:
         eos = () if body.ignore_eos else service.tokenizer.eos_token_ids
         stop_ids = frozenset([*eos, *(body.stop_token_ids or [])])
     try:
-        return service.submit(service.request(prompt_ids, max_tokens, body.sampling_params(), stop_ids), request_id)
+        return service.submit(service.request(prompt_ids, max_tokens, body.sampling_params(choice), stop_ids,
+                                              body.logprobs_wanted(), body.prompt_logprobs_wanted()), request_id)
     except ValueError as e:  # a limit (context, max_tokens, vocabulary) or a bad sampling value
         raise APIError(400, str(e)) from None
     except QueueFull as e:
@@ -193,17 +220,19 @@ class StopStrings:
 
 
 class Generation:
-    """One request from its handle to text deltas; records the request's metrics when it ends. With
-    `return_ids`, its outcome carries the token ids, and `take_ids` hands a stream the ids behind each chunk."""
+    """One choice from its handle to text deltas; records the request's metrics when it ends. With `return_ids`,
+    its outcome carries the token ids, with `render` the logprobs, with `echo` (completions) the prompt first;
+    `take` hands a stream the ids behind each chunk."""
 
     def __init__(self, handle: RequestHandle, prompt_ids: list[int], tokenizer: Tokenizer, stops: list[str],
                  metrics: ServerMetrics, is_disconnected: Callable[[], Awaitable[bool]],
-                 return_ids: bool = False) -> None:
+                 return_ids: bool = False, index: int = 0, render: Logprobs | None = None,
+                 echo: str | None = None, chat: bool = False) -> None:
         self.handle, self.prompt_ids, self.metrics = handle, prompt_ids, metrics
         self.decoder = tokenizer.stream_decoder()
         self.stops = StopStrings(stops)
         self.is_disconnected = is_disconnected
-        self.return_ids = return_ids
+        self.return_ids, self.index, self.render, self.echo, self.chat = return_ids, index, render, echo, chat
         # Ids as received, not `handle.token_ids`: the engine may already hold later rounds than we consumed.
         # With a stop string: up to and including the token that completed it.
         self.token_ids: list[int] = []
@@ -236,6 +265,11 @@ class Generation:
             self.handle.cancel()
             self._record()
 
+    async def text(self) -> str:
+        """The whole completion (the non-streamed response)."""
+        async with aclosing(self.pieces()) as pieces:
+            return "".join([p async for p in pieces])
+
     def _take(self, ids: list[int]) -> str:
         """A round's tokens, one at a time up to the one that completes a stop string: the ids kept then do not
         depend on how many tokens the round happened to commit (speculation varies that)."""
@@ -251,18 +285,41 @@ class Generation:
     def finish_reason(self) -> str:
         return "stop" if self.stops.hit else (self.handle.finish_reason or "abort")
 
-    def take_ids(self) -> list[int] | None:
-        """The ids received since the last take (None without return_ids). A round whose text is held back (a
-        possible stop string, an incomplete UTF-8 sequence) makes no chunk; its ids ride on the next one."""
-        if not self.return_ids:
+    def take(self) -> tuple[list[int] | None, dict[str, Any] | None]:
+        """The ids received since the last take (None without return_ids) and their logprobs (None without). A
+        round whose text is held back (a possible stop string, an incomplete UTF-8 sequence) makes no chunk; its
+        ids ride on the next one."""
+        start, self.ids_taken = self.ids_taken, len(self.token_ids)
+        ids = self.token_ids[start:self.ids_taken]
+        return (ids if self.return_ids else None), (self._logprobs(start, self.ids_taken) if ids else None)
+
+    def _logprobs(self, start: int, end: int, offset: int = 0) -> dict[str, Any] | None:
+        """Rendered logprobs of completion tokens [start, end) (text offsets from `offset`)."""
+        if self.render is None or self.handle.seq is None:
             return None
-        ids, self.ids_taken = self.token_ids[self.ids_taken:], len(self.token_ids)
-        return ids
+        entries = self.handle.seq.logprobs[start:end]
+        if self.chat:
+            return self.render.chat(entries)
+        return self.render.completion(entries, self.token_ids[start:end], offset)
+
+    def echoed(self) -> tuple[str, dict[str, Any] | None]:
+        """(completions with echo) the prompt's text and its tokens' logprobs."""
+        if self.render is None or self.handle.seq is None:
+            return self.echo or "", None
+        return self.echo or "", self.render.completion(self.handle.seq.prompt_logprobs, self.prompt_ids)
 
     def outcome(self, text: str = "") -> Outcome:
         h = self.handle
         ids = (list(self.token_ids), list(self.prompt_ids)) if self.return_ids else (None, None)
-        return Outcome(text, self.finish_reason, self.prompt_tokens, self.completion_tokens, h.stats, h.ttft, *ids)
+        logprobs = self._logprobs(0, len(self.token_ids))
+        if self.echo is not None:
+            prompt_text, prompt_logprobs = self.echoed()
+            text = prompt_text + text
+            if logprobs is not None and prompt_logprobs is not None:
+                logprobs = self.render.completion(h.seq.prompt_logprobs + h.seq.logprobs[:len(self.token_ids)],
+                                                  self.prompt_ids + self.token_ids)
+        return Outcome(text, self.finish_reason, self.prompt_tokens, self.completion_tokens, h.stats, h.ttft, *ids,
+                       index=self.index, logprobs=logprobs)
 
     def _record(self) -> None:
         if self.failed:
@@ -273,25 +330,75 @@ class Generation:
                                     h.first_token_at, h.finished_at or time.perf_counter())
 
 
-async def _sse(env: Envelope, gen: Generation, include_usage: bool) -> AsyncIterator[str]:
-    """The SSE body: (chat) a role chunk, text chunks, a finish chunk with the `outrider` stats, (include_usage)
-    a usage chunk, then `[DONE]`. A failure after the stream started becomes an error event before `[DONE]`."""
+async def _choice_events(env: Envelope, gen: Generation) -> AsyncIterator[dict[str, Any]]:
+    """One choice's chunks: (chat) its role, (echo) the prompt, its text deltas, its finish with the stats."""
+    if env.chat:
+        yield env.chunk(None, role=True, index=gen.index)
+    if gen.echo is not None:
+        text, logprobs = gen.echoed()
+        yield env.chunk(text, index=gen.index, logprobs=logprobs, token_ids=[] if gen.return_ids else None)
+    async with aclosing(gen.pieces()) as pieces:
+        async for piece in pieces:
+            ids, logprobs = gen.take()
+            yield env.chunk(piece, token_ids=ids, index=gen.index, logprobs=logprobs)
+    ids, logprobs = gen.take()  # the ids of rounds that made no text chunk
+    yield env.final_chunk(gen.outcome(), ids, logprobs)
+
+
+async def _sse(env: Envelope, gens: list[Generation], include_usage: bool, prompts: int) -> AsyncIterator[str]:
+    """The SSE body: each choice's chunks as they come (choices interleave), then (include_usage) a usage chunk,
+    then `[DONE]`. A failure after the stream started becomes an error event before `[DONE]`."""
     try:
-        if env.chat:
-            yield _event(env.chunk(None, role=True))
-        async with aclosing(gen.pieces()) as pieces:
-            async for piece in pieces:
-                yield _event(env.chunk(piece, token_ids=gen.take_ids()))
-        out = gen.outcome()
-        yield _event(env.final_chunk(out, gen.take_ids()))  # with the ids of rounds that made no text chunk
+        async for event in _merged([_choice_events(env, g) for g in gens]):
+            yield _event(event)
         if include_usage:
-            yield _event(env.usage_chunk(out))
+            yield _event(env.usage_chunk([g.outcome() for g in gens], prompts))
     except RequestFailed as e:
         yield _event(error_body(str(e), "server_error", code="engine_error"))
     except Exception:  # noqa: BLE001 — a bug ends this stream with an error event, never the server
         log.exception("stream %s failed", env.id)
         yield _event(error_body("internal server error", "server_error", code="internal_error"))
+    finally:
+        for gen in gens:
+            gen.handle.cancel()
     yield "data: [DONE]\n\n"
+
+
+async def _merged(streams: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[dict[str, Any]]:
+    """The items of several async iterators as each produces them; the first error ends all of them."""
+    if len(streams) == 1:  # the common case: no task in between
+        async with aclosing(streams[0]) as only:
+            async for item in only:
+                yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator[dict[str, Any]]) -> None:
+        try:
+            async with aclosing(stream) as it:
+                async for item in it:
+                    await queue.put(item)
+        except Exception as e:  # noqa: BLE001 — handed to the consumer, which raises it
+            await queue.put(e)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is done:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _event(obj: dict[str, Any]) -> str:

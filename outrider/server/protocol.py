@@ -2,7 +2,7 @@
 the error body `{"error": {"message", "type", "param", "code"}}`.
 
 Request bodies are closed (`extra="forbid"`): an unknown field is a 400 naming it, never silently ignored. Fields
-OpenAI clients commonly send that would change generation (penalties, logit_bias, logprobs, n > 1, ...) are
+OpenAI clients commonly send that this server does not implement yet (best_of, tools, response_format, ...) are
 declared and accepted only at their neutral value; anything else is a 400 naming the field. Purely informational
 fields (user, metadata, store, service_tier) are accepted and ignored.
 """
@@ -11,23 +11,20 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from outrider.scheduler.engine import SpecStats
-from outrider.scheduler.sampling import SamplingParams
+from outrider.scheduler.engine import MAX_LOGPROBS, SpecStats
+from outrider.scheduler.sampling import SamplingParams, TokenLogprob
 
 # Field -> values that change nothing here. None (omitted) is always neutral.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",),
-    "frequency_penalty": (0,), "presence_penalty": (0,), "repetition_penalty": (1,), "min_p": (0,),
-    "min_tokens": (0,), "logit_bias": ({},), "top_logprobs": (0,), "skip_special_tokens": (True,),
+    "best_of": (1,), "suffix": ("",), "min_tokens": (0,), "skip_special_tokens": (True,),
     "include_stop_str_in_output": (False,), "tools": ([],), "tool_choice": ("none",),
     "response_format": ({"type": "text"},),
 }
-# `logprobs` is an int on /v1/completions and a bool on /v1/chat/completions; only "off" is supported.
-LOGPROBS_OFF = (None, False)
+MAX_N = 16  # choices per request: each is its own sequence in the batch
 
 
 class APIError(Exception):
@@ -68,14 +65,14 @@ class _Sampling(BaseModel):
     return_token_ids: bool = False  # vLLM extension: token ids in the response and in every streamed text chunk
     stream: bool = False
     stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=MAX_N)  # independent choices; with a seed, choice i samples with seed + i
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0, le=2, allow_inf_nan=False)  # vLLM extension
+    min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)  # vLLM extension
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
     # accepted only at their neutral value (NEUTRAL)
-    n: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
-    min_p: float | None = None
     min_tokens: int | None = None
-    logit_bias: dict[str, float] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     # informational: ignored
@@ -93,6 +90,16 @@ class _Sampling(BaseModel):
                              f"{allowed[0]!r}")
         return v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (decimal integers), got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias of token {key} must be in [-100, 100], got {bias}")
+        return v
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
@@ -106,11 +113,22 @@ class _Sampling(BaseModel):
             raise ValueError("stream_options is only allowed with stream: true")
         return self
 
-    def sampling_params(self) -> SamplingParams:
-        """OpenAI's defaults (temperature 1, top_p 1); temperature 0 is the greedy (lossless, seedless) path."""
+    def sampling_params(self, choice: int = 0) -> SamplingParams:
+        """OpenAI's defaults (temperature 1, top_p 1); temperature 0 is the greedy (lossless, seedless) path.
+        Choice i of n draws with seed + i (wrapping at 2**64), so the choices differ and each repeats."""
         temperature = 1.0 if self.temperature is None else self.temperature
         top_p = 1.0 if self.top_p is None else self.top_p
-        return SamplingParams(temperature, max(self.top_k or 0, 0), top_p, self.seed)
+        seed = None if self.seed is None else (self.seed + choice) % 2**64
+        bias = tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items()))
+        return SamplingParams(temperature, max(self.top_k or 0, 0), top_p, seed, self.min_p, self.frequency_penalty,
+                              self.presence_penalty, self.repetition_penalty, bias)
+
+    def logprobs_wanted(self) -> int | None:
+        """Alternatives per generated token the response reports (None: no logprobs)."""
+        return None
+
+    def prompt_logprobs_wanted(self) -> int | None:
+        return None
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -120,13 +138,20 @@ class _Sampling(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+MAX_PROMPTS = 16  # prompts in one /v1/completions request (a batch, as lm-eval's local-completions sends)
+
+
+def _is_ids(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | list[int]  # text, or token ids
+    prompt: str | list[int] | list[str] | list[list[int]]  # a prompt (text or token ids), or a batch of them
     max_tokens: int | None = Field(None, ge=1)  # None: 16, OpenAI's default
-    echo: bool | None = None
+    echo: bool = False  # the prompt before the completion, in the text and (with logprobs) the logprobs
     best_of: int | None = None
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per token (0: the chosen token's only)
 
     def requested_max_tokens(self) -> int:
         return 16 if self.max_tokens is None else self.max_tokens
@@ -135,17 +160,26 @@ class CompletionRequest(_Sampling):
     @classmethod
     def _prompt(cls, v: Any) -> Any:
         # One clear message instead of one error per branch of the union.
-        is_ids = isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
-        if not (isinstance(v, str) or is_ids):
-            raise ValueError("must be a string or a list of token ids (integers), one prompt per request")
+        if isinstance(v, str) or (_is_ids(v) and v):
+            return v
+        batch = isinstance(v, list) and v and (all(isinstance(p, str) for p in v) or all(_is_ids(p) for p in v))
+        if not batch:
+            raise ValueError("must be a string, a list of token ids (integers), or a non-empty list of either")
+        if len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise ValueError("logprobs are not supported by this server; omit it")
-        return v
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: text or token ids."""
+        if isinstance(self.prompt, str) or _is_ids(self.prompt):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
+    def prompt_logprobs_wanted(self) -> int | None:
+        return self.logprobs if self.echo else None
 
 
 class TextPart(BaseModel):
@@ -169,19 +203,21 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per token; needs logprobs: true
     tools: list[Any] | None = None
     tool_choice: str | None = None
     parallel_tool_calls: bool | None = None  # meaningless without tools
     response_format: dict[str, Any] | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: bool | None) -> bool | None:
-        if v not in LOGPROBS_OFF:
-            raise ValueError("logprobs are not supported by this server; omit it or set it to false")
-        return v
+    @model_validator(mode="after")
+    def _top_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -192,7 +228,7 @@ class ChatCompletionRequest(_Sampling):
 
 @dataclass
 class Outcome:
-    """What one finished request reports: its text, why it ended, token counts and speculative stats."""
+    """What one finished choice reports: its text, why it ended, token counts and speculative stats."""
 
     text: str
     finish_reason: str
@@ -202,6 +238,8 @@ class Outcome:
     ttft_s: float | None
     token_ids: list[int] | None = None  # return_token_ids: the completion's ids (len == completion_tokens)
     prompt_token_ids: list[int] | None = None
+    index: int = 0  # the choice's place in `choices`
+    logprobs: dict[str, Any] | None = None  # rendered (`Logprobs`), None when not asked for
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -216,6 +254,50 @@ class Outcome:
                 "drafted_per_position": list(s.drafted_per_position),
                 "drafts_per_position": s.drafts_per_position,
                 "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 6)}
+
+
+def usage(outs: list[Outcome], prompts: int) -> dict[str, int]:
+    """Token counts of a request: each prompt once (its n choices share it), every choice's completion."""
+    per_prompt = len(outs) // max(prompts, 1)
+    prompt = sum(o.prompt_tokens for o in outs[::per_prompt]) if outs else 0
+    completion = sum(o.completion_tokens for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Logprobs:
+    """OpenAI's two logprobs shapes from `TokenLogprob`s; `text` turns one token id into its text.
+
+    /v1/completions: {tokens, token_logprobs, top_logprobs (a dict per token: its alternatives and the chosen
+    token), text_offset}; a prompt's first token has null logprob and alternatives. /v1/chat/completions:
+    {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+
+    def __init__(self, text: Callable[[int], str]) -> None:
+        self.text = text
+
+    def completion(self, entries: list[TokenLogprob | None], ids: list[int], offset: int = 0) -> dict[str, Any]:
+        """`entries[i]` scores `ids[i]`; `offset`: characters of text before the first token."""
+        tokens, values, tops, offsets = [], [], [], []
+        for token, entry in zip(ids, entries):
+            text = self.text(token)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            values.append(None if entry is None else entry.logprob)
+            if entry is None:
+                tops.append(None)
+                continue
+            top = {self.text(t): v for t, v in entry.top}
+            top.setdefault(text, entry.logprob)
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        return {"content": [self._chat_entry(e.token, e.logprob)
+                            | {"top_logprobs": [self._chat_entry(t, v) for t, v in e.top]} for e in entries]}
+
+    def _chat_entry(self, token: int, logprob: float) -> dict[str, Any]:
+        text = self.text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
 def new_id(prefix: str) -> str:
@@ -238,38 +320,48 @@ class Envelope:
     def _head(self, object: str) -> dict[str, Any]:
         return {"id": self.id, "object": object, "created": self.created, "model": self.model}
 
-    def response(self, out: Outcome) -> dict[str, Any]:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
-                      "finish_reason": out.finish_reason}
-        else:
-            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+    def response(self, outs: list[Outcome], prompts: int = 1) -> dict[str, Any]:
+        """The whole response: one choice per outcome. The top-level `outrider` stats are the first choice's;
+        each choice carries its own."""
+        choices = []
+        for out in outs:
+            if self.chat:
+                choice = {"index": out.index, "message": {"role": "assistant", "content": out.text}}
+            else:
+                choice = {"index": out.index, "text": out.text}
+            choice |= {"logprobs": out.logprobs, "finish_reason": out.finish_reason, "outrider": out.spec_stats()}
+            if out.token_ids is not None:  # return_token_ids
+                choice["token_ids"] = out.token_ids
+            choices.append(choice)
         obj = "chat.completion" if self.chat else "text_completion"
-        body = self._head(obj) | {"choices": [choice], "usage": out.usage(), "outrider": out.spec_stats()}
-        if out.token_ids is not None:  # return_token_ids
-            choice["token_ids"] = out.token_ids
-            body["prompt_token_ids"] = out.prompt_token_ids
+        body = self._head(obj) | {"choices": choices, "usage": usage(outs, prompts), "outrider": outs[0].spec_stats()}
+        if outs[0].token_ids is not None:
+            body["prompt_token_ids"] = outs[0].prompt_token_ids if len(outs) == 1 else \
+                [o.prompt_token_ids for o in outs]
         return body
 
     def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
-              token_ids: list[int] | None = None) -> dict[str, Any]:
+              token_ids: list[int] | None = None, index: int = 0,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         """One SSE chunk with one choice: a text delta, the role announcement (chat) or the finish. `token_ids`
-        (return_token_ids) are the ids received since the previous chunk, so the chunks' lists concatenate to
-        the non-streamed response's `token_ids`."""
+        (return_token_ids) are the ids received since the previous chunk of this choice, so the chunks' lists
+        concatenate to the non-streamed response's `token_ids`; `logprobs` are theirs."""
         if self.chat:
             delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         if token_ids is not None:
             choice["token_ids"] = token_ids
         return self._head("chat.completion.chunk" if self.chat else "text_completion") | {"choices": [choice]}
 
-    def final_chunk(self, out: Outcome, token_ids: list[int] | None = None) -> dict[str, Any]:
-        return self.chunk(None, out.finish_reason, token_ids=token_ids) | {"outrider": out.spec_stats()}
+    def final_chunk(self, out: Outcome, token_ids: list[int] | None = None,
+                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self.chunk(None, out.finish_reason, token_ids=token_ids, index=out.index, logprobs=logprobs) \
+            | {"outrider": out.spec_stats()}
 
-    def usage_chunk(self, out: Outcome) -> dict[str, Any]:
+    def usage_chunk(self, outs: list[Outcome], prompts: int = 1) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._head(obj) | {"choices": [], "usage": out.usage(), "outrider": out.spec_stats()}
+        return self._head(obj) | {"choices": [], "usage": usage(outs, prompts), "outrider": outs[0].spec_stats()}
