@@ -111,11 +111,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
         if getattr(a, name) is None:
             setattr(a, name, value)
     from outrider.bench.multi_draft import MODE as MULTI_DRAFT
+    from outrider.bench.prefix import MODE as PREFIX_CACHE
 
     if a.mode == MULTI_DRAFT:
         from outrider.bench.multi_draft import run_multi_draft_bench
 
         return run_multi_draft_bench(a)
+    if a.mode == PREFIX_CACHE:
+        from outrider.bench.prefix import run_prefix_bench
+
+        return run_prefix_bench(a)
     if a.mode == "gpu":
         from outrider.bench.gpu import run_gpu_bench
 
@@ -180,10 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from outrider.bench.multi_draft import MODE as MULTI_DRAFT
     from outrider.bench.multi_draft import add_multi_draft_args
+    from outrider.bench.prefix import MODE as PREFIX_CACHE
+    from outrider.bench.prefix import add_prefix_args
 
     b = sub.add_parser("bench", help="measure strategies and peers on prompt sets, or serving under concurrency")
     b.add_argument("mode", nargs="?",
-                   choices=["strategies", "serving", "load", "transport", "kernels", "overlap", "gpu", MULTI_DRAFT],
+                   choices=["strategies", "serving", "load", "transport", "kernels", "overlap", "gpu", MULTI_DRAFT,
+                            PREFIX_CACHE],
                    default="strategies",
                    help="strategies: decoding methods one request at a time (default); serving: a profile under "
                         "concurrent load, actors against in-process; load: `outrider serve` under bounded HTTP "
@@ -193,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "together (whether rounds that draft during the verify can pay on this machine); gpu: "
                         "CUDA-graph decode/verify/draft, a CPU target with a GPU draft and their overlap, on random "
                         f"weights of the real shapes; {MULTI_DRAFT}: the acceptance of each verifier of several drafts "
-                        "per position beside the optimal transport bound, at positions of sampled continuations")
+                        "per position beside the optimal transport bound, at positions of sampled continuations; "
+                        f"{PREFIX_CACHE}: time to first token of a long chat's second turn with its first turn cached "
+                        "against a cold prompt, through `outrider serve` (--url, or --profile to start one)")
     from outrider.bench.gpu import add_gpu_args
     from outrider.bench.kernels import add_kernel_args
     from outrider.bench.load import add_load_args
@@ -210,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_overlap_args(b)
     add_gpu_args(b)
     add_multi_draft_args(b)
+    add_prefix_args(b)
     add_model_args(b)
     add_strategy_args(b)
     add_sampling_args(b)

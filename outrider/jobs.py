@@ -267,11 +267,21 @@ def _make_client(address: str, headers: dict | None):
 
 
 def entrypoint(remote_command: str, concurrency: int | None) -> str:
-    args = [*shlex.split(remote_command), "batch", "--profile", STAGED_PROFILE, "--input", STAGED_INPUT,
-            "--output", STAGED_OUTPUT, "--emit-results"]
+    """The job's shell line: check that the head can run `remote_command`'s program, then run `outrider batch`.
+    A head started without outrider's environment on its PATH would otherwise fail inside the job with
+    `sh: outrider: not found`, which names neither the cause nor the fix."""
+    words = shlex.split(remote_command)
+    args = [*words, "batch", "--profile", STAGED_PROFILE, "--input", STAGED_INPUT, "--output", STAGED_OUTPUT,
+            "--emit-results"]
     if concurrency:
         args += ["--concurrency", str(concurrency)]
-    return shlex.join(args)
+    program = shlex.quote(words[0])
+    before = f"outrider submit: {words[0]} is not found on the Ray head (its PATH is "
+    after = ("). Start the head from the environment outrider is installed in (`source .venv/bin/activate && ray "
+             "start --head ...`), or give its full path: "
+             "`outrider submit --remote-command /path/to/.venv/bin/outrider`")
+    message = f'{shlex.quote(before)}"$PATH"{shlex.quote(after)}'  # quoted: only $PATH is expanded
+    return f"command -v {program} >/dev/null 2>&1 || {{ echo {message} >&2; exit 127; }}; exec {shlex.join(args)}"
 
 
 def submit_job(client: JobClient, profile: Path, prompts: Path, command: str, concurrency: int | None,

@@ -168,7 +168,7 @@ def test_draft_worker_returns_the_advanced_random_stream(pair):
     worker = DraftWorker(ModelSource(str(pair[1]), "float32", "dense", "cpu", batch_invariant=False), 1, 64)  # a chain
     g = torch.Generator().manual_seed(3)
     reply = worker.propose([{"seq_id": 0, "tokens": [70, 71, 72], "k": 3,
-                             "params": SamplingParams(temperature=1.0), "verify_seconds": None,
+                             "params": SamplingParams(temperature=1.0), "verify_seconds": None, "prompt_len": 1,
                              "rng": g.get_state().numpy()}])[0]
     assert len(reply["tokens"]) == 3 and reply["probs"].shape == (3, 300)
     assert not np.array_equal(reply["rng"], g.get_state().numpy())  # three draws were taken from it

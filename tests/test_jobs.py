@@ -172,9 +172,29 @@ def test_token_lookup_follows_rays_order(tmp_path, monkeypatch):
 
 def test_entrypoint_is_one_shell_line():
     # --remote-command is shell words (`python -m outrider.cli`), so a path with a space arrives quoted.
-    assert jobs.entrypoint("'/opt/my env/bin/python' -m outrider.cli", 4) == (
-        "'/opt/my env/bin/python' -m outrider.cli batch --profile profile.yaml --input prompts.jsonl "
+    assert jobs.entrypoint("'/opt/my env/bin/python' -m outrider.cli", 4).endswith(
+        "; exec '/opt/my env/bin/python' -m outrider.cli batch --profile profile.yaml --input prompts.jsonl "
         "--output results.jsonl --emit-results --concurrency 4")
+
+
+def test_a_head_without_outrider_on_its_path_gets_an_error_naming_the_fix(tmp_path):
+    """What the job runs on a head started without the venv activated: the check, not `sh: outrider: not found`."""
+    env = {"PATH": "/usr/bin:/bin"}  # a shell, and no outrider
+    done = subprocess.run(["sh", "-c", jobs.entrypoint("outrider", None)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 127
+    assert "outrider is not found on the Ray head (its PATH is /usr/bin:/bin)" in done.stderr
+    assert "--remote-command /path/to/.venv/bin/outrider" in done.stderr
+    # with the program found, the line runs it with the staged files
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "outrider").write_text('#!/bin/sh\necho "ran: $*"\n')
+    (fake / "outrider").chmod(0o755)
+    done = subprocess.run(["sh", "-c", jobs.entrypoint("outrider", 2)], env={"PATH": f"{fake}:/usr/bin:/bin"},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.strip() == (
+        "ran: batch --profile profile.yaml --input prompts.jsonl --output results.jsonl --emit-results "
+        "--concurrency 2")
 
 
 # ---------------------------------------------------------------- KubeRay manifests

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import openai
 import pytest
-from test_server import DEADLINE_S, PROMPT, chat, live, make_profile, sse_events
+from test_server import DEADLINE_S, PROMPT, chat, live, make_profile, metric_values, sse_events
 from tiny_folders import write_tiny_pair
 
 from outrider.scheduler.engine import Engine, Request
@@ -50,7 +50,7 @@ def test_completion_logprobs_are_plain_decodings_and_stream_the_same(server, cli
     r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs
     ref = plain(service, service.tokenizer.encode(PROMPT), 12, logprobs=3)
-    assert r.choices[0].outrider["accepted_tokens"] > 0  # speculation ran
+    assert r.model_extra["outrider"]["accepted_tokens"] > 0  # speculation ran
     assert lp.token_logprobs == [e.logprob for e in ref.logprobs]  # exact floats
     assert lp.tokens == [service.tokenizer.decode([t], skip_special_tokens=False) for t in ref.generated]
     for entry, top in zip(ref.logprobs, lp.top_logprobs):
@@ -166,3 +166,20 @@ def test_streamed_n_with_usage_counts_every_choice(server, http):
     assert sorted(roles) == [0, 1]
     usage = events[-2]["usage"]
     assert usage["completion_tokens"] <= 12 and usage["prompt_tokens"] > 0
+
+
+def test_a_second_chat_turn_reports_its_cached_prompt_tokens_and_answers_as_without(server, client, http):
+    _, service = server
+    tok = service.tokenizer
+    first = chat("Write a loop.")
+    r1 = client.chat.completions.create(model="tiny", messages=first, max_tokens=8, temperature=0)
+    second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                      {"role": "user", "content": "Now count down."}]
+    hits = metric_values(http)[("outrider:prefix_cache_hits_total", ())]
+    r2 = client.chat.completions.create(model="tiny", messages=second, max_tokens=8, temperature=0,
+                                        extra_body={"return_token_ids": True})
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert cached >= len(tok.encode(tok.apply_chat_template(first))) - 1  # the whole first prompt at least
+    assert r2.choices[0].model_extra["token_ids"] == plain(service, tok.encode(tok.apply_chat_template(second)),
+                                                           8).generated
+    assert metric_values(http)[("outrider:prefix_cache_hits_total", ())] == hits + cached

@@ -227,3 +227,28 @@ def test_ray_placement_the_cluster_cannot_hold_stops_its_cluster(tmp_path, model
     result = refused(bad, f"needs {cpus} CPU but the Ray cluster has", "lower placement.target[*].num_cpus",
                      limit_s=RAY_LIMIT_S)
     assert result.ray_started  # else this would not test taking a started cluster down
+
+
+def test_a_stale_ray_session_file_does_not_stop_a_local_start(tmp_path):
+    """A head killed without `ray stop` leaves /tmp/ray/ray_current_cluster naming its dead GCS; with no address
+    the server must start its own cluster at once, not retry the dead one (Ray's default does, for minutes)."""
+    from ray._common.utils import get_ray_address_file
+
+    session = Path(get_ray_address_file(None))
+    saved = session.read_bytes() if session.exists() else None
+    session.parent.mkdir(parents=True, exist_ok=True)
+    session.write_text(f"127.0.0.1:{free_port()}")  # nobody listens there
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    code = ("import ray; from outrider.actors.placement import connect; connect(); "
+            "print('nodes', len(ray.nodes())); ray.shutdown()")
+    try:
+        t0 = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+        assert done.returncode == 0 and "nodes 1" in done.stdout, done.stderr[-2000:]
+        assert time.monotonic() - t0 < 90
+    finally:
+        if saved is None:
+            session.unlink(missing_ok=True)
+        else:
+            session.write_bytes(saved)

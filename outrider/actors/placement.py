@@ -52,13 +52,17 @@ class Placed:
 
 
 def connect(address: str | None = None) -> None:
-    """Join the cluster at `address` ($RAY_ADDRESS when None), or start a local one; idempotent."""
+    """Join the cluster at `address` ($RAY_ADDRESS when None), or start a local one; idempotent.
+
+    Without an address Ray's own default joins the cluster named in its session file (/tmp/ray/ray_current_cluster)
+    if there is one, and a head killed without `ray stop` leaves that file behind: ray.init then retries the dead
+    GCS for minutes. "local" always starts this process's own cluster, as documented for no RAY_ADDRESS."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     _check_reachable(address)
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  configure_logging=False)
     except ConnectionError as e:
         raise RuntimeError(f"cannot reach the Ray cluster at {address!r}: {e}. Start one with `ray start --head` "

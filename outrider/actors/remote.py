@@ -142,11 +142,15 @@ class ActorTarget:
         for s in self.stages:
             s.release.remote(slot)
 
-    def prefill(self, slot: int, tokens: list[int]) -> None:
+    def prefill(self, slot: int, tokens: list[int]) -> int:
         self._check([slot])
-        if tokens:
-            self._get(self._chain("prefill", slot, tokens))  # blocking: a too-long prompt must fail here
+        reused = self._get([s.reuse_prefix.remote(slot, tokens) for s in self.stages]) if tokens else [0]
+        assert len(set(reused)) == 1, f"stage caches out of step: prefixes {reused}"
+        rest = tokens[reused[0]:]
+        if rest:
+            self._get(self._chain("prefill", slot, rest))  # blocking: a too-long prompt must fail here
         self.lengths[slot] += len(tokens)
+        return reused[0]
 
     def score(self, slots: list[int], token_lists: list[list[int]],
               trees: list[TreeRows | None] | None = None) -> list[torch.Tensor]:

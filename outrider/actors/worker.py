@@ -22,6 +22,7 @@ import torch.distributed as dist
 from outrider.runtime.batch import ForwardBatch, TreeRows
 from outrider.runtime.loading import load_model
 from outrider.runtime.model import Transformer
+from outrider.runtime.prefix_cache import HeldTokens
 from outrider.scheduler.drafters import CachedSequences, Chain, DrafterFactory, DraftRequest, ReportingDrafter
 
 PREFILL_CHUNK = 256  # rows per prefill forward: bounds activation memory; the kernels make any chunking exact
@@ -110,6 +111,7 @@ class ModelWorker:
             raise ValueError(f"layers [{self.layers.start}, {self.layers.stop}) are outside the model's 0..{n}")
         self._drop_foreign_weights()
         self.cache = self.model.new_cache(num_slots, capacity, self.layers)
+        self.held = HeldTokens(num_slots)
         self.busy_seconds = 0.0  # time spent verifying (scoring with logits): a round's wait minus this is overhead
         self.faults = FaultPlan()
 
@@ -123,25 +125,36 @@ class ModelWorker:
                 "busy_seconds": self.busy_seconds}
 
     def acquire(self) -> int:
-        return self.cache.acquire()
+        slot = self.cache.acquire()
+        self.held.acquired(slot)
+        return slot
 
     def release(self, slot: int) -> None:
         self.cache.release(slot)
+        self.held.released(slot)
 
     def reset(self) -> None:
-        """Drop every sequence (after a failure the caller no longer knows which slots are live)."""
+        """Drop every sequence (after a failure the caller no longer knows which slots are live) and forget what
+        every slot held."""
         for slot in range(self.cache.num_slots):
             if slot not in self.cache.free_slots:
                 self.cache.release(slot)
+        self.held = HeldTokens(self.cache.num_slots)
 
     def inject_fault(self, kind: str, after: int = 0) -> None:
         self.faults.arm(kind, after)
 
     def truncate(self, slot: int, length: int) -> None:
         self.cache.truncate(slot, length)
+        self.held.truncated(slot, length)
 
     def length(self, slot: int) -> int:
         return self.cache.lengths[slot]
+
+    def reuse_prefix(self, slot: int, tokens: list[int]) -> int:
+        """Copy into the new sequence's empty slot the K/V of the longest prefix of `tokens` another slot holds
+        (`runtime.prefix_cache`); how many tokens. Every stage holds the same tokens, so all copy the same."""
+        return self.held.reuse(self.cache, slot, tokens)[1]
 
     def prefill(self, slot: int, tokens: list[int], hidden: np.ndarray | None = None) -> np.ndarray | None:
         """Append tokens' K/V. A non-last stage returns the hidden states the next stage prefills from."""
@@ -167,9 +180,12 @@ class ModelWorker:
     def compact(self, slot: int, start: int, keep: list[int]) -> None:
         """Keep the accepted tree path: rows start+keep[i] move to start+i (see KVCache.compact)."""
         self.cache.compact(slot, start, keep)
+        self.held.compacted(slot, start, keep)
 
     def _batch(self, slots: list[int], token_lists: list[list[int]],
                trees: list[TreeRows | None] | None) -> ForwardBatch:
+        for b, (slot, tokens) in enumerate(zip(slots, token_lists)):
+            self.held.appended(slot, tokens, tree=bool(trees and trees[b] is not None))
         return ForwardBatch.rows(slots, token_lists, [self.cache.lengths[s] for s in slots], trees, self.model.device)
 
     def _score(self, batch: ForwardBatch, hidden: np.ndarray | None, logits: bool) -> np.ndarray | None:
@@ -193,7 +209,7 @@ class ModelWorker:
 
     def calibrate(self, slot: int, keep: int, tokens: list[int], hidden: np.ndarray | None = None):
         """Recompute K/V after position `keep` for `tokens` (roll back, then prefill them exactly)."""
-        self.cache.truncate(slot, keep)
+        self.truncate(slot, keep)
         return self.prefill(slot, tokens, hidden)
 
     @property

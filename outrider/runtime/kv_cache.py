@@ -29,7 +29,7 @@ class KVCache:
         shape = (num_slots, config.num_kv_heads, capacity, config.head_dim)
         keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
         values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        return cls(keys, values, layers.start, [0] * num_slots, list(range(num_slots))[::-1])
+        return cls(keys, values, layers.start, [0] * num_slots, list(range(num_slots)))
 
     @property
     def capacity(self) -> int:
@@ -44,11 +44,12 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def acquire(self, slot: int | None = None) -> int:
-        """A free slot; `slot` takes that one (a follower mirroring the slot its leader's cache chose)."""
+        """A free slot, the one released longest ago (a released slot's K/V stays readable until it is taken
+        again: `runtime.prefix_cache` reuses it); `slot` takes that one (a follower mirroring its leader's)."""
         if not self.free_slots:
             raise RuntimeError(f"all {self.num_slots} KV cache slots are in use")
         if slot is None:
-            slot = self.free_slots.pop()
+            slot = self.free_slots.pop(0)
         elif slot in self.free_slots:
             self.free_slots.remove(slot)
         else:
@@ -85,6 +86,19 @@ class KVCache:
         """Roll back: forget every position >= length (the data stays; it is masked and later overwritten)."""
         assert 0 <= length <= self.lengths[slot], (length, self.lengths[slot])
         self.lengths[slot] = length
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Give the empty slot `dst` the K/V of `src`'s first `length` positions (which `src` may hold after its
+        release: the data stays until the slot is written again). `src == dst`: a slot taken again keeps what it
+        held, in place."""
+        assert self.lengths[dst] == 0, (src, dst, self.lengths[dst])
+        if src == dst:
+            self.lengths[dst] = length
+            return
+        for kc, vc in zip(self.keys, self.values):
+            kc[dst, :, :length] = kc[src, :, :length]
+            vc[dst, :, :length] = vc[src, :, :length]
+        self.lengths[dst] = length
 
     def compact(self, slot: int, start: int, keep: list[int]) -> None:
         """Keep a tree path: move positions start+keep[i] to start+i, then truncate to start+len(keep).

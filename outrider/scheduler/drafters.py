@@ -14,6 +14,7 @@ import torch
 from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.kv_cache import KVCache
 from outrider.runtime.model import Transformer
+from outrider.runtime.prefix_cache import common_prefix, longest_prefix
 from outrider.scheduler.policy import node_depths
 from outrider.scheduler.sampling import SamplingParams, adjust, argmax, sample, warp
 
@@ -173,18 +174,34 @@ def check_vocabularies(target_vocab: int, draft_vocab: int, target: str, draft: 
 class DraftSeq:
     slot: int
     fed: list[int] = field(default_factory=list)  # tokens whose K/V the draft cache holds, in order
+    former: list[int] = field(default_factory=list)  # what the slot held for an earlier sequence, until reused
 
 
 class CachedSequences:
-    """A drafter's sequences over its one KV cache: a slot each, taken on first sight, freed on release."""
+    """A drafter's sequences over its one KV cache: a slot each, taken on first sight, freed on release. A freed
+    slot's tokens are remembered until it is taken again, so a new sequence can start from a prefix that any slot
+    holds (`reuse_prefix`)."""
 
     cache: KVCache
     seqs: dict[int, DraftSeq]
+    retained: dict[int, list[int]]  # free slot -> the tokens its K/V still holds
 
     def release(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)
         if seq is not None:
             self.cache.release(seq.slot)
+            self.retained[seq.slot] = seq.fed
+
+    def reuse_prefix(self, seq: DraftSeq, tokens: list[int]) -> int:
+        """Give the new sequence's empty slot the K/V of the longest prefix of `tokens` another slot holds, or its
+        own slot held before it was taken again (see `runtime.prefix_cache`); how many tokens that covers."""
+        held = {s.slot: s.fed for s in self.seqs.values() if s is not seq} | self.retained | {seq.slot: seq.former}
+        seq.former = []
+        source, n = longest_prefix(tokens, held)
+        if source is not None:
+            self.cache.copy_prefix(source, seq.slot, n)
+            seq.fed = tokens[:n]
+        return n
 
     def reset(self) -> None:
         """Drop every sequence (after a failure its owner no longer knows which are live)."""
@@ -196,7 +213,8 @@ class CachedSequences:
 
     def _seq(self, seq_id: int) -> DraftSeq:
         if seq_id not in self.seqs:
-            self.seqs[seq_id] = DraftSeq(self.cache.acquire())
+            slot = self.cache.acquire()
+            self.seqs[seq_id] = DraftSeq(slot, former=self.retained.pop(slot, []))
         return self.seqs[seq_id]
 
 
@@ -221,12 +239,15 @@ class ModelDrafter(CachedSequences):
         self.cache = model.new_cache(num_slots, capacity)
         self.prefill_chunk = prefill_chunk
         self.seqs: dict[int, DraftSeq] = {}
+        self.retained: dict[int, list[int]] = {}
 
     def prefill(self, seq_id: int, tokens: list[int]) -> None:
-        """Feed the prompt when the sequence starts, so the first round drafts at once."""
+        """Feed the prompt when the sequence starts, so the first round drafts at once; a prefix another slot
+        holds is copied, not recomputed."""
         seq = self._seq(seq_id)
-        self.model.prefill(self.cache, seq.slot, tokens, self.prefill_chunk)
-        seq.fed += tokens
+        done = self.reuse_prefix(seq, tokens) if not seq.fed else 0
+        self.model.prefill(self.cache, seq.slot, tokens[done:], self.prefill_chunk)
+        seq.fed += tokens[done:]
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         live = [r for r in requests if r.k > 0]
@@ -289,10 +310,4 @@ class ModelDrafter(CachedSequences):
         return list(out.logits) if logits else []
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens a and b share: what a drafter's cache keeps when it syncs to committed tokens."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+

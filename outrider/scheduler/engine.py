@@ -67,6 +67,7 @@ class SpecStats:
     # draft tokens proposed at each position, summed over rounds: a tree's nodes at each depth, a chain's one
     nodes_per_position: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT)  # [MAX_DRAFT]
     prefill_seconds: float = 0.0
+    cached_prompt_tokens: int = 0  # prompt tokens whose target K/V came from the prefix cache, not a prefill
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
 
@@ -156,7 +157,7 @@ class Engine:
             if self.drafter is not None:  # first: a drafter in an actor prefills while the target does
                 self.drafter.prefill(seq.seq_id, request.prompt_ids[:-1])
             if request.prompt_logprobs is None:
-                self.target.prefill(seq.slot, request.prompt_ids[:-1])
+                seq.stats.cached_prompt_tokens = self.target.prefill(seq.slot, request.prompt_ids[:-1])
             else:
                 seq.prompt_logprobs = self._prefill_scored(seq.slot, request)
         except BaseException:

@@ -12,7 +12,8 @@ import torch
 from outrider.runtime.batch import TreeRows
 from outrider.runtime.graphs import DEFAULT_WIDTH, DraftLoop, StaticRunner
 from outrider.runtime.model import Transformer
-from outrider.scheduler.drafters import Draft, DraftRequest, common_prefix
+from outrider.runtime.prefix_cache import common_prefix
+from outrider.scheduler.drafters import Draft, DraftRequest
 
 
 class GraphTarget:
@@ -36,12 +37,14 @@ class GraphTarget:
     def release(self, slot: int) -> None:
         self.free.append(slot)
 
-    def prefill(self, slot: int, tokens: list[int]) -> None:
+    def prefill(self, slot: int, tokens: list[int]) -> int:
+        """Every token is computed: a runner's static cache is its own, with no prefix to share."""
         runner = self.runners[slot]
         for i in range(0, len(tokens), self.width):
             part = tokens[i:i + self.width]
             runner.run(part)
             runner.commit(runner.length + len(part))
+        return 0
 
     def score(self, slots: list[int], token_lists: list[list[int]],
               trees: list[TreeRows | None] | None = None) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 from outrider.runtime.batch import ForwardBatch, TreeRows
 from outrider.runtime.kv_cache import KVCache
 from outrider.runtime.model import Transformer
+from outrider.runtime.prefix_cache import HeldTokens
 
 PREFILL_CHUNK = 256  # rows per prefill forward: bounds activation memory; the kernels make any chunking exact
 
@@ -24,7 +25,10 @@ class TargetModel(Protocol):
 
     def release(self, slot: int) -> None: ...
 
-    def prefill(self, slot: int, tokens: list[int]) -> None: ...  # append tokens' KV, no logits
+    def prefill(self, slot: int, tokens: list[int]) -> int:
+        """Append tokens' K/V to a new sequence's empty slot, no logits; returns how many leading tokens it copied
+        from K/V the cache already held (`runtime.prefix_cache`) instead of computing them."""
+        ...
 
     def score(self, slots: list[int], token_lists: list[list[int]],
               trees: list[TreeRows | None] | None = None) -> list[torch.Tensor]:
@@ -73,6 +77,7 @@ class LocalTarget:
     def __init__(self, model: Transformer, num_slots: int = 1, capacity: int = 4096):
         self.model = model
         self.cache: KVCache = model.new_cache(num_slots, capacity)
+        self.held = HeldTokens(num_slots)
         self.vocab_size = model.config.vocab_size
         self.capacity = self.cache.capacity
         # [slots, capacity, hidden] the last layer's output at every position written, once a drafter asks
@@ -80,25 +85,40 @@ class LocalTarget:
         self.recorded: torch.Tensor | None = None
 
     def acquire(self) -> int:
-        return self.cache.acquire()
+        slot = self.cache.acquire()
+        self.held.acquired(slot)
+        return slot
 
     def release(self, slot: int) -> None:
         self.cache.release(slot)
+        self.held.released(slot)
 
-    def prefill(self, slot: int, tokens: list[int]) -> None:
+    def prefill(self, slot: int, tokens: list[int]) -> int:
+        reused = self._reuse(slot, tokens)
+        rest = tokens[reused:]
+        self.held.appended(slot, rest)
         if self.recorded is None:
-            self.model.prefill(self.cache, slot, tokens, PREFILL_CHUNK)
-            return
-        for i in range(0, len(tokens), PREFILL_CHUNK):  # Transformer.prefill's chunks, keeping the features
-            part = tokens[i:i + PREFILL_CHUNK]
+            self.model.prefill(self.cache, slot, rest, PREFILL_CHUNK)
+            return reused
+        for i in range(0, len(rest), PREFILL_CHUNK):  # Transformer.prefill's chunks, keeping the features
+            part = rest[i:i + PREFILL_CHUNK]
             self._forward(ForwardBatch.chain([slot], [part], [self.cache.lengths[slot]], self.model.device),
                           torch.empty(0, dtype=torch.long))
+        return reused
+
+    def _reuse(self, slot: int, tokens: list[int]) -> int:
+        source, reused = self.held.reuse(self.cache, slot, tokens)
+        if source is not None and self.recorded is not None:  # the recorded hidden states come with their K/V
+            self.recorded[slot, :reused] = self.recorded[source, :reused]
+        return reused
 
     def score(self, slots: list[int], token_lists: list[list[int]],
               trees: list[TreeRows | None] | None = None) -> list[torch.Tensor]:
         starts = [self.cache.lengths[s] for s in slots]
         batch = ForwardBatch.rows(slots, token_lists, starts, trees, self.model.device)
         logits = self._forward(batch)
+        for b, (slot, tokens) in enumerate(zip(slots, token_lists)):
+            self.held.appended(slot, tokens, tree=bool(trees and trees[b] is not None))
         return list(logits.split(batch.num_rows))
 
     def record_features(self) -> "LocalTarget":
@@ -126,12 +146,14 @@ class LocalTarget:
 
     def truncate(self, slot: int, length: int) -> None:
         self.cache.truncate(slot, length)
+        self.held.truncated(slot, length)
 
     def compact(self, slot: int, start: int, keep: list[int]) -> None:
         if self.recorded is not None:  # the recorded hidden states follow their K/V
             src = torch.tensor([start + i for i in keep], dtype=torch.long, device=self.recorded.device)
             self.recorded[slot, start:start + len(keep)] = self.recorded[slot, src]
         self.cache.compact(slot, start, keep)
+        self.held.compacted(slot, start, keep)
 
     def length(self, slot: int) -> int:
         return self.cache.lengths[slot]

@@ -327,7 +327,8 @@ class Generation:
             return
         h = self.handle
         self.metrics.on_request_end(self.finish_reason, self.prompt_tokens, self.completion_tokens, h.created,
-                                    h.first_token_at, h.finished_at or time.perf_counter())
+                                    h.first_token_at, h.finished_at or time.perf_counter(),
+                                    h.stats.cached_prompt_tokens)
 
 
 async def _choice_events(env: Envelope, gen: Generation) -> AsyncIterator[dict[str, Any]]:

@@ -53,6 +53,11 @@ class ServerMetrics:
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter(P + "generation_tokens", "Generated tokens of finished requests",
                                          registry=r)
+        # vLLM's pair: hit rate = hits / queries
+        self.prefix_queries = Counter(P + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter(P + "prefix_cache_hits", "Prompt tokens whose K/V the prefix cache supplied",
+                                   registry=r)
         self.ttft = Histogram(P + "time_to_first_token_seconds", "Time to the first generated token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram(P + "time_per_output_token_seconds", "Mean time per output token after the first",
@@ -72,10 +77,12 @@ class ServerMetrics:
                 self.accepted_per_pos.labels(str(pos)).inc()
 
     def on_request_end(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, created: float,
-                       first_token_at: float | None, finished_at: float) -> None:
+                       first_token_at: float | None, finished_at: float, cached_tokens: int = 0) -> None:
         """Observed once per request that ended without an engine error (times: time.perf_counter())."""
         self.success.labels(finish_reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
+        self.prefix_queries.inc(prompt_tokens)
+        self.prefix_hits.inc(cached_tokens)
         self.generation_tokens.inc(completion_tokens)
         self.e2e.observe(finished_at - created)
         if first_token_at is not None:

@@ -241,10 +241,6 @@ class Outcome:
     index: int = 0  # the choice's place in `choices`
     logprobs: dict[str, Any] | None = None  # rendered (`Logprobs`), None when not asked for
 
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
     def spec_stats(self) -> dict[str, Any]:
         """The `outrider` extension field: this request's speculative decoding counters."""
         s = self.stats
@@ -256,12 +252,14 @@ class Outcome:
                 "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 6)}
 
 
-def usage(outs: list[Outcome], prompts: int) -> dict[str, int]:
-    """Token counts of a request: each prompt once (its n choices share it), every choice's completion."""
-    per_prompt = len(outs) // max(prompts, 1)
-    prompt = sum(o.prompt_tokens for o in outs[::per_prompt]) if outs else 0
+def usage(outs: list[Outcome], prompts: int) -> dict[str, Any]:
+    """Token counts of a request: each prompt once (its n choices share it; its first choice's cache hits count),
+    every choice's completion. `cached_tokens`: prompt tokens whose K/V came from the prefix cache, as OpenAI's."""
+    firsts = outs[::max(len(outs) // max(prompts, 1), 1)]
+    prompt = sum(o.prompt_tokens for o in firsts)
     completion = sum(o.completion_tokens for o in outs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.stats.cached_prompt_tokens for o in firsts)}}
 
 
 class Logprobs:
@@ -321,20 +319,21 @@ class Envelope:
         return {"id": self.id, "object": object, "created": self.created, "model": self.model}
 
     def response(self, outs: list[Outcome], prompts: int = 1) -> dict[str, Any]:
-        """The whole response: one choice per outcome. The top-level `outrider` stats are the first choice's;
-        each choice carries its own."""
+        """The whole response: one choice per outcome. The `outrider` stats are the first choice's, and with
+        several choices they list every choice's under `choices`."""
         choices = []
         for out in outs:
             if self.chat:
                 choice = {"index": out.index, "message": {"role": "assistant", "content": out.text}}
             else:
                 choice = {"index": out.index, "text": out.text}
-            choice |= {"logprobs": out.logprobs, "finish_reason": out.finish_reason, "outrider": out.spec_stats()}
+            choice |= {"logprobs": out.logprobs, "finish_reason": out.finish_reason}
             if out.token_ids is not None:  # return_token_ids
                 choice["token_ids"] = out.token_ids
             choices.append(choice)
         obj = "chat.completion" if self.chat else "text_completion"
-        body = self._head(obj) | {"choices": choices, "usage": usage(outs, prompts), "outrider": outs[0].spec_stats()}
+        stats = outs[0].spec_stats() | ({"choices": [o.spec_stats() for o in outs]} if len(outs) > 1 else {})
+        body = self._head(obj) | {"choices": choices, "usage": usage(outs, prompts), "outrider": stats}
         if outs[0].token_ids is not None:
             body["prompt_token_ids"] = outs[0].prompt_token_ids if len(outs) == 1 else \
                 [o.prompt_token_ids for o in outs]

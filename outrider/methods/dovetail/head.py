@@ -31,8 +31,9 @@ from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.config import ModelConfig
 from outrider.runtime.kv_cache import KVCache
 from outrider.runtime.model import Attend, LayerWeights, Transformer, attention_branch, mlp_branch, rms_norm
+from outrider.runtime.prefix_cache import common_prefix
 from outrider.runtime.rope import Rotary
-from outrider.scheduler.drafters import CachedSequences, Draft, DraftRequest, DraftSeq, common_prefix
+from outrider.scheduler.drafters import CachedSequences, Draft, DraftRequest, DraftSeq
 from outrider.scheduler.sampling import argmax, sample, warp
 from outrider.scheduler.target import FeatureSource
 
@@ -239,6 +240,7 @@ class FeatureDrafter(CachedSequences):
         self.cache = head.new_cache(num_slots, capacity)
         self.prefill_chunk = prefill_chunk
         self.seqs: dict[int, DraftSeq] = {}  # fed: x_{j+1} of the pairs in the head cache built from target features
+        self.retained: dict[int, list[int]] = {}
 
     def prefill(self, seq_id: int, tokens: list[int]) -> None:
         self._seq(seq_id)  # the prompt's features do not exist yet: the first proposal feeds its pairs
