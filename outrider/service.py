@@ -15,6 +15,7 @@ from outrider.build import Deployment
 from outrider.profile import Profile
 from outrider.runtime.tokenizer import Tokenizer
 from outrider.scheduler.engine import Engine, Request, SpecStats
+from outrider.scheduler.grammar import Grammar, GrammarTokenizer
 from outrider.scheduler.sampling import SamplingParams
 from outrider.scheduler.serving import AsyncScheduler, RequestHandle, SpeculationGate, Unavailable
 
@@ -52,6 +53,7 @@ class Service:
     load_seconds: float
     deployment: Deployment
     placed: Remote | None = None  # None when every model runs in this process
+    _grammar_tokenizer: GrammarTokenizer | None = None
 
     @classmethod
     def start(cls, profile: Profile) -> "Service":
@@ -92,14 +94,22 @@ class Service:
     async def __aexit__(self, *exc) -> None:
         await self.scheduler.stop()
 
+    def grammar(self, schema: dict | None) -> Grammar:
+        """The compiled grammar of JSON valid for `schema` (None: any JSON object); ValueError when it cannot be
+        compiled. The grammar engine's view of the tokenizer is built on first use (about 1 s)."""
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = GrammarTokenizer(self.tokenizer.backend.to_str(), self.engine.target.vocab_size,
+                                                       self.tokenizer.eos_token_ids)
+        return self._grammar_tokenizer.json_schema(schema)
+
     def request(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams = SamplingParams(),
                 stop_ids: frozenset[int] | None = None, logprobs: int | None = None,
-                prompt_logprobs: int | None = None) -> Request:
+                prompt_logprobs: int | None = None, grammar: Grammar | None = None) -> Request:
         if max_tokens > self.profile.scheduler.max_tokens:
             raise ValueError(f"max_tokens {max_tokens} exceeds this server's limit of "
                              f"{self.profile.scheduler.max_tokens} (profile scheduler.max_tokens)")
         stop = frozenset(self.tokenizer.eos_token_ids) if stop_ids is None else stop_ids
-        return Request(list(prompt_ids), max_tokens, params, stop, logprobs, prompt_logprobs)
+        return Request(list(prompt_ids), max_tokens, params, stop, logprobs, prompt_logprobs, grammar)
 
     def submit(self, request: Request, request_id: str | None = None) -> RequestHandle:
         target = self.placed.target.recovery.state if self.placed and self.placed.target else "ok"

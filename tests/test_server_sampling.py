@@ -5,6 +5,7 @@ in-process engine decoding plainly over the same target model.
 """
 from __future__ import annotations
 
+import json
 from typing import Iterator
 
 import openai
@@ -183,3 +184,37 @@ def test_a_second_chat_turn_reports_its_cached_prompt_tokens_and_answers_as_with
     assert r2.choices[0].model_extra["token_ids"] == plain(service, tok.encode(tok.apply_chat_template(second)),
                                                            8).generated
     assert metric_values(http)[("outrider:prefix_cache_hits_total", ())] == hits + cached
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["colour", "ok"],
+          "properties": {"colour": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}}}
+
+
+def test_json_schema_responses_parse_and_validate_streamed_and_not(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "colour", "schema": SCHEMA, "strict": True}}
+    for seed in range(4):  # sampled: a different document each time, every one valid
+        r = client.chat.completions.create(model="tiny", messages=chat("A colour, as JSON."), max_tokens=40,
+                                           temperature=1.0, seed=seed, response_format=fmt)
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=chat("A colour, as JSON."), max_tokens=40, temperature=1.0, seed=3,
+        response_format=fmt, stream=True) if c.choices)
+    assert streamed == r.choices[0].message.content
+    any_object = client.chat.completions.create(model="tiny", messages=chat(), max_tokens=30, temperature=0,
+                                                response_format={"type": "json_object"}).choices[0].message.content
+    assert any_object.startswith("{")
+
+
+@pytest.mark.parametrize("fmt, says", [
+    ({"type": "json_schema"}, "json_schema is required"),
+    ({"type": "xml"}, "Input should be 'text', 'json_object' or 'json_schema'"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}, "JSON schema"),
+])
+def test_a_bad_response_format_is_400_naming_it(http, fmt, says):
+    r = http.post("/v1/chat/completions", json={"messages": chat(), "max_tokens": 4, "response_format": fmt})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert says in error["message"] and error["param"].startswith("response_format")

@@ -18,6 +18,7 @@ from outrider.scheduler.sampling import SamplingParams
 if TYPE_CHECKING:  # the pipeline pulls in the builder and the model code
     from outrider.pipeline import Pipeline, Result
     from outrider.prompts import Prompt
+    from outrider.scheduler.grammar import Grammar
 
 DEFAULT_STRATEGIES = ",".join(list(METHODS)[:3])  # the baseline, a draft model's chain, n-gram drafts
 PEER_NAMES = ("hf", "llama.cpp")
@@ -73,13 +74,15 @@ class Workload:
     max_tokens: int
     params: SamplingParams
     ignore_eos: bool
+    grammar: Grammar | None = None  # structured output (--json-schema)
 
 
 def warm_up(pipe: Pipeline, work: Workload) -> None:
     """Build each engine and run it once untimed, so one-off costs (allocation, kernel selection, page faults of
     mapped weights) do not land in whichever strategy happens to run first."""
     for name in work.strategies:
-        pipe.generate(work.prompt_ids[0], name, min(WARMUP_TOKENS, work.max_tokens), work.params, work.ignore_eos)
+        pipe.generate(work.prompt_ids[0], name, min(WARMUP_TOKENS, work.max_tokens), work.params, work.ignore_eos,
+                      work.grammar)
 
 
 def measure(pipe: Pipeline, work: Workload, after_prompt: Callable[[int], None] | None = None) -> list[dict]:
@@ -91,7 +94,7 @@ def measure(pipe: Pipeline, work: Workload, after_prompt: Callable[[int], None] 
         for index, ids in enumerate(work.prompt_ids):
             for name in work.strategies:
                 bar.set_postfix_str(f"prompt {index} {name}")
-                result = pipe.generate(ids, name, work.max_tokens, work.params, work.ignore_eos)
+                result = pipe.generate(ids, name, work.max_tokens, work.params, work.ignore_eos, work.grammar)
                 runs.append(run_record(name, index, len(ids), result))
                 bar.update()
             if after_prompt is not None:
@@ -178,7 +181,8 @@ def measure_outrider(args: argparse.Namespace, strategies: list[str], prompts: l
     pipe = Pipeline.load(profile_from_args(args, options[0]), options)  # options[0]: the baseline
     texts = [pipe.render(p.text, p.chat) for p in prompts]
     work = Workload(strategies, [pipe.encode(p.text, p.chat) for p in prompts], args.max_tokens,
-                    SamplingParams(args.temperature, args.top_k, args.top_p, args.seed), args.ignore_eos)
+                    SamplingParams(args.temperature, args.top_k, args.top_p, args.seed), args.ignore_eos,
+                    pipe.grammar(args.json_schema))
     if args.warmup:
         warm_up(pipe, work)
     llama = _InterleavedLlamaCpp(peer_plan, texts, args) if peer_plan and "llama.cpp" in peer_plan.names else None

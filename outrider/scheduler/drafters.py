@@ -15,6 +15,7 @@ from outrider.runtime.batch import ForwardBatch
 from outrider.runtime.kv_cache import KVCache
 from outrider.runtime.model import Transformer
 from outrider.runtime.prefix_cache import common_prefix, longest_prefix
+from outrider.scheduler.grammar import Guide
 from outrider.scheduler.policy import node_depths
 from outrider.scheduler.sampling import SamplingParams, adjust, argmax, sample, warp
 
@@ -33,14 +34,21 @@ class DraftRequest:
     # measured yet), for a drafter sizing a tree to what verification costs here
     verify_seconds: tuple[float, ...] | None = None
     prompt_len: int = 0  # tokens[:prompt_len] is the prompt: what the penalties of `params` tell apart
+    # the sequence's grammar state, for a drafter in the engine's process (never sent to an actor: one there drafts
+    # unmasked, which stays lossless)
+    guide: Guide | None = None
 
     def adjusted(self, logits: torch.Tensor, drafted: list[int]) -> torch.Tensor:
-        """[V] draft logits after the request's logit_bias and penalties, following `tokens` and `drafted`, as
-        the target's row at that position will be (a draft that ignored them would be rejected more often)."""
-        if not self.params.adjusts:
+        """[V] draft logits after the request's logit_bias, penalties and grammar mask, following `tokens` and
+        `drafted`, as the target's row at that position will be (a draft that ignored them would be rejected more
+        often, and a token the grammar forbids always)."""
+        if not self.params.adjusts and self.guide is None:
             return logits
         prompt, rest = self.tokens[:self.prompt_len], self.tokens[self.prompt_len:]
-        return adjust(logits[None], self.params, prompt, rest + drafted)[0]
+        logits = adjust(logits[None], self.params, prompt, rest + drafted)
+        if self.guide is not None:  # the guide has consumed the committed tokens; it is handed what follows them
+            logits = self.guide.constrain(logits, [rest[self.guide.committed:] + drafted])
+        return logits[0]
 
 
 @dataclass(frozen=True)

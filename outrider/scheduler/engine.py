@@ -26,6 +26,7 @@ import torch
 
 from outrider.runtime.batch import TreeRows
 from outrider.scheduler.drafters import NO_DRAFT, Draft, Drafter, DraftRequest
+from outrider.scheduler.grammar import Grammar, Guide
 from outrider.scheduler.policy import MAX_DRAFT, DraftPolicy, FixedK, VerifyCost
 from outrider.scheduler.sampling import SamplingParams, TokenLogprob, adjust, token_logprobs, warp
 from outrider.scheduler.target import PREFILL_CHUNK, TargetModel
@@ -51,6 +52,7 @@ class Request:
     # report each generated token's log-probability and this many most likely alternatives (None: none at all)
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (its first has none)
+    grammar: Grammar | None = None  # structured output: every generated token is one the grammar allows
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of `generated`, one each (Request.logprobs)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # of the prompt, None for its first
+    guide: Guide | None = None  # the grammar's state after `generated` (Request.grammar)
 
     @property
     def generated(self) -> list[int]:
@@ -151,7 +154,8 @@ class Engine:
         self.validate(request)
         seed = request.params.seed if request.params.seed is not None else torch.seed()
         seq = Sequence(next(self._ids), request, self.target.acquire(), list(request.prompt_ids),
-                       self.new_policy(), torch.Generator().manual_seed(seed))
+                       self.new_policy(), torch.Generator().manual_seed(seed),
+                       guide=request.grammar.start() if request.grammar is not None else None)
         t0 = time.perf_counter()
         try:
             if self.drafter is not None:  # first: a drafter in an actor prefills while the target does
@@ -220,7 +224,7 @@ class Engine:
         # a seeded sampled request is not told the costs: a draft shaped by timing would change its tokens
         return [DraftRequest(s.seq_id, s.tokens + a, k, s.request.params, s.generator, s.slot,
                              None if s.request.params.seed is not None and not s.request.params.greedy else costs,
-                             len(s.request.prompt_ids))
+                             len(s.request.prompt_ids), s.guide)
                 for s, k, a in zip(seqs, ks, ahead)]
 
     def draft_lengths(self, seqs: list[Sequence], speculate: bool, extra: int = 0) -> list[int]:
@@ -258,10 +262,11 @@ class Engine:
 
     @staticmethod
     def adjusted(seq: Sequence, drafted: list[int], parents: list[int] | None, logits: torch.Tensor) -> torch.Tensor:
-        """The target rows after logit_bias and penalties: row i follows the committed tokens and the drafts on
-        its way (a chain's first i, a tree node's ancestors and itself), as plain decoding would have seen them."""
+        """The target rows after logit_bias, penalties and the grammar's mask: row i follows the committed tokens and
+        the drafts on its way (a chain's first i, a tree node's ancestors and itself), as plain decoding would have
+        seen them."""
         params = seq.request.params
-        if not params.adjusts:
+        if not params.adjusts and seq.guide is None:
             return logits
         if parents is None:
             before = [drafted[:i] for i in range(logits.shape[0])]
@@ -271,7 +276,8 @@ class Engine:
                 paths.append((paths[parent] if parent >= 0 else []) + [drafted[node]])
             before = [[]] + paths
         prompt = seq.request.prompt_ids
-        return adjust(logits, params, prompt, seq.tokens[len(prompt):], before)
+        logits = adjust(logits, params, prompt, seq.tokens[len(prompt):], before)
+        return logits if seq.guide is None else seq.guide.constrain(logits, before)
 
     def _verify(self, seq: Sequence, drafted: list[int], probs: torch.Tensor | None, logits: torch.Tensor,
                 parents: list[int] | None) -> VerifyResult | TreeVerifyResult:
@@ -307,6 +313,8 @@ class Engine:
             self.target.compact(seq.slot, base, kept)
         seq.tokens += new
         seq.logprobs += result.logprobs[:len(new)]
+        if seq.guide is not None:
+            seq.guide.commit(new)
         seq.stats.record(proposed, result.num_accepted, depth, widths)
         seq.stats.new_tokens += len(new)
         seq.stats.draft_seconds += draft_time

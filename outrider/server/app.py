@@ -176,9 +176,16 @@ def _submit(service: Service, body: CompletionRequest | ChatCompletionRequest, p
     if body.ignore_eos or body.stop_token_ids:
         eos = () if body.ignore_eos else service.tokenizer.eos_token_ids
         stop_ids = frozenset([*eos, *(body.stop_token_ids or [])])
+    grammar = None
+    if body.response_format is not None and body.response_format.structured:
+        try:
+            grammar = service.grammar(body.response_format.schema)
+        except ValueError as e:
+            raise APIError(400, str(e), param="response_format") from None
     try:
         return service.submit(service.request(prompt_ids, max_tokens, body.sampling_params(choice), stop_ids,
-                                              body.logprobs_wanted(), body.prompt_logprobs_wanted()), request_id)
+                                              body.logprobs_wanted(), body.prompt_logprobs_wanted(), grammar),
+                              request_id)
     except ValueError as e:  # a limit (context, max_tokens, vocabulary) or a bad sampling value
         raise APIError(400, str(e)) from None
     except QueueFull as e:

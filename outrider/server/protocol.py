@@ -22,7 +22,6 @@ from outrider.scheduler.sampling import SamplingParams, TokenLogprob
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (1,), "suffix": ("",), "min_tokens": (0,), "skip_special_tokens": (True,),
     "include_stop_str_in_output": (False,), "tools": ([],), "tool_choice": ("none",),
-    "response_format": ({"type": "text"},),
 }
 MAX_N = 16  # choices per request: each is its own sequence in the batch
 
@@ -49,6 +48,37 @@ class StreamOptions(BaseModel):
     include_usage: bool = False  # usage comes once, in a last chunk with no choices
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # the output always follows the schema here, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's structured output: plain text, any JSON object, or JSON valid for a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and allowed only with it")
+        return self
+
+    @property
+    def structured(self) -> bool:
+        return self.type != "text"
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        """The JSON schema to follow (None: any JSON object)."""
+        return self.json_schema.schema_ if self.json_schema is not None else None
+
+
 class _Sampling(BaseModel):
     """Fields shared by both endpoints."""
 
@@ -71,6 +101,7 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, le=2, allow_inf_nan=False)  # vLLM extension
     min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)  # vLLM extension
     logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
+    response_format: ResponseFormat | None = None  # on completions too, as vLLM accepts it
     # accepted only at their neutral value (NEUTRAL)
     min_tokens: int | None = None
     skip_special_tokens: bool | None = None
@@ -208,7 +239,6 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Any] | None = None
     tool_choice: str | None = None
     parallel_tool_calls: bool | None = None  # meaningless without tools
-    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_logprobs(self):
