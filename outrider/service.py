@@ -102,6 +102,12 @@ class Service:
                                                        self.tokenizer.eos_token_ids)
         return self._grammar_tokenizer.json_schema(schema)
 
+    def grammar_lark(self, lark: str) -> Grammar:
+        """A grammar written in llguidance's Lark dialect (a forced tool call); ValueError when it does not
+        compile."""
+        self.grammar(None)  # the grammar engine's view of the tokenizer, built once
+        return self._grammar_tokenizer.lark(lark)
+
     def request(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams = SamplingParams(),
                 stop_ids: frozenset[int] | None = None, logprobs: int | None = None,
                 prompt_logprobs: int | None = None, grammar: Grammar | None = None) -> Request:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 # Compact JSON, as `json.dumps` writes it: models emit this spacing, and a fixed one keeps decoding from spinning
 # on whitespace (a flexible grammar lets a small model write spaces for ever).
-_JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 
 
 class GrammarTokenizer:
@@ -43,13 +43,23 @@ class GrammarTokenizer:
 
         schema = {"type": "object"} if schema is None else schema
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except (ValueError, TypeError) as e:
             raise ValueError(f"the JSON schema is not valid: {e}") from None
         error = llguidance.LLMatcher.validate_grammar(grammar, self.ll)
         if error and not error.startswith("WARNING"):
             raise ValueError(f"the JSON schema cannot be used: {error.splitlines()[0][:300]}")
         return Grammar(self, grammar, json.dumps(schema, sort_keys=True)[:200])
+
+    def lark(self, text: str) -> "Grammar":
+        """A grammar in llguidance's Lark dialect (which embeds JSON schemas as `%json {...}`)."""
+        import llguidance
+
+        grammar = llguidance.LLMatcher.grammar_from_lark(text)
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.ll)
+        if error and not error.startswith("WARNING"):
+            raise ValueError(f"the grammar cannot be used: {error.splitlines()[0][:300]}")
+        return Grammar(self, grammar, text[:200])
 
 
 @dataclass(frozen=True)

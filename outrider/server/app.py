@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from outrider.methods import get_method
 from outrider.profile import dotted
 from outrider.runtime.tokenizer import Tokenizer
+from outrider.scheduler.grammar import Grammar
 from outrider.scheduler.serving import QueueFull, RequestFailed, RequestHandle, Unavailable
 from outrider.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from outrider.server.protocol import (
@@ -40,6 +41,7 @@ from outrider.server.protocol import (
     Outcome,
     error_body,
 )
+from outrider.server.tools import ToolCallParser, forced_call_grammar, split_calls, template_tools
 from outrider.service import Service
 
 log = logging.getLogger(__name__)
@@ -92,8 +94,12 @@ def _add_routes(app: FastAPI) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         service = _served(request, body.model)
         tok = service.tokenizer
+        tools = template_tools(body.tools, body.tool_choice)
+        if tools and "tools" not in (tok.chat_template or ""):
+            raise APIError(400, "this model's chat template does not describe tools, so the model would never see "
+                                "them; serve a model whose template supports tool calling", param="tools")
         try:
-            text = tok.apply_chat_template([m.as_template_input() for m in body.messages])
+            text = tok.apply_chat_template([m.as_template_input() for m in body.messages], tools=tools)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         prompt_ids = tok.encode(text)
@@ -152,7 +158,8 @@ async def _respond(request: Request, body: CompletionRequest | ChatCompletionReq
                 gens.append(Generation(handle, prompt_ids, service.tokenizer, body.stop_strings(),
                                        request.app.state.metrics, request.is_disconnected, body.return_token_ids,
                                        index, render if body.logprobs_wanted() is not None else None,
-                                       echoes[p] if echoes else None, chat))
+                                       echoes[p] if echoes else None, chat,
+                                       chat and body.calls_tools))
     except APIError:
         for gen in gens:  # the choices already submitted give their KV back
             gen.handle.cancel()
@@ -176,12 +183,7 @@ def _submit(service: Service, body: CompletionRequest | ChatCompletionRequest, p
     if body.ignore_eos or body.stop_token_ids:
         eos = () if body.ignore_eos else service.tokenizer.eos_token_ids
         stop_ids = frozenset([*eos, *(body.stop_token_ids or [])])
-    grammar = None
-    if body.response_format is not None and body.response_format.structured:
-        try:
-            grammar = service.grammar(body.response_format.schema)
-        except ValueError as e:
-            raise APIError(400, str(e), param="response_format") from None
+    grammar = _grammar(service, body)
     try:
         return service.submit(service.request(prompt_ids, max_tokens, body.sampling_params(choice), stop_ids,
                                               body.logprobs_wanted(), body.prompt_logprobs_wanted(), grammar),
@@ -193,6 +195,20 @@ def _submit(service: Service, body: CompletionRequest | ChatCompletionRequest, p
                        headers={"Retry-After": "1"}) from None
     except Unavailable as e:
         raise APIError(503, str(e), "server_error", code="model_unavailable", headers={"Retry-After": "5"}) from None
+
+
+def _grammar(service: Service, body: CompletionRequest | ChatCompletionRequest) -> Grammar | None:
+    """What constrains the output: a required tool call, or response_format's JSON (400 when it cannot compile)."""
+    forced = forced_call_grammar(body.tools, body.tool_choice) if isinstance(body, ChatCompletionRequest) \
+        and body.tools else None
+    try:
+        if forced is not None:
+            return service.grammar_lark(forced)
+        if body.response_format is not None and body.response_format.structured:
+            return service.grammar(body.response_format.schema)
+    except ValueError as e:
+        raise APIError(400, str(e), param="tools" if forced is not None else "response_format") from None
+    return None
 
 
 # -- one request's generation ------------------------------------------------------------------------------
@@ -234,12 +250,14 @@ class Generation:
     def __init__(self, handle: RequestHandle, prompt_ids: list[int], tokenizer: Tokenizer, stops: list[str],
                  metrics: ServerMetrics, is_disconnected: Callable[[], Awaitable[bool]],
                  return_ids: bool = False, index: int = 0, render: Logprobs | None = None,
-                 echo: str | None = None, chat: bool = False) -> None:
+                 echo: str | None = None, chat: bool = False, tools: bool = False) -> None:
         self.handle, self.prompt_ids, self.metrics = handle, prompt_ids, metrics
         self.decoder = tokenizer.stream_decoder()
         self.stops = StopStrings(stops)
         self.is_disconnected = is_disconnected
         self.return_ids, self.index, self.render, self.echo, self.chat = return_ids, index, render, echo, chat
+        self.tools = tools  # chat with tools offered: `<tool_call>` blocks become tool_calls
+        self.text_seen = ""  # every text delta so far
         # Ids as received, not `handle.token_ids`: the engine may already hold later rounds than we consumed.
         # With a stop string: up to and including the token that completed it.
         self.token_ids: list[int] = []
@@ -260,10 +278,12 @@ class Generation:
         try:
             async for ids in self.handle:
                 if text := self._take(ids):
+                    self.text_seen += text
                     yield text
                 if self.stops.hit or await self.is_disconnected():
                     return
             if tail := self.stops.push(self.decoder.flush()) + self.stops.flush():
+                self.text_seen += tail
                 yield tail
         except RequestFailed:
             self.failed = True
@@ -290,7 +310,8 @@ class Generation:
 
     @property
     def finish_reason(self) -> str:
-        return "stop" if self.stops.hit else (self.handle.finish_reason or "abort")
+        reason = "stop" if self.stops.hit else (self.handle.finish_reason or "abort")
+        return "tool_calls" if reason == "stop" and self.tools and split_calls(self.text_seen)[1] else reason
 
     def take(self) -> tuple[list[int] | None, dict[str, Any] | None]:
         """The ids received since the last take (None without return_ids) and their logprobs (None without). A
@@ -325,8 +346,13 @@ class Generation:
             if logprobs is not None and prompt_logprobs is not None:
                 logprobs = self.render.completion(h.seq.prompt_logprobs + h.seq.logprobs[:len(self.token_ids)],
                                                   self.prompt_ids + self.token_ids)
+        calls = None
+        if self.tools:
+            content, parsed = split_calls(self.text_seen)
+            if parsed:
+                text, calls = content, [c.as_openai() for c in parsed]
         return Outcome(text, self.finish_reason, self.prompt_tokens, self.completion_tokens, h.stats, h.ttft, *ids,
-                       index=self.index, logprobs=logprobs)
+                       index=self.index, logprobs=logprobs, tool_calls=calls)
 
     def _record(self) -> None:
         if self.failed:
@@ -345,10 +371,20 @@ async def _choice_events(env: Envelope, gen: Generation) -> AsyncIterator[dict[s
     if gen.echo is not None:
         text, logprobs = gen.echoed()
         yield env.chunk(text, index=gen.index, logprobs=logprobs, token_ids=[] if gen.return_ids else None)
+    parser = ToolCallParser() if gen.tools else None
     async with aclosing(gen.pieces()) as pieces:
         async for piece in pieces:
             ids, logprobs = gen.take()
-            yield env.chunk(piece, token_ids=ids, index=gen.index, logprobs=logprobs)
+            calls = []
+            if parser is not None:
+                piece, done = parser.push(piece)
+                calls = [c.as_openai(len(parser.calls) - len(done) + i) for i, c in enumerate(done)]
+            if piece or ids or logprobs:
+                yield env.chunk(piece, token_ids=ids, index=gen.index, logprobs=logprobs)
+            if calls:
+                yield env.chunk(None, index=gen.index, tool_calls=calls)
+    if parser is not None and (rest := parser.flush()):
+        yield env.chunk(rest, index=gen.index)
     ids, logprobs = gen.take()  # the ids of rounds that made no text chunk
     yield env.final_chunk(gen.outcome(), ids, logprobs)
 

@@ -17,11 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from outrider.scheduler.engine import MAX_LOGPROBS, SpecStats
 from outrider.scheduler.sampling import SamplingParams, TokenLogprob
+from outrider.server.tools import NamedToolChoice, Tool, ToolCall, check_choice
 
 # Field -> values that change nothing here. None (omitted) is always neutral.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (1,), "suffix": ("",), "min_tokens": (0,), "skip_special_tokens": (True,),
-    "include_stop_str_in_output": (False,), "tools": ([],), "tool_choice": ("none",),
+    "include_stop_str_in_output": (False,),
 }
 MAX_N = 16  # choices per request: each is its own sequence in the batch
 
@@ -221,13 +222,31 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None only for an assistant turn that made tool calls
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls, sent back by the client
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
-    def as_template_input(self) -> dict[str, str]:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": content}
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message carries tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
+    def as_template_input(self) -> dict[str, Any]:
+        content = self.content if isinstance(self.content, str) or self.content is None \
+            else "".join(p.text for p in self.content)
+        message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [c.as_template_input() for c in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(_Sampling):
@@ -236,15 +255,28 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per token; needs logprobs: true
-    tools: list[Any] | None = None
-    tool_choice: str | None = None
-    parallel_tool_calls: bool | None = None  # meaningless without tools
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool | None = None  # accepted; the model may make several calls either way
 
     @model_validator(mode="after")
     def _top_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @model_validator(mode="after")
+    def _tools(self):
+        check_choice(self.tools, self.tool_choice)
+        forced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        if forced and self.response_format is not None and self.response_format.structured:
+            raise ValueError("response_format and a required tool call both constrain the output; give one")
+        return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the response may hold tool calls (tools offered, and not tool_choice "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -270,6 +302,7 @@ class Outcome:
     prompt_token_ids: list[int] | None = None
     index: int = 0  # the choice's place in `choices`
     logprobs: dict[str, Any] | None = None  # rendered (`Logprobs`), None when not asked for
+    tool_calls: list[dict[str, Any]] | None = None  # chat: the calls cut out of `text` (OpenAI's shape)
 
     def spec_stats(self) -> dict[str, Any]:
         """The `outrider` extension field: this request's speculative decoding counters."""
@@ -354,7 +387,10 @@ class Envelope:
         choices = []
         for out in outs:
             if self.chat:
-                choice = {"index": out.index, "message": {"role": "assistant", "content": out.text}}
+                message: dict[str, Any] = {"role": "assistant", "content": out.text}
+                if out.tool_calls:
+                    message = {"role": "assistant", "content": out.text or None, "tool_calls": out.tool_calls}
+                choice = {"index": out.index, "message": message}
             else:
                 choice = {"index": out.index, "text": out.text}
             choice |= {"logprobs": out.logprobs, "finish_reason": out.finish_reason}
@@ -370,15 +406,17 @@ class Envelope:
         return body
 
     def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
-              token_ids: list[int] | None = None, index: int = 0,
-              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+              token_ids: list[int] | None = None, index: int = 0, logprobs: dict[str, Any] | None = None,
+              tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """One SSE chunk with one choice: a text delta, the role announcement (chat) or the finish. `token_ids`
         (return_token_ids) are the ids received since the previous chunk of this choice, so the chunks' lists
         concatenate to the non-streamed response's `token_ids`; `logprobs` are theirs."""
         if self.chat:
-            delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
