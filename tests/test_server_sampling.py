@@ -116,6 +116,9 @@ def test_n_choices_are_independent_seeded_streams(server, client):
     assert texts == [c.text for c in singles]
     assert len(set(texts)) > 1  # control: the seeds differ
     assert r.usage.completion_tokens == sum(len(c.model_extra["token_ids"]) for c in singles)
+    # the choices share one prompt prefill: the later ones copy the first's K/V
+    prompt_tokens = r.usage.prompt_tokens
+    assert [c["cached_prompt_tokens"] for c in r.model_extra["outrider"]["choices"][1:]] == [prompt_tokens - 1] * 2
     streamed = ["", "", ""]
     for chunk in client.completions.create(n=3, stream=True, **kw):
         for c in chunk.choices:

@@ -142,6 +142,14 @@ def test_the_parser_gives_the_same_calls_and_text_however_the_text_is_split(size
     assert split_calls(TEXT)[0] == shown.strip()
 
 
+def test_a_tag_that_is_one_token_is_named_as_that_token_in_the_grammar():
+    from outrider.server.tools import Tool, forced_call_grammar
+
+    grammar = forced_call_grammar([Tool.model_validate(WEATHER)], "required", {"<tool_call>": 7, "</tool_call>": 8}.get)
+    assert grammar.startswith(r'start: <[7]> "\n" call "\n" <[8]>')
+    assert forced_call_grammar([Tool.model_validate(WEATHER)], "auto") is None
+
+
 def test_an_unfinished_call_is_given_back_as_text():
     parser = ToolCallParser()
     text, calls = parser.push('Hi <tool_call>\n{"name": "x", ')

@@ -199,8 +199,8 @@ def _submit(service: Service, body: CompletionRequest | ChatCompletionRequest, p
 
 def _grammar(service: Service, body: CompletionRequest | ChatCompletionRequest) -> Grammar | None:
     """What constrains the output: a required tool call, or response_format's JSON (400 when it cannot compile)."""
-    forced = forced_call_grammar(body.tools, body.tool_choice) if isinstance(body, ChatCompletionRequest) \
-        and body.tools else None
+    forced = forced_call_grammar(body.tools, body.tool_choice, service.tokenizer.token_to_id) \
+        if isinstance(body, ChatCompletionRequest) and body.tools else None
     try:
         if forced is not None:
             return service.grammar_lark(forced)

@@ -311,7 +311,7 @@ class Outcome:
                 "mean_acceptance_length": round(s.mean_acceptance_length, 4),
                 "accepted_per_position": list(s.accepted_per_position),
                 "drafted_per_position": list(s.drafted_per_position),
-                "drafts_per_position": s.drafts_per_position,
+                "drafts_per_position": s.drafts_per_position, "cached_prompt_tokens": s.cached_prompt_tokens,
                 "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 6)}
 
 

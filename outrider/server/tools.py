@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -94,9 +94,11 @@ def check_choice(tools: list[Tool] | None, choice: str | NamedToolChoice | None)
                          f"({', '.join(t.function.name for t in tools)})")
 
 
-def forced_call_grammar(tools: list[Tool], choice: str | NamedToolChoice | None) -> str | None:
+def forced_call_grammar(tools: list[Tool], choice: str | NamedToolChoice | None,
+                        token_id: Callable[[str], int | None] = lambda _: None) -> str | None:
     """A Lark grammar (llguidance's dialect) of exactly one call, for tool_choice "required" or a named function;
-    None when the model may answer freely."""
+    None when the model may answer freely. `token_id`: a tag's token where the vocabulary has one (Qwen2.5's
+    `<tool_call>` is token 151657), which the grammar must name as that token, not as its characters."""
     if choice not in ("required",) and not isinstance(choice, NamedToolChoice):
         return None
     names = [choice.function.name] if isinstance(choice, NamedToolChoice) else [t.function.name for t in tools]
@@ -106,11 +108,15 @@ def forced_call_grammar(tools: list[Tool], choice: str | NamedToolChoice | None)
              for t in tools if t.function.name in names]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
     schema["x-guidance"] = JSON_OPTIONS  # compact JSON, as the template writes calls: no room to spin on whitespace
-    return f'start: "{_lark(OPEN)}\\n" call "\\n{_lark(CLOSE)}"\ncall: %json {json.dumps(schema)}\n'
+    newline = json.dumps("\n")
+    return (f"start: {_tag(OPEN, token_id)} {newline} call {newline} {_tag(CLOSE, token_id)}\n"
+            f"call: %json {json.dumps(schema)}\n")
 
 
-def _lark(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+def _tag(text: str, token_id: Callable[[str], int | None]) -> str:
+    """The tag as a Lark terminal: its token (`<[id]>`) where it is one, else its characters."""
+    token = token_id(text)
+    return f"<[{token}]>" if token is not None else json.dumps(text)
 
 
 def new_call_id() -> str:
