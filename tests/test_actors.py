@@ -4,6 +4,7 @@ the cluster cannot hold fails at once, naming the resource."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import numpy as np
@@ -287,5 +288,38 @@ def test_tree_strategies_through_actors_equal_the_in_process_engine(pair, cluste
     try:
         assert generate_all(service, [SamplingParams()] * 16) == in_process
         assert service.kv_slots_in_use() == {"target": [0], "draft": 0}
+    finally:
+        service.shutdown()
+
+
+def test_a_draft_actor_masks_its_proposals_by_the_requests_grammar(pair, cluster):
+    """The draft is the target's own weights: masked by the same grammar, its greedy proposals are exactly the
+    target's constrained choices, so every draft is accepted. The grammar reaches the actor as its source."""
+    from dataclasses import replace
+
+    from outrider.scheduler.grammar import GrammarTokenizer
+
+    target_only = (pair[0], pair[0])
+    service = Service.start(profile(target_only, "ray", speculation_gate=False))
+    try:
+        tok = service.tokenizer
+        grammar = GrammarTokenizer(tok.backend.to_str(), service.engine.target.vocab_size,
+                                   tok.eos_token_ids).json_schema(
+            {"type": "object", "required": ["a", "b"], "additionalProperties": False,
+             "properties": {"a": {"enum": ["x", "yy"]}, "b": {"type": "boolean"}}})
+        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "JSON please"}]))
+        request = Request(prompt, 40, stop_ids=frozenset(tok.eos_token_ids), grammar=grammar)
+        out = service.engine.generate(request)
+        assert json.loads(tok.decode(out.generated)).keys() == {"a", "b"}
+        assert out.stats.draft_tokens > 0 and out.stats.accepted_tokens == out.stats.draft_tokens
+        # control: the same actor drafting with the grammar's state withheld is rejected where the grammar bites
+        drafter = service.engine.drafter
+        propose = drafter.submit
+        drafter.submit = lambda requests: propose([replace(r, guide=None) for r in requests])
+        try:
+            unmasked = service.engine.generate(request)
+        finally:
+            del drafter.submit
+        assert unmasked.generated == out.generated and unmasked.stats.accepted_tokens < unmasked.stats.draft_tokens
     finally:
         service.shutdown()

@@ -267,6 +267,8 @@ class ActorDrafter:
             return lambda: none  # plain decoding until the draft is back
         wire = [{"seq_id": r.seq_id, "tokens": r.tokens, "k": r.k, "params": r.params,
                  "verify_seconds": r.verify_seconds, "prompt_len": r.prompt_len,
+                 # the grammar travels as its source and the guide's position; the actor keeps its own copy
+                 "grammar": None if r.guide is None else (r.guide.grammar.source, r.guide.committed),
                  "rng": None if r.generator is None else r.generator.get_state().numpy()} for r in requests]
         refs = self._send("propose", wire)
 

@@ -24,6 +24,7 @@ from outrider.runtime.loading import load_model
 from outrider.runtime.model import Transformer
 from outrider.runtime.prefix_cache import HeldTokens
 from outrider.scheduler.drafters import CachedSequences, Chain, DrafterFactory, DraftRequest, ReportingDrafter
+from outrider.scheduler.grammar import GrammarTokenizer, Guide, RemoteGuides
 
 PREFILL_CHUNK = 256  # rows per prefill forward: bounds activation memory; the kernels make any chunking exact
 FAULT_ENV = "OUTRIDER_FAULT_INJECTION"  # "1" enables `inject_fault` (tests only; refused otherwise)
@@ -239,6 +240,7 @@ class DraftWorker:
         self.model = source.load()
         self.factory = factory
         self.drafter: CachedSequences = factory(self.model, num_slots, capacity, None)
+        self.guides = RemoteGuides(lambda: _grammar_tokenizer(source, self.model.config.vocab_size))
         self.busy_seconds = 0.0  # proposing (rounds)
         self.prefill_seconds = 0.0  # prompts, sent without waiting: a round may first wait for one to finish
         self.faults = FaultPlan()
@@ -261,7 +263,8 @@ class DraftWorker:
         self.faults.tick()
         t0 = time.perf_counter()
         reqs = [DraftRequest(r["seq_id"], r["tokens"], r["k"], r["params"], _generator(r["rng"]),
-                             verify_seconds=r["verify_seconds"], prompt_len=r["prompt_len"]) for r in requests]
+                             verify_seconds=r["verify_seconds"], prompt_len=r["prompt_len"], guide=self._guide(r))
+                for r in requests]
         drafts = self.drafter.propose(reqs)
         seconds = time.perf_counter() - t0
         self.busy_seconds += seconds
@@ -271,12 +274,30 @@ class DraftWorker:
 
     def release(self, seq_id: int) -> None:
         self.drafter.release(seq_id)
+        self.guides.release(seq_id)
 
     def reset(self) -> None:
         self.drafter.reset()
+        self.guides.guides.clear()
+
+    def _guide(self, request: dict) -> Guide | None:
+        """This actor's copy of the request's grammar state (None without a grammar)."""
+        if request.get("grammar") is None:
+            return None
+        source, committed = request["grammar"]
+        start = request["prompt_len"]
+        return self.guides.sync(request["seq_id"], source, request["tokens"][start:start + committed])
 
     def inject_fault(self, kind: str, after: int = 0) -> None:
         self.faults.arm(kind, after)
+
+
+def _grammar_tokenizer(source: ModelSource, vocab_size: int) -> GrammarTokenizer:
+    from outrider.hub import resolve
+    from outrider.runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(resolve(source.model))
+    return GrammarTokenizer(tokenizer.backend.to_str(), vocab_size, tokenizer.eos_token_ids)
 
 
 def _generator(state: np.ndarray | None) -> torch.Generator | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +72,30 @@ class Grammar:
 
     def start(self) -> "Guide":
         return Guide(self)
+
+
+class RemoteGuides:
+    """A drafter's copies of its sequences' guides where it runs apart from the engine (a draft actor): the engine
+    sends a request's grammar source and how many tokens its guide has committed; each copy consumes the committed
+    tokens it has not seen (committed tokens never change, so a copy only moves forward)."""
+
+    def __init__(self, tokenizer: Callable[[], GrammarTokenizer]) -> None:
+        self.tokenizer = tokenizer  # built on first use (about 1 s for Qwen2.5's vocabulary)
+        self._built: GrammarTokenizer | None = None
+        self.guides: dict[int, Guide] = {}
+
+    def sync(self, seq_id: int, source: str, generated: Sequence[int]) -> Guide:
+        """The sequence's guide after the committed `generated` tokens."""
+        guide = self.guides.get(seq_id)
+        if guide is None or guide.grammar.source != source or guide.committed > len(generated):
+            if self._built is None:
+                self._built = self.tokenizer()
+            guide = self.guides[seq_id] = Grammar(self._built, source, "remote").start()
+        guide.commit(list(generated[guide.committed:]))
+        return guide
+
+    def release(self, seq_id: int) -> None:
+        self.guides.pop(seq_id, None)
 
 
 class Guide:
