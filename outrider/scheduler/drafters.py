@@ -34,8 +34,7 @@ class DraftRequest:
     # measured yet), for a drafter sizing a tree to what verification costs here
     verify_seconds: tuple[float, ...] | None = None
     prompt_len: int = 0  # tokens[:prompt_len] is the prompt: what the penalties of `params` tell apart
-    # the sequence's grammar state, for a drafter in the engine's process (never sent to an actor: one there drafts
-    # unmasked, which stays lossless)
+    # the sequence's grammar state (a draft actor gets its source and position, and keeps its own copy)
     guide: Guide | None = None
 
     def adjusted(self, logits: torch.Tensor, drafted: list[int]) -> torch.Tensor:

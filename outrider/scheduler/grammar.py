@@ -2,8 +2,9 @@
 
 The mask is applied to the target's rows, each at the grammar state after the tokens before it (the committed
 ones, then the drafts on its way), exactly as plain constrained decoding would mask it; so speculation stays
-lossless for the constrained distribution. A drafter in this process masks its own rows the same way, so a draft
-token the grammar forbids is never proposed (one it proposed would be rejected for certain).
+lossless for the constrained distribution. A chain drafter masks its own rows the same way — in this process with
+the sequence's guide, in a draft actor with its own copy (`RemoteGuides`) — so a draft token the grammar forbids is
+never proposed (one it proposed would be rejected for certain). Tree drafters draft unmasked, which stays exact.
 
 The engine is llguidance, chosen by what it costs here (`outrider bench grammar`, AMD EPYC Zen 3, 2 cores, Qwen2.5's
 151,936 tokens, a 3-field schema): compiling a schema 0.97 ms against xgrammar's 24 ms and outlines-core's 583 ms —
