@@ -85,7 +85,7 @@ def test_a_tool_result_goes_back_into_the_conversation(client, server):
                                            tool_choice="required", max_tokens=150, temperature=0)
     call = first.choices[0].message.tool_calls[0]
     messages = chat("Weather in Lima?") + [
-        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        first.choices[0].message.model_dump(),  # as an agent sends the reply back: refusal, audio, ... all None
         {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
     r = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], max_tokens=8,
                                        temperature=0, extra_body={"return_token_ids": True})

@@ -227,6 +227,12 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant turn's calls, sent back by the client
     tool_call_id: str | None = None  # a tool turn: the call it answers
+    # what the openai client's `message.model_dump()` also holds when an agent sends a reply back as it came:
+    # accepted and ignored when empty
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _shape(self):
@@ -236,6 +242,8 @@ class ChatMessage(BaseModel):
             raise ValueError("only an assistant message carries tool_calls")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.function_call is not None or self.audio is not None:
+            raise ValueError("function_call and audio are not supported; send calls as tool_calls")
         return self
 
     def as_template_input(self) -> dict[str, Any]:
