@@ -97,16 +97,19 @@ class Service:
     def grammar(self, schema: dict | None) -> Grammar:
         """The compiled grammar of JSON valid for `schema` (None: any JSON object); ValueError when it cannot be
         compiled. The grammar engine's view of the tokenizer is built on first use (about 1 s)."""
-        if self._grammar_tokenizer is None:
-            self._grammar_tokenizer = GrammarTokenizer(self.tokenizer.backend.to_str(), self.engine.target.vocab_size,
-                                                       self.tokenizer.eos_token_ids)
-        return self._grammar_tokenizer.json_schema(schema)
+        return self._grammars().json_schema(schema)
 
     def grammar_lark(self, lark: str) -> Grammar:
         """A grammar written in llguidance's Lark dialect (a forced tool call); ValueError when it does not
         compile."""
-        self.grammar(None)  # the grammar engine's view of the tokenizer, built once
-        return self._grammar_tokenizer.lark(lark)
+        return self._grammars().lark(lark)
+
+    def _grammars(self) -> GrammarTokenizer:
+        """The grammar engine's view of the tokenizer, built on first use."""
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = GrammarTokenizer(self.tokenizer.backend.to_str(), self.engine.target.vocab_size,
+                                                       self.tokenizer.eos_token_ids)
+        return self._grammar_tokenizer
 
     def request(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams = SamplingParams(),
                 stop_ids: frozenset[int] | None = None, logprobs: int | None = None,
