@@ -3,6 +3,8 @@ builder, loaded as torch ops.
 
 Every source is compiled once per level, each with its own -m flags; the compiler's target macros (`csrc/isa.h`)
 pick that level's arithmetic, behind the same op names, schemas and weight layout:
+- `avx512_amx` (Sapphire Rapids+): `avx512_vnni` plus AMX-INT8 tile multiplies for GGUF matmuls of many rows,
+  bitwise the VNNI path's outputs (`csrc/gguf_amx.h`);
 - `avx512_vnni` (Zen 4+, Ice Lake+): VPDPBUSD integer dots, 16-lane fp32 vectors;
 - `avx2` (Haswell+, Zen 1+; AVX2 + FMA + F16C): VPMADDUBSW integer dots, 8-lane fp32 vectors.
 A process loads one library, the best level its CPU runs (`isa()`; OUTRIDER_ISA=avx2 picks a lower one, to compare).
@@ -39,9 +41,13 @@ class Level:
     cflags: tuple[str, ...]
 
 
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi", "f16c", "fma")
+_AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mf16c",
+                 "-mfma")
 LEVELS = (  # best first
-    Level("avx512_vnni", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi", "f16c", "fma"),
-          ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mf16c", "-mfma")),
+    # the avx512_vnni build plus gguf_mm's AMX-INT8 tile path, which serves calls of many rows (verify, prefill)
+    Level("avx512_amx", _AVX512 + ("amx_tile", "amx_int8"), _AVX512_FLAGS + ("-mamx-tile", "-mamx-int8")),
+    Level("avx512_vnni", _AVX512, _AVX512_FLAGS),
     # -ffp-contract=off: every float operation rounds as written, so no fused multiply-add the compiler chose can
     # differ between two instances of a kernel (rows per pass) and break a row's bitwise identity across calls.
     Level("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")),

@@ -116,7 +116,7 @@ inline void unpack_nibbles(const uint8_t* p, __m512i* c) {
 // one activation row, two interleaved chains: nothing else would hide a chain's latency. Integer sums are exact in
 // any order, so the split does not change the result.
 template <int STEPS, bool SPLIT>
-inline __m512i dot(const __m512i* c, const int8_t* x) {
+inline __m512i dot_steps(const __m512i* c, const int8_t* x) {
   if constexpr (!SPLIT) {
     __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], bcast4(x));
     for (int t = 1; t < STEPS; ++t) s = _mm512_dpbusd_epi32(s, c[t], bcast4(x + 4 * t));
@@ -131,9 +131,81 @@ inline __m512i dot(const __m512i* c, const int8_t* x) {
   return _mm512_add_epi32(even, odd);
 }
 
+// ---- integer sums: the codes of one group and block as VPDPBUSD operands ------------------------------------
+//
+// Each type's codes come as `Codes<T>`: `sub(s)` unpacks sub-block s into `c` (STEPS vectors of 16 rows x 4 codes,
+// one VPDPBUSD operand each, which is also an AMX B tile of STEPS rows, gguf_amx.h) and asks for its share of the
+// lines ahead; `dot<R>(r, s)` is row r's exact integer sum over it. The float epilogues below take their integer
+// sums from any such source, so the AMX path (sums read back from tiles) runs the very same float operations.
+
+template <int64_t T> struct Codes {  // Q4_0, Q5_0, Q8_0: one sub-block of 32
+  static constexpr int SUBS = 1, STEPS = 8, X_ROW = 32;
+  const uint8_t* codes;
+  const int8_t* x;
+  uintptr_t ahead;
+  __m512i c[STEPS];
+  [[gnu::always_inline]] void sub(int) {
+    prefetch_share<code_bytes(T) + param_bytes(T), 1>(ahead, 0);
+    if constexpr (T == Q8_0) {
+      for (int t = 0; t < 8; ++t) c[t] = load64(codes + 64 * t);
+    } else {
+      unpack_nibbles(codes, c);
+      if constexpr (T == Q5_0) {
+        const __m512i sixteen = _mm512_set1_epi8(0x10);
+        for (int t = 0; t < 8; ++t) {
+          uint64_t fifth;
+          std::memcpy(&fifth, codes + 256 + 8 * t, 8);
+          c[t] = _mm512_mask_add_epi8(c[t], fifth, c[t], sixteen);
+        }
+      }
+    }
+  }
+  template <int R> [[gnu::always_inline]] __m512i dot(int r, int) const { return dot_steps<STEPS, R == 1>(c, x + X_ROW * r); }
+};
+
+template <> struct Codes<Q4_K> {  // sub-block of 32: 8 steps of nibbles
+  static constexpr int SUBS = 8, STEPS = 8, X_ROW = 256;
+  const uint8_t* codes;
+  const int8_t* x;  // row 0's codes of this block
+  uintptr_t ahead;
+  __m512i c[STEPS];
+  [[gnu::always_inline]] void sub(int s) {
+    prefetch_share<code_bytes(Q4_K) + param_bytes(Q4_K), SUBS>(ahead, s);
+    unpack_nibbles(codes + 256 * s, c);
+  }
+  template <int R> [[gnu::always_inline]] __m512i dot(int r, int s) const {
+    return dot_steps<STEPS, R == 1>(c, x + X_ROW * r + 32 * s);
+  }
+};
+
+template <> struct Codes<Q6_K> {  // sub-block of 16: three byte vectors, the fourth step's six bits in their top two
+  static constexpr int SUBS = 16, STEPS = 4, X_ROW = 256;
+  const uint8_t* codes;
+  const int8_t* x;
+  uintptr_t ahead;
+  __m512i c[STEPS];
+  [[gnu::always_inline]] void sub(int s) {
+    prefetch_share<code_bytes(Q6_K) + param_bytes(Q6_K), SUBS>(ahead, s);
+    const __m512i six = _mm512_set1_epi8(0x3F), low2 = _mm512_set1_epi8(0x03), low4 = _mm512_set1_epi8(0x0F);
+    const uint8_t* v = codes + 192 * s;
+    const __m512i A = load64(v), B = load64(v + 64), C = load64(v + 128);
+    c[0] = _mm512_and_si512(A, six);
+    c[1] = _mm512_and_si512(B, six);
+    c[2] = _mm512_and_si512(C, six);
+    // step 3: bits 0-1 from A's top, 2-3 from B's, 4-5 from C's (0xE4: mask ? first : second)
+    const __m512i ab = _mm512_ternarylogic_epi32(_mm512_srli_epi16(A, 6), _mm512_srli_epi16(B, 4), low2, 0xE4);
+    c[3] = _mm512_and_si512(_mm512_ternarylogic_epi32(ab, _mm512_srli_epi16(C, 2), low4, 0xE4), six);
+  }
+  template <int R> [[gnu::always_inline]] __m512i dot(int r, int s) const {
+    return dot_steps<STEPS, R == 1>(c, x + X_ROW * r + 16 * s);
+  }
+};
+
+// ---- float epilogues: one block of 16 weight rows against R activation rows (j: row 0's block index) ---------
+
 // Q4_K: w = d * sc_s * q - dmin * m_s, sub-block s of 32.
-template <int R>
-[[gnu::always_inline]] inline void q4k_block(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc, uintptr_t ahead) {
+template <int R, class Sums>
+[[gnu::always_inline]] inline void q4k_block(const uint8_t* p, const Acts& a, int64_t j, __m512* acc, Sums& sums) {
   const __m512 d = f16x16(p), dmin = f16x16(p + 32);
   const uint8_t *low = p + 64, *top = p + 192;
   alignas(64) uint8_t scale_bytes[128], min_bytes[128];  // byte 16 s + i: row i's six-bit sub-scale / min
@@ -153,16 +225,13 @@ template <int R>
   }
   __m512 fsum[R];
   for (int r = 0; r < R; ++r) fsum[r] = _mm512_setzero_ps();
-  const int8_t* xq = a.q.data() + j * 256;
   const float* xs = a.dsum.data() + j * 8;
   for (int s = 0; s < 8; ++s) {
-    prefetch_share<code_bytes(Q4_K) + param_bytes(Q4_K), 8>(ahead, s);
     const __m512 scale = _mm512_mul_ps(u8x16(scale_bytes + 16 * s), d);
     const __m512 minv = _mm512_mul_ps(u8x16(min_bytes + 16 * s), dmin);
-    __m512i c[8];
-    unpack_nibbles(codes + 256 * s, c);
+    sums.sub(s);
     for (int r = 0; r < R; ++r) {
-      const __m512i isum = dot<8, R == 1>(c, xq + 256 * r + 32 * s);
+      const __m512i isum = sums.template dot<R>(r, s);
       fsum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, fsum[r]);
       acc[r] = _mm512_fnmadd_ps(minv, set1(xs[8 * r + s]), acc[r]);
     }
@@ -170,33 +239,21 @@ template <int R>
   for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(fsum[r], set1(a.d[j + r]), acc[r]);
 }
 
-// Q6_K: w = d * sc_s * (q - 32), sub-block s of 16; its four steps are three bytes vectors, the fourth step's
-// six bits in their top two bits.
-template <int R>
-[[gnu::always_inline]] inline void q6k_block(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc, uintptr_t ahead) {
+// Q6_K: w = d * sc_s * (q - 32), sub-block s of 16.
+template <int R, class Sums>
+[[gnu::always_inline]] inline void q6k_block(const uint8_t* p, const Acts& a, int64_t j, __m512* acc, Sums& sums) {
   const __m512 d = f16x16(p);
   const uint8_t* scales = p + 32;
-  const __m512i six = _mm512_set1_epi8(0x3F), low2 = _mm512_set1_epi8(0x03), low4 = _mm512_set1_epi8(0x0F);
   __m512 fsum[R];
   for (int r = 0; r < R; ++r) fsum[r] = _mm512_setzero_ps();
-  const int8_t* xq = a.q.data() + j * 256;
   const int32_t* off = a.off.data() + j * 16;
   for (int s = 0; s < 16; ++s) {
-    prefetch_share<code_bytes(Q6_K) + param_bytes(Q6_K), 16>(ahead, s);
     const __m512 scale = _mm512_mul_ps(
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 16 * s)))),
         d);
-    const uint8_t* v = codes + 192 * s;
-    const __m512i A = load64(v), B = load64(v + 64), C = load64(v + 128);
-    __m512i c[4];
-    c[0] = _mm512_and_si512(A, six);
-    c[1] = _mm512_and_si512(B, six);
-    c[2] = _mm512_and_si512(C, six);
-    // step 3: bits 0-1 from A's top, 2-3 from B's, 4-5 from C's (0xE4: mask ? first : second)
-    const __m512i ab = _mm512_ternarylogic_epi32(_mm512_srli_epi16(A, 6), _mm512_srli_epi16(B, 4), low2, 0xE4);
-    c[3] = _mm512_and_si512(_mm512_ternarylogic_epi32(ab, _mm512_srli_epi16(C, 2), low4, 0xE4), six);
+    sums.sub(s);
     for (int r = 0; r < R; ++r) {
-      const __m512i isum = _mm512_sub_epi32(dot<4, R == 1>(c, xq + 256 * r + 16 * s), _mm512_set1_epi32(off[16 * r + s]));
+      const __m512i isum = _mm512_sub_epi32(sums.template dot<R>(r, s), _mm512_set1_epi32(off[16 * r + s]));
       fsum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, fsum[r]);
     }
   }
@@ -205,28 +262,36 @@ template <int R>
 
 // Q4_0 w = d (q - 8), Q5_0 w = d (q - 16), Q8_0 w = d q (entering as q + 128): the offset comes off through the
 // activations' block sums.
-template <int64_t T, int R>
-[[gnu::always_inline]] inline void block32(const uint8_t* codes, const uint8_t* p, const Acts& a, int64_t j, __m512* acc, uintptr_t ahead) {
-  prefetch_share<code_bytes(T) + param_bytes(T), 1>(ahead, 0);
+template <int R, class Sums>
+[[gnu::always_inline]] inline void block32(const uint8_t* p, const Acts& a, int64_t j, __m512* acc, Sums& sums) {
   const __m512 dw = f16x16(p);
-  __m512i c[8];
-  if constexpr (T == Q8_0) {
-    for (int t = 0; t < 8; ++t) c[t] = load64(codes + 64 * t);
-  } else {
-    unpack_nibbles(codes, c);
-    if constexpr (T == Q5_0) {
-      const __m512i sixteen = _mm512_set1_epi8(0x10);
-      for (int t = 0; t < 8; ++t) {
-        uint64_t fifth;
-        std::memcpy(&fifth, codes + 256 + 8 * t, 8);
-        c[t] = _mm512_mask_add_epi8(c[t], fifth, c[t], sixteen);
-      }
-    }
-  }
-  const int8_t* xq = a.q.data() + j * 32;
+  sums.sub(0);
   for (int r = 0; r < R; ++r) {
-    const __m512i isum = _mm512_sub_epi32(dot<8, R == 1>(c, xq + 32 * r), _mm512_set1_epi32(a.off[j + r]));
+    const __m512i isum = _mm512_sub_epi32(sums.template dot<R>(r, 0), _mm512_set1_epi32(a.off[j + r]));
     acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), set1(a.d[j + r])), dw, acc[r]);
+  }
+}
+
+template <int64_t T, int R, class Sums>
+[[gnu::always_inline]] inline void block_epilogue(const uint8_t* params, const Acts& a, int64_t j, __m512* acc, Sums& sums) {
+  if constexpr (T == Q4_K)
+    q4k_block<R>(params, a, j, acc, sums);
+  else if constexpr (T == Q6_K)
+    q6k_block<R>(params, a, j, acc, sums);
+  else
+    block32<R>(params, a, j, acc, sums);
+}
+
+// Walks a group's records: f(params, codes, b, ahead) for each block b in order.
+template <int64_t T, class F>
+[[gnu::always_inline]] inline void for_each_block(const uint8_t* g, int64_t nb, F&& f) {
+  constexpr int64_t CB = code_bytes(T), PB = param_bytes(T), RB = record_blocks(T);
+  for (int64_t b0 = 0; b0 < nb; b0 += RB, g += RB * (CB + PB)) {
+    const int64_t n = std::min(RB, nb - b0);
+    for (int64_t i = 0; i < n; ++i) {
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(g) + PREFETCH_AHEAD + i * (CB + PB);  // its share, ahead
+      f(g + i * PB, g + n * PB + i * CB, b0 + i, ahead);
+    }
   }
 }
 
@@ -239,21 +304,11 @@ template <int64_t T, int R>
 void group_rows(const uint8_t* g, int64_t nb, const Acts& a, int64_t m0, float* y, int64_t y_row, __mmask16 lanes) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  constexpr int64_t CB = code_bytes(T), PB = param_bytes(T), RB = record_blocks(T);
-  for (int64_t b0 = 0; b0 < nb; b0 += RB, g += RB * (CB + PB)) {
-    const int64_t n = std::min(RB, nb - b0);
-    for (int64_t i = 0; i < n; ++i) {
-      const uint8_t *params = g + i * PB, *codes = g + n * PB + i * CB;
-      const int64_t j = (b0 + i) * a.M + m0;  // this block of row m0; row m0 + r follows at fixed offsets
-      const uintptr_t ahead = reinterpret_cast<uintptr_t>(g) + PREFETCH_AHEAD + i * (CB + PB);  // its share, ahead
-      if constexpr (T == Q4_K)
-        q4k_block<R>(codes, params, a, j, acc, ahead);
-      else if constexpr (T == Q6_K)
-        q6k_block<R>(codes, params, a, j, acc, ahead);
-      else
-        block32<T, R>(codes, params, a, j, acc, ahead);
-    }
-  }
+  for_each_block<T>(g, nb, [&](const uint8_t* params, const uint8_t* codes, int64_t b, uintptr_t ahead) {
+    const int64_t j = b * a.M + m0;  // this block of row m0; row m0 + r follows at fixed offsets
+    Codes<T> sums{codes, a.q.data() + j * block_elems(T), ahead, {}};
+    block_epilogue<T, R>(params, a, j, acc, sums);
+  });
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * y_row, lanes, acc[r]);
 }
 

@@ -1,6 +1,7 @@
 // GGUF weight-only matmul with int8 activations, batch-invariant by construction: the op's checks, thread split
 // and output rounding; the arithmetic per instruction set in gguf_avx512.h (VPDPBUSD) and gguf_avx2.h
-// (VPMADDUBSW), the same layout and the same results up to float rounding.
+// (VPMADDUBSW), the same layout and the same results up to float rounding; in the build with AMX, the integer sums
+// of many activation rows from tile multiplies (gguf_amx.h), bitwise the VNNI path's outputs, chosen by row count.
 //
 // y[m, n] = sum_k x[m, k] * W[n, k] where W stays in its GGUF block format (Q4_K, Q6_K, Q4_0, Q5_0, Q8_0: exact codes,
 // scales and mins, no requantization) in a repacked byte order (`outrider/kernels/gguf.py` `pack`): output rows in
@@ -18,12 +19,15 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
 #include <utility>
 #include <vector>
 
 #include "isa.h"
-#if OUTRIDER_AVX512
+#if OUTRIDER_AMX
+#include "gguf_amx.h"
+#elif OUTRIDER_AVX512
 #include "gguf_avx512.h"
 #else
 #include "gguf_avx2.h"
@@ -55,6 +59,49 @@ GroupFn group_fn(int64_t t, int64_t rows) {
     case Q8_0: return group_fn_for_rows<Q8_0>(rows);
   }
   TORCH_CHECK(false, "gguf_mm: unsupported GGML type ", t);
+}
+
+// Calls of at least this many activation rows take the AMX path, where the build and the OS have it (0: never).
+// Measured with `outrider bench kernels` (the gguf-vnni and gguf-amx rows); `gguf_amx_rows` sets it, to compare.
+std::atomic<int64_t> amx_min_rows{2};
+
+bool amx_available() {
+#if OUTRIDER_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+bool use_amx(int64_t M) {
+  const int64_t min_rows = amx_min_rows.load(std::memory_order_relaxed);
+  return min_rows > 0 && M >= min_rows && amx_available();
+}
+
+// One group of 16 output rows against all M activation rows, by passes of the path's rows.
+void group_all_rows(int64_t t, const uint8_t* g, int64_t nb, const Acts& acts, int64_t M, float* y, int64_t N,
+                    LaneMask lanes, bool amx, int& tiles_for) {
+#if OUTRIDER_AMX
+  if (amx) {
+    for (int64_t m0 = 0; m0 < M; m0 += AMX_ROWS) {
+      const int r = static_cast<int>(std::min<int64_t>(AMX_ROWS, M - m0));
+      const int key = r * 64 + amx_k_bytes(t);
+      if (tiles_for != key) {  // the tile shapes follow the rows of the pass and the type's sub-block
+        configure_tiles(r, amx_k_bytes(t));
+        tiles_for = key;
+      }
+      amx_group_fn(t)(g, nb, acts, m0, r, y + m0 * N, N, lanes);
+    }
+    return;
+  }
+#endif
+  (void)amx;
+  (void)tiles_for;
+  // Past one pass of activation rows (prefill) the group's weights, a few KB to ~100 KB, stay in cache between passes.
+  for (int64_t m0 = 0; m0 < M; m0 += rows_per_pass(t)) {
+    const int64_t r = std::min<int64_t>(rows_per_pass(t), M - m0);
+    group_fn(t, r)(g, nb, acts, m0, y + m0 * N, N, lanes);
+  }
 }
 
 // x [M, K] (fp32 or bf16); weights: one uint8 [groups_i, group_bytes] per part, all with K inputs and
@@ -106,9 +153,11 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
   at::Tensor y = x_in.scalar_type() == at::kFloat ? y32 : at::empty({M, N}, x_in.options());
   float* yp = y32.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const bool amx = M > 0 && use_amx(M);
   // Thread split over groups of output rows only: it never changes what one output computes.
   at::parallel_for(0, first_group.back(), 1, [&](int64_t begin, int64_t end) {
     int64_t part = 0, n_begin = -1, n_end = 0;
+    int tiles_for = -1;  // this thread's tile configuration (set on first use, released at the end)
     for (int64_t gi = begin; gi < end; ++gi) {
       while (gi >= first_group[part + 1]) ++part;
       const int64_t t = qtypes[part], local = gi - first_group[part];
@@ -116,12 +165,11 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
       if (n_begin < 0) n_begin = n0;
       n_end = n0 + live;
       const uint8_t* g = weights[part].data_ptr<uint8_t>() + local * weights[part].size(1);
-      // Past one pass of activation rows (prefill) the group's weights, a few KB to ~100 KB, stay in cache between passes.
-      for (int64_t m0 = 0; m0 < M; m0 += rows_per_pass(t)) {
-        const int64_t r = std::min<int64_t>(rows_per_pass(t), M - m0);
-        group_fn(t, r)(g, K / block_elems(t), acts[acts_of[part]], m0, yp + m0 * N + n0, N, lane_mask(live));
-      }
+      group_all_rows(t, g, K / block_elems(t), acts[acts_of[part]], M, yp + n0, N, lane_mask(live), amx, tiles_for);
     }
+#if OUTRIDER_AMX
+    if (tiles_for >= 0) _tile_release();
+#endif
     if (n_begin < 0) return;
     // this thread's outputs: the bias, then the one rounding to x's dtype
     for (int64_t m = 0; m < M; ++m) {
@@ -135,9 +183,16 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
   return y;
 }
 
+// Sets the AMX path's least row count (0: never; below 0: leave it) and returns the one before.
+int64_t gguf_amx_rows(int64_t rows) {
+  return rows < 0 ? amx_min_rows.load() : amx_min_rows.exchange(rows);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(outrider, m) {
   m.def("gguf_mm(Tensor x, Tensor[] weights, int[] qtypes, int[] rows, Tensor? bias=None) -> Tensor");
+  m.def("gguf_amx_available() -> bool", amx_available);
+  m.def("gguf_amx_rows(int rows) -> int", gguf_amx_rows);
 }
 TORCH_LIBRARY_IMPL(outrider, CPU, m) { m.impl("gguf_mm", gguf_mm); }
