@@ -113,3 +113,17 @@ def target():
 def reference(target):
     """`plain` decoding of the module's target."""
     return plain(target)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Which arithmetic the kernel tests ran on: a run on a CPU without AMX says so instead of passing silently."""
+    from outrider.kernels import native
+
+    if not native.available():
+        terminalreporter.write_line("native kernels: not available on this machine (torch paths only)")
+        return
+    from outrider.kernels.gguf import paths
+
+    lacking = [f for f in ("amx_tile", "amx_int8") if f not in native.cpu_flags()]
+    note = f"; AMX path absent: this CPU lacks {', '.join(lacking)}" if lacking else ""
+    terminalreporter.write_line(f"gguf kernel paths tested: {', '.join(paths())} (build {native.isa()}){note}")

@@ -183,3 +183,80 @@ def test_loading_a_gguf_keeps_its_blocks():
         raws = [source.raw(n) for n in names]
         assert kernel.qtypes == [q for i, (q, _) in enumerate(raws) if i == 0 or raws[i - 1][0] != q]
         assert torch.equal(kernel.dequantize(), torch.cat([G.dequantize(r, q) for q, r in raws]))
+
+
+# ---- kernel paths: AMX-INT8 tiles beside the VNNI dots ------------------------------------------------------------
+
+def test_the_paths_this_process_has_follow_its_cpu_and_build():
+    """The avx512_amx build serves with tiles where the CPU lists amx_tile and amx_int8 and the OS grants the
+    state; every other build has one path. What the process has is printed at the end of the run."""
+    from outrider.kernels import native
+
+    level, flags = native.isa(), native.cpu_flags()
+    assert G.paths()[0] == ("avx2" if level == "avx2" else "vnni")
+    if level == "avx512_amx":
+        assert {"amx_tile", "amx_int8"} <= flags
+        assert G.paths() == ["vnni", "amx"], "Linux 5.16+ grants AMX state; this kernel refused it"
+    else:
+        assert G.paths() == G.paths()[:1]
+        with pytest.raises(ValueError, match="not in this process"):
+            with G.forced_path("amx"):
+                pass
+    least, most = G.amx_rows()
+    assert 0 < least <= most  # served calls take tiles somewhere, where the path exists
+
+
+AMX_ROWS = [1, 2, 5, 8, 9, 12, 16, 17, 31, 33, 64, 65, 70]  # chunk tails, the 64-row pass and a second one
+
+
+def on_every_path(lin: G.GGUFLinear, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    outs = {}
+    for path in G.paths():
+        with G.forced_path(path):
+            outs[path] = lin(x)
+    outs["served"] = lin(x)  # the row-count window
+    return outs
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_path_gives_every_row_bitwise_the_same_output(qtype, dtype):
+    """Integer sums are exact on tiles as on VPDPBUSD, and the AMX path runs the VNNI path's own float epilogue per
+    row: so the outputs are equal bit for bit at every row count, however the rows fall into tiles, chunks and
+    passes, and a batch may switch paths with its size without a row's output moving."""
+    k = 512 if qtype in G.K_QUANTS else 192
+    lin = random_linear(qtype, 72, k, seed=9)  # 4.5 groups: a partial last group
+    x = torch.randn(max(AMX_ROWS), k, generator=torch.Generator().manual_seed(10)).to(dtype)
+    alone = lin(x[3:4])
+    for m in AMX_ROWS:
+        outs = on_every_path(lin, x[:m])
+        first = outs[G.paths()[0]]
+        for path, y in outs.items():
+            assert torch.equal(y, first), (path, m)
+        if m > 3:
+            assert torch.equal(first[3:4], alone), m
+    ref = lin.reference(x)
+    assert ((first - ref).abs().max() / ref.abs().max()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
+def test_every_path_keeps_extreme_sums_exact_and_thread_invariant(qtype):
+    """The largest codes and activations on every path (tile sums are int32 as the VNNI lanes are), and one thread
+    against two on every path."""
+    k = 512
+    x = torch.cat([torch.ones(9, k), -torch.ones(8, k)])  # 17 rows: a full chunk, a tail, two tile shapes
+    threads = torch.get_num_threads()
+    for code in CODE_RANGE[qtype]:
+        lin = extreme_linear(qtype, code)
+        ref = lin.reference(x)
+        for path in G.paths():
+            with G.forced_path(path):
+                y = lin(x)
+                torch.set_num_threads(1)
+                try:
+                    one = lin(x)
+                finally:
+                    torch.set_num_threads(threads)
+            assert torch.equal(one, y), (path, code)
+            scale = ref.abs().max()
+            assert ((y - ref).abs().max() / max(scale, 1e-30)).item() < 1e-5, (path, code)

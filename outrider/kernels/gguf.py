@@ -16,6 +16,8 @@ kernel (AVX512-VNNI, AVX2) read this one layout.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -314,6 +316,42 @@ def gguf_mm(x: torch.Tensor, parts: list[torch.Tensor], type_ids: list[int], row
     """x [M, K] (fp32/bf16) times the packed parts' `rows` real rows (GGML `type_ids`), outputs concatenated, plus
     the bias (added in fp32 before the one rounding to x's dtype); [M, sum rows] in x's dtype."""
     return torch.ops.outrider.gguf_mm(x, parts, type_ids, rows, bias)
+
+
+# ---- which arithmetic serves a call ----------------------------------------------------------------------------
+
+def paths() -> list[str]:
+    """The kernel paths this process has: "avx2", or "vnni" (AVX512-VNNI), plus "amx" in the avx512_amx build
+    where the OS grants the tile state. Every path gives a row bitwise the same output."""
+    from outrider.kernels.native import isa, load
+
+    load()
+    level = isa()
+    base = ["avx2"] if level == "avx2" else ["vnni"]
+    return base + (["amx"] if level == "avx512_amx" and torch.ops.outrider.gguf_amx_available() else [])
+
+
+def amx_rows(window: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The row counts (least, most) the AMX path serves; least 0: never. With `window`, sets it and returns the one
+    before. OUTRIDER_AMX_ROWS=LEAST:MOST (or 0, never) sets it for a process at load."""
+    from outrider.kernels.native import load
+
+    load()
+    least, most = window if window is not None else (-1, -1)
+    before = torch.ops.outrider.gguf_amx_rows(least, most)
+    return int(before[0]), int(before[1])
+
+
+@contextmanager
+def forced_path(path: str) -> Iterator[None]:
+    """Every call inside takes `path` ("amx" at any row count; "vnni" or "avx2" never AMX), for comparing them."""
+    if path not in paths():
+        raise ValueError(f"kernel path {path!r} is not in this process; it has {', '.join(paths())}")
+    before = amx_rows((1, 1 << 30) if path == "amx" else (0, 0))
+    try:
+        yield
+    finally:
+        amx_rows(before)
 
 
 def random_blocks(qtype: str, n: int, k: int, generator: torch.Generator | None = None) -> Blocks:

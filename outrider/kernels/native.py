@@ -138,7 +138,22 @@ def load() -> None:
                     _level(level).cflags), extra_ldflags=["-fopenmp"], build_directory=str(directory),
                       is_python_module=False, verbose=False)
     torch.ops.load_library(str(library))
+    _amx_rows_from_env()
     log.info("loaded native kernels %s (%s)", directory, level)
+
+
+def _amx_rows_from_env() -> None:
+    """OUTRIDER_AMX_ROWS=LEAST:MOST sets the row counts gguf_mm's AMX path serves, 0 turns it off (to compare)."""
+    value = os.environ.get("OUTRIDER_AMX_ROWS")
+    if not value:
+        return
+    try:
+        least, most = (int(v) for v in value.split(":")) if ":" in value else (int(value), 0)
+    except ValueError:
+        raise ValueError(f"OUTRIDER_AMX_ROWS={value!r}: give LEAST:MOST (rows) or 0 for never") from None
+    if least < 0 or (least > 0 and most < least):
+        raise ValueError(f"OUTRIDER_AMX_ROWS={value!r}: need 0 <= LEAST <= MOST")
+    torch.ops.outrider.gguf_amx_rows(least, most)
 
 
 @lru_cache(maxsize=1)

@@ -20,7 +20,8 @@
 
 namespace {
 
-constexpr int AMX_ROWS = 32;  // activation rows per pass: two row tiles of 16 share each weight tile
+constexpr int AMX_ROWS = 64;  // activation rows per pass (one unpacking of the group's codes serves them all)
+constexpr int CHUNK = 8;      // activation rows per tile multiply and per float epilogue (2 x 8 accumulators)
 
 // Linux gives a process the AMX register state only when it asks (arch_prctl, kernel 5.16+); a refusal leaves the
 // VNNI path serving every row count.
@@ -39,23 +40,59 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles: 0 and 1 the int32 sums of activation rows 0-15 and 16-31; 2 and 3 their codes (`ks` bytes a row); 4 one
-// sub-block's weight codes (ks / 4 rows of 64 bytes). Per thread; `ks` is 4 x the type's steps per sub-block.
-inline void configure_tiles(int rows, int ks) {
+// Tiles: chunks of CHUNK rows alternate (parity p) between sums 0 + p and activation codes 2 + p; a pass's last,
+// shorter chunk (`tail` rows) uses sums 4 and codes 5; weight codes 6 + p (ks / 4 rows of 64 bytes). So
+// consecutive multiplies never wait on each other's registers and the shapes stay fixed over a pass.
+// Per thread; `ks` is 4 x the type's steps per sub-block (an activation tile's row, in bytes).
+inline void configure_tiles(int tail, int ks) {
   TileConfig c;
-  const int r0 = std::min(rows, 16), r1 = rows - r0;
-  c.rows[0] = c.rows[2] = static_cast<uint8_t>(r0);
-  c.colsb[0] = 64;
-  c.colsb[2] = static_cast<uint16_t>(ks);
-  if (r1 > 0) {
-    c.rows[1] = c.rows[3] = static_cast<uint8_t>(r1);
-    c.colsb[1] = 64;
-    c.colsb[3] = static_cast<uint16_t>(ks);
+  for (int p = 0; p < 2; ++p) {
+    c.rows[p] = c.rows[2 + p] = CHUNK;
+    c.colsb[p] = 64;
+    c.colsb[2 + p] = static_cast<uint16_t>(ks);
+    c.rows[6 + p] = static_cast<uint8_t>(ks / 4);
+    c.colsb[6 + p] = 64;
   }
-  c.rows[4] = static_cast<uint8_t>(ks / 4);
-  c.colsb[4] = 64;
+  if (tail > 0) {
+    c.rows[4] = c.rows[5] = static_cast<uint8_t>(tail);
+    c.colsb[4] = 64;
+    c.colsb[5] = static_cast<uint16_t>(ks);
+  }
   _tile_loadconfig(&c);
 }
+
+// One sub-block's sums for one chunk: weight codes (`btile`) into tile WB, the chunk's activation codes into XA,
+// their product into CS, stored to `out` ([rows][16] int32). The tile intrinsics take register numbers as literal
+// tokens, hence the macro.
+#define OUTRIDER_TILE_SUMS(CS, XA, WB)  \
+  _tile_loadd(WB, btile, 64);           \
+  _tile_loadd(XA, x, x_row);            \
+  _tile_zero(CS);                       \
+  _tile_dpbsud(CS, XA, WB);             \
+  _tile_stored(CS, out, 64);
+
+// All sub-blocks of one block for one chunk of rows; `full` chunks alternate their tiles by parity.
+template <int SUBS, int SUB_BYTES, int KS>
+[[gnu::always_inline]] inline void chunk_sums(const uint8_t* codes, const int8_t* x0, int64_t x_row, bool full,
+                                              int32_t* sums, int64_t per_sub) {
+  for (int s = 0; s < SUBS; ++s) {
+    const uint8_t* btile = codes + s * SUB_BYTES;
+    const int8_t* x = x0 + KS * s;
+    int32_t* out = sums + s * per_sub;
+    if (!full) {
+      if (s & 1) {
+        OUTRIDER_TILE_SUMS(4, 5, 7)
+      } else {
+        OUTRIDER_TILE_SUMS(4, 5, 6)
+      }
+    } else if (s & 1) {
+      OUTRIDER_TILE_SUMS(1, 3, 7)
+    } else {
+      OUTRIDER_TILE_SUMS(0, 2, 6)
+    }
+  }
+}
+#undef OUTRIDER_TILE_SUMS
 
 // Integer sums read back from the tiles' store: [sub-block][row][16 lanes].
 struct TileSums {
@@ -76,49 +113,69 @@ template <int64_t T, int R>
   for (int r = 0; r < R; ++r) _mm512_store_ps(acc_rows + 16 * r, acc[r]);
 }
 
-// One group against activation rows m0 .. m0 + rows - 1 (rows <= AMX_ROWS), tiles configured for `rows`.
+template <int64_t T>
+void epilogue_chunk(int rows, const uint8_t* params, const Acts& a, int64_t j, float* acc_rows, TileSums sums) {
+  switch (rows) {
+    case 8: epilogue_rows<T, 8>(params, a, j, acc_rows, sums); break;
+    case 7: epilogue_rows<T, 7>(params, a, j, acc_rows, sums); break;
+    case 6: epilogue_rows<T, 6>(params, a, j, acc_rows, sums); break;
+    case 5: epilogue_rows<T, 5>(params, a, j, acc_rows, sums); break;
+    case 4: epilogue_rows<T, 4>(params, a, j, acc_rows, sums); break;
+    case 3: epilogue_rows<T, 3>(params, a, j, acc_rows, sums); break;
+    case 2: epilogue_rows<T, 2>(params, a, j, acc_rows, sums); break;
+    default: epilogue_rows<T, 1>(params, a, j, acc_rows, sums); break;
+  }
+}
+
+// One group against activation rows m0 .. m0 + rows - 1 (rows <= AMX_ROWS), tiles configured for the pass.
+// Work goes in items of (block, chunk of CHUNK rows), in a pipeline of three stages: block b's codes are unpacked
+// (the VNNI path's `Codes<T>::sub`) a block before its items' tile multiplies read them, and an item's float
+// epilogue runs one item after its tiles stored its sums. A load right after the stores that wrote its bytes
+// (vector stores into a tile load, tile stores into vector loads) waits for them to drain; an item later they sit
+// in L1, and one item's sums (at most 16 sub-blocks x 8 rows x 64 bytes) keep the working set there. A chunk's
+// blocks reach its epilogue in block order, so the float sums are the VNNI path's.
 template <int64_t T>
 void group_rows_amx(const uint8_t* g, int64_t nb, const Acts& a, int64_t m0, int rows, float* y, int64_t y_row,
                     __mmask16 lanes) {
   using C = Codes<T>;
-  constexpr int KS = 4 * C::STEPS;
-  constexpr int CHUNK = 4;  // rows of one epilogue in registers: 2 x 4 accumulators, as the VNNI path's passes
-  alignas(64) int32_t sums[C::SUBS * AMX_ROWS * 16];
-  alignas(64) uint8_t btile[C::STEPS * 64];
+  constexpr int KS = 4 * C::STEPS, SUB_BYTES = 64 * C::STEPS;
+  constexpr int64_t per_sub = 16 * CHUNK;
+  alignas(64) int32_t sums[2][C::SUBS * CHUNK * 16];
+  alignas(64) uint8_t unpacked[2][C::SUBS * SUB_BYTES];
   alignas(64) float acc_rows[AMX_ROWS * 16];
   std::fill(acc_rows, acc_rows + rows * 16, 0.0f);
-  const int64_t per_sub = 16 * rows;
-  for_each_block<T>(g, nb, [&](const uint8_t* params, const uint8_t* codes, int64_t b, uintptr_t ahead) {
-    const int64_t j = b * a.M + m0;
+  struct Item { const uint8_t* params = nullptr; int64_t j = 0; int r0 = 0; };
+  Item pending;  // tiles done, epilogue not yet
+  int64_t items = 0;
+  auto run_block = [&](const uint8_t* params, int64_t j, const uint8_t* codes) {
     const int8_t* x = a.q.data() + j * block_elems(T);
-    C src{codes, x, ahead, {}};
+    for (int r0 = 0; r0 < rows; r0 += CHUNK) {
+      const int n = std::min(CHUNK, rows - r0);
+      int32_t* out = sums[items & 1];
+      chunk_sums<C::SUBS, SUB_BYTES, KS>(codes, x + r0 * C::X_ROW, C::X_ROW, n == CHUNK, out, per_sub);
+      if (pending.params)
+        epilogue_chunk<T>(std::min(CHUNK, rows - pending.r0), pending.params, a, pending.j + pending.r0,
+                          acc_rows + 16 * pending.r0, {sums[(items + 1) & 1], per_sub});
+      pending = {params, j, r0};
+      ++items;
+    }
+  };
+  struct Block { const uint8_t* params = nullptr; int64_t j = 0; } unpacked_block;
+  int cur = 0;
+  for_each_block<T>(g, nb, [&](const uint8_t* params, const uint8_t* codes, int64_t b, uintptr_t ahead) {
+    C src{codes, nullptr, ahead, {}};
+    uint8_t* out = unpacked[cur];
     for (int s = 0; s < C::SUBS; ++s) {
       src.sub(s);
-      for (int t = 0; t < C::STEPS; ++t) _mm512_store_si512(btile + 64 * t, src.c[t]);
-      _tile_loadd(4, btile, 64);
-      const int8_t* xs = x + KS * s;
-      int32_t* out = sums + s * per_sub;
-      _tile_loadd(2, xs, C::X_ROW);
-      _tile_zero(0);
-      _tile_dpbsud(0, 2, 4);
-      _tile_stored(0, out, 64);
-      if (rows > 16) {
-        _tile_loadd(3, xs + 16 * C::X_ROW, C::X_ROW);
-        _tile_zero(1);
-        _tile_dpbsud(1, 3, 4);
-        _tile_stored(1, out + 256, 64);
-      }
+      for (int t = 0; t < C::STEPS; ++t) _mm512_store_si512(out + s * SUB_BYTES + 64 * t, src.c[t]);
     }
-    int r0 = 0;
-    for (; r0 + CHUNK <= rows; r0 += CHUNK)
-      epilogue_rows<T, CHUNK>(params, a, j + r0, acc_rows + 16 * r0, {sums + 16 * r0, per_sub});
-    switch (rows - r0) {
-      case 3: epilogue_rows<T, 3>(params, a, j + r0, acc_rows + 16 * r0, {sums + 16 * r0, per_sub}); break;
-      case 2: epilogue_rows<T, 2>(params, a, j + r0, acc_rows + 16 * r0, {sums + 16 * r0, per_sub}); break;
-      case 1: epilogue_rows<T, 1>(params, a, j + r0, acc_rows + 16 * r0, {sums + 16 * r0, per_sub}); break;
-      default: break;
-    }
+    if (unpacked_block.params) run_block(unpacked_block.params, unpacked_block.j, unpacked[cur ^ 1]);
+    unpacked_block = {params, b * a.M + m0};
+    cur ^= 1;
   });
+  run_block(unpacked_block.params, unpacked_block.j, unpacked[cur ^ 1]);
+  epilogue_chunk<T>(std::min(CHUNK, rows - pending.r0), pending.params, a, pending.j + pending.r0,
+                    acc_rows + 16 * pending.r0, {sums[(items + 1) & 1], per_sub});
   for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(y + r * y_row, lanes, _mm512_load_ps(acc_rows + 16 * r));
 }
 

@@ -61,9 +61,10 @@ GroupFn group_fn(int64_t t, int64_t rows) {
   TORCH_CHECK(false, "gguf_mm: unsupported GGML type ", t);
 }
 
-// Calls of at least this many activation rows take the AMX path, where the build and the OS have it (0: never).
-// Measured with `outrider bench kernels` (the gguf-vnni and gguf-amx rows); `gguf_amx_rows` sets it, to compare.
-std::atomic<int64_t> amx_min_rows{2};
+// Calls of amx_min_rows .. amx_max_rows activation rows take the AMX path, where the build and the OS have it
+// (min 0: never): the row counts where it measured faster than VNNI (`outrider bench kernels`, its gguf-vnni and
+// gguf-amx rows). `gguf_amx_rows` sets the window, to compare the paths.
+std::atomic<int64_t> amx_min_rows{12}, amx_max_rows{48};
 
 bool amx_available() {
 #if OUTRIDER_AMX
@@ -75,7 +76,7 @@ bool amx_available() {
 
 bool use_amx(int64_t M) {
   const int64_t min_rows = amx_min_rows.load(std::memory_order_relaxed);
-  return min_rows > 0 && M >= min_rows && amx_available();
+  return min_rows > 0 && M >= min_rows && M <= amx_max_rows.load(std::memory_order_relaxed) && amx_available();
 }
 
 // One group of 16 output rows against all M activation rows, by passes of the path's rows.
@@ -85,9 +86,9 @@ void group_all_rows(int64_t t, const uint8_t* g, int64_t nb, const Acts& acts, i
   if (amx) {
     for (int64_t m0 = 0; m0 < M; m0 += AMX_ROWS) {
       const int r = static_cast<int>(std::min<int64_t>(AMX_ROWS, M - m0));
-      const int key = r * 64 + amx_k_bytes(t);
-      if (tiles_for != key) {  // the tile shapes follow the rows of the pass and the type's sub-block
-        configure_tiles(r, amx_k_bytes(t));
+      const int key = (r % CHUNK) * 64 + amx_k_bytes(t);
+      if (tiles_for != key) {  // the tile shapes follow the pass's last chunk of rows and the type's sub-block
+        configure_tiles(r % CHUNK, amx_k_bytes(t));
         tiles_for = key;
       }
       amx_group_fn(t)(g, nb, acts, m0, r, y + m0 * N, N, lanes);
@@ -183,9 +184,10 @@ at::Tensor gguf_mm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
   return y;
 }
 
-// Sets the AMX path's least row count (0: never; below 0: leave it) and returns the one before.
-int64_t gguf_amx_rows(int64_t rows) {
-  return rows < 0 ? amx_min_rows.load() : amx_min_rows.exchange(rows);
+// Sets the row counts the AMX path serves (min 0: never; a bound below 0 stays) and returns the window before.
+std::vector<int64_t> gguf_amx_rows(int64_t min_rows, int64_t max_rows) {
+  return {min_rows < 0 ? amx_min_rows.load() : amx_min_rows.exchange(min_rows),
+          max_rows < 0 ? amx_max_rows.load() : amx_max_rows.exchange(max_rows)};
 }
 
 }  // namespace
@@ -193,6 +195,6 @@ int64_t gguf_amx_rows(int64_t rows) {
 TORCH_LIBRARY_FRAGMENT(outrider, m) {
   m.def("gguf_mm(Tensor x, Tensor[] weights, int[] qtypes, int[] rows, Tensor? bias=None) -> Tensor");
   m.def("gguf_amx_available() -> bool", amx_available);
-  m.def("gguf_amx_rows(int rows) -> int", gguf_amx_rows);
+  m.def("gguf_amx_rows(int min_rows, int max_rows) -> int[]", gguf_amx_rows);
 }
 TORCH_LIBRARY_IMPL(outrider, CPU, m) { m.impl("gguf_mm", gguf_mm); }
