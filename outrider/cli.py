@@ -115,8 +115,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
         if getattr(a, name) is None:
             setattr(a, name, value)
     from outrider.bench.multi_draft import MODE as MULTI_DRAFT
+    from outrider.bench.prefill import MODE as PREFILL
     from outrider.bench.prefix import MODE as PREFIX_CACHE
 
+    if a.mode == PREFILL:
+        from outrider.bench.prefill import run_prefill_bench
+
+        return run_prefill_bench(a)
     if a.mode == MULTI_DRAFT:
         from outrider.bench.multi_draft import run_multi_draft_bench
 
@@ -193,13 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from outrider.bench.multi_draft import MODE as MULTI_DRAFT
     from outrider.bench.multi_draft import add_multi_draft_args
+    from outrider.bench.prefill import MODE as PREFILL
+    from outrider.bench.prefill import add_prefill_args
     from outrider.bench.prefix import MODE as PREFIX_CACHE
     from outrider.bench.prefix import add_prefix_args
 
     b = sub.add_parser("bench", help="measure strategies and peers on prompt sets, or serving under concurrency")
     b.add_argument("mode", nargs="?",
                    choices=["strategies", "serving", "load", "transport", "kernels", "overlap", "gpu", MULTI_DRAFT,
-                            PREFIX_CACHE, "grammar"],
+                            PREFIX_CACHE, "grammar", PREFILL],
                    default="strategies",
                    help="strategies: decoding methods one request at a time (default); serving: a profile under "
                         "concurrent load, actors against in-process; load: `outrider serve` under bounded HTTP "
@@ -213,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{PREFIX_CACHE}: time to first token of a long chat's second turn with its first turn cached "
                         "against a cold prompt, through `outrider serve` (--url, or --profile to start one); grammar: "
                         "what each installed grammar library costs per schema and per token mask on --target's "
-                        "vocabulary")
+                        f"vocabulary; {PREFILL}: prompt tok/s and time to first token of --target per kernel path, "
+                        "beside llama.cpp's llama-bench pp with repacking on and off")
     from outrider.bench.gpu import add_gpu_args
     from outrider.bench.kernels import add_kernel_args
     from outrider.bench.load import add_load_args
@@ -231,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_gpu_args(b)
     add_multi_draft_args(b)
     add_prefix_args(b)
+    add_prefill_args(b)
     add_model_args(b)
     add_strategy_args(b)
     add_sampling_args(b)

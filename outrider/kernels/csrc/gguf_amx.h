@@ -21,7 +21,8 @@
 namespace {
 
 constexpr int AMX_ROWS = 64;  // activation rows per pass (one unpacking of the group's codes serves them all)
-constexpr int CHUNK = 8;      // activation rows per tile multiply and per float epilogue (2 x 8 accumulators)
+constexpr int TILE_ROWS = 16;  // activation rows per tile multiply: a tile sequence costs about as much for 8
+constexpr int CHUNK = 8;       // activation rows per float epilogue (2 x 8 accumulators in registers)
 
 // Linux gives a process the AMX register state only when it asks (arch_prctl, kernel 5.16+); a refusal leaves the
 // VNNI path serving every row count.
@@ -40,30 +41,28 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles: chunks of CHUNK rows alternate (parity p) between sums 0 + p and activation codes 2 + p; a pass's last,
-// shorter chunk (`tail` rows) uses sums 4 and codes 5; weight codes 6 + p (ks / 4 rows of 64 bytes). So
-// consecutive multiplies never wait on each other's registers and the shapes stay fixed over a pass.
-// Per thread; `ks` is 4 x the type's steps per sub-block (an activation tile's row, in bytes).
-inline void configure_tiles(int tail, int ks) {
+// Tiles, all of TILE_ROWS activation rows (a pass's last item reads rows past its own, whose sums no epilogue reads;
+// `quantize` pads the codes so such reads stay in the buffer): sums 0-3 by sub-block mod 4, activation codes 4 + p
+// and weight codes 6 + p by parity p, so consecutive multiplies rarely wait on each other's registers. Per thread;
+// `ks` is 4 x the type's steps per sub-block (an activation tile's row, in bytes).
+inline void configure_tiles(int ks) {
   TileConfig c;
+  for (int t = 0; t < 4; ++t) {
+    c.rows[t] = TILE_ROWS;
+    c.colsb[t] = 64;
+  }
   for (int p = 0; p < 2; ++p) {
-    c.rows[p] = c.rows[2 + p] = CHUNK;
-    c.colsb[p] = 64;
-    c.colsb[2 + p] = static_cast<uint16_t>(ks);
+    c.rows[4 + p] = TILE_ROWS;
+    c.colsb[4 + p] = static_cast<uint16_t>(ks);
     c.rows[6 + p] = static_cast<uint8_t>(ks / 4);
     c.colsb[6 + p] = 64;
-  }
-  if (tail > 0) {
-    c.rows[4] = c.rows[5] = static_cast<uint8_t>(tail);
-    c.colsb[4] = 64;
-    c.colsb[5] = static_cast<uint16_t>(ks);
   }
   _tile_loadconfig(&c);
 }
 
 // One sub-block's sums for one chunk: weight codes (`btile`) into tile WB, the chunk's activation codes into XA,
-// their product into CS, stored to `out` ([rows][16] int32). The tile intrinsics take register numbers as literal
-// tokens, hence the macro.
+// their product into CS, stored to `out` ([TILE_ROWS][16] int32). The tile intrinsics take register numbers as
+// literal tokens, hence the macro.
 #define OUTRIDER_TILE_SUMS(CS, XA, WB)  \
   _tile_loadd(WB, btile, 64);           \
   _tile_loadd(XA, x, x_row);            \
@@ -71,24 +70,19 @@ inline void configure_tiles(int tail, int ks) {
   _tile_dpbsud(CS, XA, WB);             \
   _tile_stored(CS, out, 64);
 
-// All sub-blocks of one block for one chunk of rows; `full` chunks alternate their tiles by parity.
+// All sub-blocks of one block for one chunk of rows.
 template <int SUBS, int SUB_BYTES, int KS>
-[[gnu::always_inline]] inline void chunk_sums(const uint8_t* codes, const int8_t* x0, int64_t x_row, bool full,
-                                              int32_t* sums, int64_t per_sub) {
+[[gnu::always_inline]] inline void chunk_sums(const uint8_t* codes, const int8_t* x0, int64_t x_row, int32_t* sums,
+                                              int64_t per_sub) {
   for (int s = 0; s < SUBS; ++s) {
     const uint8_t* btile = codes + s * SUB_BYTES;
     const int8_t* x = x0 + KS * s;
     int32_t* out = sums + s * per_sub;
-    if (!full) {
-      if (s & 1) {
-        OUTRIDER_TILE_SUMS(4, 5, 7)
-      } else {
-        OUTRIDER_TILE_SUMS(4, 5, 6)
-      }
-    } else if (s & 1) {
-      OUTRIDER_TILE_SUMS(1, 3, 7)
-    } else {
-      OUTRIDER_TILE_SUMS(0, 2, 6)
+    switch (s & 3) {
+      case 0: OUTRIDER_TILE_SUMS(0, 4, 6) break;
+      case 1: OUTRIDER_TILE_SUMS(1, 5, 7) break;
+      case 2: OUTRIDER_TILE_SUMS(2, 4, 6) break;
+      default: OUTRIDER_TILE_SUMS(3, 5, 7) break;
     }
   }
 }
@@ -128,7 +122,7 @@ void epilogue_chunk(int rows, const uint8_t* params, const Acts& a, int64_t j, f
 }
 
 // One group against activation rows m0 .. m0 + rows - 1 (rows <= AMX_ROWS), tiles configured for the pass.
-// Work goes in items of (block, chunk of CHUNK rows), in a pipeline of three stages: block b's codes are unpacked
+// Work goes in items of (block, TILE_ROWS rows), in a pipeline of three stages: block b's codes are unpacked
 // (the VNNI path's `Codes<T>::sub`) a block before its items' tile multiplies read them, and an item's float
 // epilogue runs one item after its tiles stored its sums. A load right after the stores that wrote its bytes
 // (vector stores into a tile load, tile stores into vector loads) waits for them to drain; an item later they sit
@@ -139,23 +133,25 @@ void group_rows_amx(const uint8_t* g, int64_t nb, const Acts& a, int64_t m0, int
                     __mmask16 lanes) {
   using C = Codes<T>;
   constexpr int KS = 4 * C::STEPS, SUB_BYTES = 64 * C::STEPS;
-  constexpr int64_t per_sub = 16 * CHUNK;
-  alignas(64) int32_t sums[2][C::SUBS * CHUNK * 16];
+  constexpr int64_t per_sub = 16 * TILE_ROWS;
+  alignas(64) int32_t sums[2][C::SUBS * TILE_ROWS * 16];
   alignas(64) uint8_t unpacked[2][C::SUBS * SUB_BYTES];
   alignas(64) float acc_rows[AMX_ROWS * 16];
   std::fill(acc_rows, acc_rows + rows * 16, 0.0f);
   struct Item { const uint8_t* params = nullptr; int64_t j = 0; int r0 = 0; };
   Item pending;  // tiles done, epilogue not yet
   int64_t items = 0;
+  auto finish = [&](const Item& it, const int32_t* in) {  // the item's rows, CHUNK at a time
+    const int end = std::min(rows, it.r0 + TILE_ROWS);
+    for (int r = it.r0; r < end; r += CHUNK)
+      epilogue_chunk<T>(std::min(CHUNK, end - r), it.params, a, it.j + r, acc_rows + 16 * r,
+                        {in + 16 * (r - it.r0), per_sub});
+  };
   auto run_block = [&](const uint8_t* params, int64_t j, const uint8_t* codes) {
     const int8_t* x = a.q.data() + j * block_elems(T);
-    for (int r0 = 0; r0 < rows; r0 += CHUNK) {
-      const int n = std::min(CHUNK, rows - r0);
-      int32_t* out = sums[items & 1];
-      chunk_sums<C::SUBS, SUB_BYTES, KS>(codes, x + r0 * C::X_ROW, C::X_ROW, n == CHUNK, out, per_sub);
-      if (pending.params)
-        epilogue_chunk<T>(std::min(CHUNK, rows - pending.r0), pending.params, a, pending.j + pending.r0,
-                          acc_rows + 16 * pending.r0, {sums[(items + 1) & 1], per_sub});
+    for (int r0 = 0; r0 < rows; r0 += TILE_ROWS) {
+      chunk_sums<C::SUBS, SUB_BYTES, KS>(codes, x + r0 * C::X_ROW, C::X_ROW, sums[items & 1], per_sub);
+      if (pending.params) finish(pending, sums[(items + 1) & 1]);
       pending = {params, j, r0};
       ++items;
     }
@@ -174,8 +170,7 @@ void group_rows_amx(const uint8_t* g, int64_t nb, const Acts& a, int64_t m0, int
     cur ^= 1;
   });
   run_block(unpacked_block.params, unpacked_block.j, unpacked[cur ^ 1]);
-  epilogue_chunk<T>(std::min(CHUNK, rows - pending.r0), pending.params, a, pending.j + pending.r0,
-                    acc_rows + 16 * pending.r0, {sums[(items + 1) & 1], per_sub});
+  finish(pending, sums[(items + 1) & 1]);
   for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(y + r * y_row, lanes, _mm512_load_ps(acc_rows + 16 * r));
 }
 

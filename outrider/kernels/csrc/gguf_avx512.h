@@ -63,7 +63,8 @@ void quantize(const In* x, int64_t M, int64_t K, int64_t t, Acts& a) {
   const int64_t offset = t == Q4_0 ? 8 : t == Q5_0 ? 16 : 128;  // Q8_0 codes enter VPDPBUSD as code + 128
   const int64_t per = t == Q4_K ? 8 : t == Q6_K ? 16 : 1;
   a.M = M;
-  a.q.resize(M * K);
+  // Zero codes past the last row: an AMX tile of 16 rows may read up to 15 rows beyond a pass (gguf_amx.h).
+  a.q.resize(M * K + 16 * E);
   a.d.resize(M * nb);
   if (t == Q4_K)
     a.dsum.resize(M * nb * per);

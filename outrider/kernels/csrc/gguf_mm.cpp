@@ -64,7 +64,7 @@ GroupFn group_fn(int64_t t, int64_t rows) {
 // Calls of amx_min_rows .. amx_max_rows activation rows take the AMX path, where the build and the OS have it
 // (min 0: never): the row counts where it measured faster than VNNI (`outrider bench kernels`, its gguf-vnni and
 // gguf-amx rows). `gguf_amx_rows` sets the window, to compare the paths.
-std::atomic<int64_t> amx_min_rows{12}, amx_max_rows{48};
+std::atomic<int64_t> amx_min_rows{16}, amx_max_rows{int64_t{1} << 40};
 
 bool amx_available() {
 #if OUTRIDER_AMX
@@ -86,10 +86,9 @@ void group_all_rows(int64_t t, const uint8_t* g, int64_t nb, const Acts& acts, i
   if (amx) {
     for (int64_t m0 = 0; m0 < M; m0 += AMX_ROWS) {
       const int r = static_cast<int>(std::min<int64_t>(AMX_ROWS, M - m0));
-      const int key = (r % CHUNK) * 64 + amx_k_bytes(t);
-      if (tiles_for != key) {  // the tile shapes follow the pass's last chunk of rows and the type's sub-block
-        configure_tiles(r % CHUNK, amx_k_bytes(t));
-        tiles_for = key;
+      if (tiles_for != amx_k_bytes(t)) {  // the tile shapes follow the type's sub-block
+        configure_tiles(amx_k_bytes(t));
+        tiles_for = amx_k_bytes(t);
       }
       amx_group_fn(t)(g, nb, acts, m0, r, y + m0 * N, N, lanes);
     }
