@@ -33,7 +33,10 @@ def test_kernel_bench_times_each_format_relative_to_one_row(tmp_path, capsys):
                  "--kernel-layers", "2", "--json-out", str(out)])
     assert code == 0
     results = json.loads(out.read_text())
-    assert [r["format"] for r in results] == ["int8", "int4", "gguf"]
+    from outrider.kernels.gguf import paths
+
+    # gguf: every kernel path of this process (vnni and amx on a CPU with AMX), timed in the same run
+    assert [r["format"] for r in results] == ["int8", "int4"] + [f"gguf-{p}" for p in paths()]
     for r in results:
         assert r["rows"] == [1, 4] and r["layers"] == 2 and r["ratio"][0] == 1.0 and all(t > 0 for t in r["ms"])
         assert r["bytes"] > 0 and r["gbps_m1"] > 0
@@ -63,3 +66,19 @@ def test_multi_draft_bench_reports_each_verifier_within_its_bound(tmp_path, caps
             assert 0 <= c["verifier"] <= c["optimal"] + 0.1  # a Monte Carlo mean of 64 draws per position
     assert summary["greedy"]["3"]["verifier"] == pytest.approx(summary["greedy"]["3"]["optimal"], abs=0.1)
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_prefill_bench_times_each_kernel_path_and_checks_they_agree(tmp_path, capsys):
+    """Every kernel path of the process prefills the same real prompt cold (the prefix cache is refused, not
+    trusted), gives the same first-token logits (else the bench fails), and reports tok/s consistent with TTFT."""
+    from outrider.kernels.gguf import paths
+
+    out = tmp_path / "prefill.json"
+    code = main(["bench", "prefill", "--target", "smollm2-135m-instruct", "--target-weights", "gguf",
+                 "--prompt-lengths", "40,70", "--iters", "1", "--json-out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads(out.read_text())
+    assert [(r["path"], r["tokens"]) for r in rows] == [(p, n) for n in (40, 70) for p in paths()]
+    for r in rows:
+        assert r["system"] == "outrider" and r["ttft_s"] > 0
+        assert r["prompt_tok_s"] * r["ttft_s"] == pytest.approx(r["tokens"], rel=0.02)  # both rounded

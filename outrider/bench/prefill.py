@@ -6,8 +6,9 @@ prefill) plus the scoring of the last token, which is the time to first token of
 prompt tok/s and TTFT, the median over `--iters`. The kernel paths (`vnni`, `amx` on a CPU with AMX) are forced in
 turn in one process, and the first token's logits must be bitwise equal across them (the paths are exact).
 
-llama.cpp's `llama-bench -p N -n 0` on the same GGUF file is run with weight repacking on and off (`--repack`), and
-a failure (the repacking path has crashed on this machine kind) is reported as such, not left out.
+With `--peers llama.cpp`, llama.cpp's `llama-bench -p N -n 0` on the same GGUF file is run with weight repacking
+on and off (`--repack`), and a failure (the repacking path has crashed on this machine kind) is reported as such,
+not left out.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ def time_prefill(target, tokens: list[int]) -> tuple[float, torch.Tensor]:
 
 def run_prefill_bench(a: argparse.Namespace) -> int:
     from outrider.bench.peers import find_llama_cpp
+    from outrider.bench.run import parse_peers
     from outrider.hub import resolve
     from outrider.kernels.gguf import forced_path, paths
     from outrider.runtime.loading import load_model
@@ -85,15 +87,19 @@ def run_prefill_bench(a: argparse.Namespace) -> int:
                     times.append(seconds)
             firsts[path] = logits
             ttft = statistics.median(times)
-            rows.append({"system": "outrider", "path": path, "tokens": n, "ttft_s": round(ttft, 3),
+            rows.append({"system": "outrider", "path": path, "tokens": n, "ttft_s": round(ttft, 4),
                          "prompt_tok_s": round(n / ttft, 1)})
         same = all(torch.equal(v, next(iter(firsts.values()))) for v in firsts.values())
         if not same:
             raise SystemExit(f"the kernel paths disagree on the first token's logits at {n} tokens")
-    bin_dir = find_llama_cpp(Path(a.llama_cpp) if a.llama_cpp else None)
-    gguf = resolve(a.target)
-    if bin_dir is not None and Path(gguf).suffix == ".gguf":
-        rows += run_llama_bench(bin_dir, Path(gguf), lengths, a.iters)
+    bin_dir = None
+    if "llama.cpp" in parse_peers(a.peers):
+        bin_dir = find_llama_cpp(Path(a.llama_cpp) if a.llama_cpp else None)
+        gguf = Path(resolve(a.target))
+        if bin_dir is None or gguf.suffix != ".gguf":
+            raise SystemExit(f"--peers llama.cpp needs llama.cpp's binaries (make peers) and a .gguf target, "
+                             f"not {gguf}")
+        rows += run_llama_bench(bin_dir, gguf, lengths, a.iters)
     print(f"{'system':10} {'path':14} {'tokens':>7} {'prompt tok/s':>13} {'TTFT s':>8}")
     for r in rows:
         tps = f"{r['prompt_tok_s']:13.1f}" if r.get("prompt_tok_s") else f"{'failed':>13}"
@@ -101,7 +107,7 @@ def run_prefill_bench(a: argparse.Namespace) -> int:
         print(f"{r['system']:10} {str(r['path']):14} {r['tokens']:>7} {tps} {ttft}" + (f"  {r['note']}" if r.get(
             "note") else ""))
     if bin_dir is None:
-        print("llama.cpp: not built here (make peers), so no pp figure beside ours")
+        print("no llama.cpp figure: add --peers llama.cpp (its binaries come from `make peers`)")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(rows, indent=1))
         print(f"wrote {a.json_out}")
