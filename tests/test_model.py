@@ -180,12 +180,13 @@ def test_control_plain_linears_break_the_row_invariance(monkeypatch):
     assert not all(torch.equal(a, t) for a, t in alone_and_together(tiny_model("llama", native=False)))
 
 
-@pytest.mark.parametrize("dtype,weights", [(torch.float32, "dense"), (torch.bfloat16, "int8")])
-def test_control_unbucketed_keys_break_the_invariance_across_buckets(monkeypatch, dtype, weights):
+def test_control_unbucketed_keys_break_the_invariance_across_buckets(monkeypatch):
     """Control for the key-bucket test: attending over just the live keys (no padding to KEY_BUCKET) gives the
-    rows straddling a bucket boundary other bits in a verify pass than in plain decoding, in both dtypes."""
+    rows straddling a bucket boundary other bits in a verify pass than in plain decoding. fp32 only: on the Intel
+    Xeon with AMX (torch 2.13) bf16 attention over the live keys gave the same bits as over the bucket, so no bf16
+    control exists there (on the AMD EPYC machines it did break)."""
     monkeypatch.setattr(attention, "bucket_keys", lambda length, capacity: length)
-    model = tiny_model("llama", dtype=dtype, weights=weights, native=False)
+    model = tiny_model("llama", dtype=torch.float32, weights="dense", native=False)
     assert not all(torch.equal(t, p) for t, p in straddling_the_bucket(model))
 
 
