@@ -64,7 +64,7 @@ def run_prefill_bench(a: argparse.Namespace) -> int:
     from outrider.bench.run import parse_peers
     from outrider.hub import resolve
     from outrider.kernels.gguf import forced_path, paths
-    from outrider.runtime.loading import load_model
+    from outrider.runtime.loading import load_model, resolve_format
     from outrider.runtime.tokenizer import Tokenizer
     from outrider.scheduler.target import LocalTarget
 
@@ -73,7 +73,8 @@ def run_prefill_bench(a: argparse.Namespace) -> int:
     model, ckpt = load_model(a.target, a.dtype, a.target_weights)
     tokenizer = Tokenizer.load(ckpt.path)
     target = LocalTarget(model, 1, max(lengths) + 16)
-    kernel_paths = paths() if a.target_weights in ("auto", "gguf") else []
+    served = resolve_format(a.target_weights, ckpt.path, ckpt.config, torch.device("cpu"))
+    kernel_paths = paths() if served == "gguf" else []  # other formats do not run gguf_mm
     rows = []
     for n in lengths:
         tokens = prompt_tokens(tokenizer, n)

@@ -138,22 +138,25 @@ def load() -> None:
                     _level(level).cflags), extra_ldflags=["-fopenmp"], build_directory=str(directory),
                       is_python_module=False, verbose=False)
     torch.ops.load_library(str(library))
-    _amx_rows_from_env()
+    window = _amx_rows_from_env()
+    if window is not None:
+        torch.ops.outrider.gguf_amx_rows(*window)
     log.info("loaded native kernels %s (%s)", directory, level)
 
 
-def _amx_rows_from_env() -> None:
-    """OUTRIDER_AMX_ROWS=LEAST:MOST sets the row counts gguf_mm's AMX path serves, 0 turns it off (to compare)."""
+def _amx_rows_from_env() -> tuple[int, int] | None:
+    """OUTRIDER_AMX_ROWS=LEAST:MOST, the row counts gguf_mm's AMX path serves (0: off, to compare); None if unset.
+    A malformed value is an error, never a reason to run without the native kernels."""
     value = os.environ.get("OUTRIDER_AMX_ROWS")
     if not value:
-        return
+        return None
     try:
         least, most = (int(v) for v in value.split(":")) if ":" in value else (int(value), 0)
     except ValueError:
         raise ValueError(f"OUTRIDER_AMX_ROWS={value!r}: give LEAST:MOST (rows) or 0 for never") from None
     if least < 0 or (least > 0 and most < least):
         raise ValueError(f"OUTRIDER_AMX_ROWS={value!r}: need 0 <= LEAST <= MOST")
-    torch.ops.outrider.gguf_amx_rows(least, most)
+    return least, most
 
 
 @lru_cache(maxsize=1)
@@ -162,6 +165,7 @@ def available() -> bool:
     plain torch when they do not (another CPU, no compiler, or OUTRIDER_NATIVE=0 to compare the two)."""
     if os.environ.get("OUTRIDER_NATIVE", "1") == "0" or missing_cpu_features():
         return False
+    _amx_rows_from_env()  # a bad value raises here, outside the build's catch-all below
     try:
         load()
     except Exception as e:  # noqa: BLE001 - a failed build costs speed, not correctness; say so once

@@ -1,6 +1,6 @@
-// gguf_mm's AMX-INT8 path (Sapphire Rapids+): the integer sums of up to 32 activation rows against a group's 16
-// weight rows come from tile multiplies (TDPBSUD: 16 rows x 64 bytes of signed activation codes by 16 x 64 bytes of
-// unsigned weight codes, exact int32 sums), one per sub-block, and then run through the very float epilogues of the
+// gguf_mm's AMX-INT8 path (Sapphire Rapids+): the integer sums of activation rows against a group's 16 weight rows
+// come from tile multiplies (TDPBSUD: 16 activation rows of signed codes, one sub-block's worth a row, by the
+// sub-block's unsigned weight codes for the 16 weight rows, exact int32 sums), one per sub-block and 16 rows, and then run through the very float epilogues of the
 // VNNI path (gguf_avx512.h), so an output is bitwise what the VNNI path gives it, at any row count.
 //
 // Why per sub-block: a sub-block's scale multiplies its integer sum in float (d * sc_s * sum_s), so the sums of a
@@ -60,7 +60,7 @@ inline void configure_tiles(int ks) {
   _tile_loadconfig(&c);
 }
 
-// One sub-block's sums for one chunk: weight codes (`btile`) into tile WB, the chunk's activation codes into XA,
+// One sub-block's sums for one item of TILE_ROWS rows: weight codes (`btile`) into tile WB, the item's activation codes into XA,
 // their product into CS, stored to `out` ([TILE_ROWS][16] int32). The tile intrinsics take register numbers as
 // literal tokens, hence the macro.
 #define OUTRIDER_TILE_SUMS(CS, XA, WB)  \
@@ -70,7 +70,7 @@ inline void configure_tiles(int ks) {
   _tile_dpbsud(CS, XA, WB);             \
   _tile_stored(CS, out, 64);
 
-// All sub-blocks of one block for one chunk of rows.
+// All sub-blocks of one block for one item of TILE_ROWS rows.
 template <int SUBS, int SUB_BYTES, int KS>
 [[gnu::always_inline]] inline void chunk_sums(const uint8_t* codes, const int8_t* x0, int64_t x_row, int32_t* sums,
                                               int64_t per_sub) {
@@ -126,8 +126,8 @@ void epilogue_chunk(int rows, const uint8_t* params, const Acts& a, int64_t j, f
 // (the VNNI path's `Codes<T>::sub`) a block before its items' tile multiplies read them, and an item's float
 // epilogue runs one item after its tiles stored its sums. A load right after the stores that wrote its bytes
 // (vector stores into a tile load, tile stores into vector loads) waits for them to drain; an item later they sit
-// in L1, and one item's sums (at most 16 sub-blocks x 8 rows x 64 bytes) keep the working set there. A chunk's
-// blocks reach its epilogue in block order, so the float sums are the VNNI path's.
+// in L1, and one item's sums (at most 16 sub-blocks x 16 rows x 64 bytes) keep the working set there. An item's
+// rows reach their epilogues block after block in order, so the float sums are the VNNI path's.
 template <int64_t T>
 void group_rows_amx(const uint8_t* g, int64_t nb, const Acts& a, int64_t m0, int rows, float* y, int64_t y_row,
                     __mmask16 lanes) {
@@ -187,6 +187,7 @@ inline AmxGroupFn amx_group_fn(int64_t t) {
   return nullptr;  // unreachable: gguf_mm checks every type id first
 }
 
-inline int amx_k_bytes(int64_t t) { return t == Q6_K ? 16 : 32; }  // codes per sub-block: an activation tile's row
+// Codes per sub-block, an activation tile's row in bytes: 4 per step (Q6_K has 4 steps, the other types 8).
+inline int amx_k_bytes(int64_t t) { return 4 * (t == Q6_K ? Codes<Q6_K>::STEPS : Codes<Q4_K>::STEPS); }
 
 }  // namespace
